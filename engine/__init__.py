@@ -1,0 +1,1 @@
+"""The mixed-precision training engine. Start reading at `train_step.py`."""

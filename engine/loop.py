@@ -1,0 +1,259 @@
+"""The inner loop (many steps per `tf.function` call) and the host-side outer loop.
+
+Three layers, as in Orbit:
+  * the step (`engine.train_step`): one replica, TensorFlow ops only, optionally
+    compiled by XLA;
+  * the inner loop (`create_train_loop`): `num_steps` steps inside one
+    `tf.function`, accumulating statistics in variables. No host sync inside:
+    nothing is read back until the call returns;
+  * the outer loop (`train_and_evaluate`): Python. Reads the statistics once per
+    loop, writes summaries, prints the console line, evaluates each epoch.
+"""
+
+import dataclasses
+import time
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from engine import optimizers, summaries
+from engine.loss_scale import create_loss_scale
+from engine.precision import get_policy, slow_combination_warning
+from engine.train_step import create_eval_step, create_train_step
+from input_pipeline import create_data
+from models import create_model
+
+
+class TrainState(tf.Module):
+    """Everything that defines where training is: the checkpointable state.
+
+    The loss scale is a field, so its scale and good-step counter are saved and
+    restored with the weights and the optimizer slots.
+    """
+
+    def __init__(self, model, optimizer, loss_scale):
+        super().__init__(name="train_state")
+        self.model = model
+        self.optimizer = optimizer
+        self.loss_scale = loss_scale
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        self.skipped_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped")
+
+
+class LoopStats(tf.Module):
+    """Sums over the steps since the host last read them; not checkpointed."""
+
+    def __init__(self):
+        super().__init__(name="loop_stats")
+        self.steps = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.loss = tf.Variable(0.0, dtype=tf.float32, trainable=False)
+        self.correct = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.grad_norm = tf.Variable(0.0, dtype=tf.float32, trainable=False)
+        self.finite_steps = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+    def read_and_reset(self):
+        values = {name: var.numpy() for name, var in self._named()}
+        for _, var in self._named():
+            var.assign(tf.zeros_like(var))
+        return values
+
+    def _named(self):
+        return [
+            (n, getattr(self, n)) for n in ("steps", "loss", "correct", "grad_norm", "finite_steps")
+        ]
+
+
+def create_train_loop(strategy, train_step, state, stats, jit_compile):
+    """Returns `train_loop(iterator, num_steps)`, one `tf.function` running many steps."""
+    step_fn = tf.function(train_step, jit_compile=jit_compile)
+    sum_ = tf.distribute.ReduceOp.SUM
+
+    @tf.function
+    def train_loop(iterator, num_steps):
+        for _ in tf.range(num_steps):
+            images, labels = next(iterator)
+            out = strategy.run(step_fn, args=(images, labels))
+            # Every replica took the same decision on the same reduced gradients.
+            finite = strategy.experimental_local_results(out["finite"])[0]
+            grad_norm = strategy.experimental_local_results(out["grad_norm"])[0]
+            state.step.assign_add(1)
+            state.skipped_steps.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
+            stats.steps.assign_add(1)
+            stats.loss.assign_add(strategy.reduce(sum_, out["loss"], axis=None))
+            stats.correct.assign_add(
+                tf.cast(strategy.reduce(sum_, out["correct"], axis=None), tf.int64)
+            )
+            stats.finite_steps.assign_add(tf.cast(finite, tf.int64))
+            stats.grad_norm.assign_add(tf.where(finite, grad_norm, 0.0))
+
+    return train_loop
+
+
+def create_eval_loop(strategy, eval_step, jit_compile):
+    """Returns `eval_loop(dist_dataset) -> (mean loss, accuracy)` as one `tf.function`."""
+    step_fn = tf.function(eval_step, jit_compile=jit_compile)
+    sum_ = tf.distribute.ReduceOp.SUM
+
+    @tf.function
+    def eval_loop(dist_dataset):
+        loss_sum = tf.constant(0.0)
+        correct = tf.constant(0, tf.int64)
+        count = tf.constant(0, tf.int64)
+        for images, labels in dist_dataset:
+            out = strategy.run(step_fn, args=(images, labels))
+            loss_sum += strategy.reduce(sum_, out["loss_sum"], axis=None)
+            correct += tf.cast(strategy.reduce(sum_, out["correct"], axis=None), tf.int64)
+            count += tf.cast(strategy.reduce(sum_, out["count"], axis=None), tf.int64)
+        count_f = tf.cast(tf.maximum(count, 1), tf.float32)
+        return loss_sum / count_f, tf.cast(correct, tf.float32) / count_f
+
+    return eval_loop
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a finished run reports (also returned to tests and to --mode=compare)."""
+
+    model_dir: str
+    steps: int
+    skipped_steps: int
+    loss_scale: float
+    train_loss: float
+    eval_loss: float
+    eval_accuracy: float
+    train_seconds: float
+    first_step_seconds: float
+    examples_per_sec: float
+
+
+def device_type():
+    return "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
+
+
+def build_state(config, data, strategy):
+    """Creates model, optimizer and loss scale under the strategy, all built."""
+    policy = get_policy(config.precision)
+    total_steps = total_train_steps(config, data)
+    with strategy.scope():
+        model = create_model(config.model, data.num_classes, config.image_size, policy.keras_policy)
+        optimizer = optimizers.create_optimizer(config, total_steps)
+        optimizer.build(model.trainable_variables)
+        loss_scale = create_loss_scale(
+            policy,
+            config.loss_scale,
+            initial_scale=config.initial_scale,
+            growth_interval=config.growth_interval,
+            min_scale=config.min_scale,
+            max_scale=config.max_scale,
+        )
+        return TrainState(model, optimizer, loss_scale)
+
+
+def steps_per_epoch(config, data):
+    return max(data.train_size // config.batch_size, 1)
+
+
+def total_train_steps(config, data):
+    return config.train_steps or config.epochs * steps_per_epoch(config, data)
+
+
+def _loop_values(state, stats, seconds, batch_size):
+    s = stats.read_and_reset()
+    steps = max(int(s["steps"]), 1)
+    return {
+        "train/loss": float(s["loss"]) / steps,
+        "train/accuracy": float(s["correct"]) / (steps * batch_size),
+        "train/grad_norm": float(s["grad_norm"]) / max(int(s["finite_steps"]), 1),
+        "train/learning_rate": optimizers.current_learning_rate(state.optimizer),
+        "train/loss_scale": float(state.loss_scale.value.numpy()),
+        "train/skipped_steps": int(state.skipped_steps.numpy()),
+        "train/examples_per_sec": steps * batch_size / max(seconds, 1e-9),
+        "train/steps_per_sec": steps / max(seconds, 1e-9),
+    }
+
+
+def train_and_evaluate(config, model_dir):
+    """Trains `config` with summaries in `model_dir`; returns a `RunResult`."""
+    policy = get_policy(config.precision)
+    warning = slow_combination_warning(policy, config.xla, device_type())
+    if warning:
+        logging.warning("%s", warning)
+    keras.utils.set_random_seed(config.seed)
+    strategy = tf.distribute.get_strategy()
+    data = create_data(config)
+    state = build_state(config, data, strategy)
+    stats = LoopStats()
+    train_step = create_train_step(
+        state.model, state.optimizer, state.loss_scale, config.batch_size, config.clip_norm
+    )
+    train_loop = create_train_loop(strategy, train_step, state, stats, config.xla)
+    eval_loop = create_eval_loop(strategy, create_eval_step(state.model), config.xla)
+    iterator = iter(strategy.distribute_datasets_from_function(data.train_fn))
+    eval_data = strategy.distribute_datasets_from_function(data.eval_fn)
+    writer = summaries.SummaryWriter(model_dir)
+
+    total = total_train_steps(config, data)
+    per_epoch = steps_per_epoch(config, data)
+    logging.info(
+        "training %s on %s (%d classes) for %d steps, precision %s%s, model_dir %s",
+        config.model,
+        config.dataset,
+        data.num_classes,
+        total,
+        config.precision,
+        " + XLA" if config.xla else "",
+        model_dir,
+    )
+    start = time.perf_counter()
+    first_step_seconds = None
+    train_seconds = 0.0
+    values, eval_loss, eval_acc = {}, float("nan"), float("nan")
+    step = int(state.step.numpy())
+    while step < total:
+        # The first call runs one step, so tracing and compilation are timed alone.
+        n = 1 if first_step_seconds is None else config.steps_per_loop
+        n = min(n, total - step, per_epoch - step % per_epoch)
+        t0 = time.perf_counter()
+        train_loop(iterator, tf.constant(n, tf.int32))
+        values = _loop_values(state, stats, time.perf_counter() - t0, config.batch_size)
+        seconds = time.perf_counter() - t0
+        if first_step_seconds is None:
+            first_step_seconds = seconds
+            values["train/first_step_seconds"] = seconds
+        else:
+            train_seconds += seconds
+        step = int(state.step.numpy())
+        writer.scalars(step, values)
+        rate = values["train/steps_per_sec"]
+        summaries.log_progress(step, total, values, (total - step) / max(rate, 1e-9))
+        if step % per_epoch == 0 or step == total:
+            eval_loss, eval_acc = (float(v) for v in eval_loop(eval_data))
+            writer.scalars(step, {"eval/loss": eval_loss, "eval/accuracy": eval_acc})
+            logging.info("eval at step %d: loss %.4f accuracy %.4f", step, eval_loss, eval_acc)
+    writer.close()
+    timed_steps = max(step - 1, 1)
+    result = RunResult(
+        model_dir=model_dir,
+        steps=step,
+        skipped_steps=int(state.skipped_steps.numpy()),
+        loss_scale=float(state.loss_scale.value.numpy()),
+        train_loss=values.get("train/loss", float("nan")),
+        eval_loss=eval_loss,
+        eval_accuracy=eval_acc,
+        train_seconds=time.perf_counter() - start,
+        first_step_seconds=first_step_seconds or 0.0,
+        examples_per_sec=timed_steps * config.batch_size / max(train_seconds, 1e-9),
+    )
+    logging.info(
+        "done: %d steps (%d skipped) in %.1f s, first step %.1f s, %.1f ex/s, "
+        "eval accuracy %.4f, loss scale %g",
+        result.steps,
+        result.skipped_steps,
+        result.train_seconds,
+        result.first_step_seconds,
+        result.examples_per_sec,
+        result.eval_accuracy,
+        result.loss_scale,
+    )
+    return result

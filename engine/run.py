@@ -1,0 +1,19 @@
+"""The engine's entry point: `run(config)`."""
+
+from engine import config as config_lib
+from engine import loop
+
+
+class UserError(Exception):
+    """A problem the user can fix (data, directory); reported as one line."""
+
+
+def run(config):
+    """Trains and evaluates `config`; returns a `loop.RunResult`."""
+    model_dir = config.model_dir or config_lib.default_model_dir(config)
+    try:
+        return loop.train_and_evaluate(config, model_dir)
+    except ValueError as e:
+        if isinstance(e, config_lib.ConfigError):
+            raise UserError(str(e)) from e
+        raise

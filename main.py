@@ -1,0 +1,115 @@
+"""Mixed-precision training: `python main.py --precision=mixed --xla`.
+
+Flags in, one validated `Config` out, one call into the engine. A user mistake
+(bad flag, bad data) is one line on stderr and exit status 2, never a traceback.
+"""
+
+import os
+import sys
+
+from absl import app, flags
+
+from engine import config as config_lib
+
+C = config_lib.Config  # defaults live on the dataclass, not here
+
+flags.DEFINE_enum(
+    "precision",
+    C.precision,
+    config_lib.PRECISIONS,
+    "fp32; mixed = float16 compute + loss scaling; mixed_bf16 = bfloat16 compute.",
+)
+flags.DEFINE_bool("xla", C.xla, "Compile the training step with XLA (jit_compile=True).")
+flags.DEFINE_enum("model", C.model, config_lib.MODELS, "Model architecture.")
+flags.DEFINE_string(
+    "dataset",
+    C.dataset,
+    "shapes (embedded, default), synthetic, tfds:NAME, folder:PATH or ships:PATH.",
+)
+flags.DEFINE_integer("image_size", C.image_size, "Input height and width in pixels.")
+flags.DEFINE_integer("batch_size", C.batch_size, "Global training batch size.")
+flags.DEFINE_integer("epochs", C.epochs, "Training epochs (ignored when --train_steps > 0).")
+flags.DEFINE_integer("train_steps", C.train_steps, "Training steps; > 0 overrides --epochs.")
+flags.DEFINE_enum("optimizer", C.optimizer, config_lib.OPTIMIZERS, "Optimizer.")
+flags.DEFINE_float("learning_rate", C.learning_rate, "Peak learning rate.")
+flags.DEFINE_enum(
+    "lr_schedule",
+    C.lr_schedule,
+    config_lib.LR_SCHEDULES,
+    "Learning-rate schedule (cosine includes --warmup_steps of linear warm-up).",
+)
+flags.DEFINE_integer(
+    "warmup_steps", C.warmup_steps, "Linear warm-up steps for --lr_schedule=cosine."
+)
+flags.DEFINE_float("weight_decay", C.weight_decay, "Decoupled weight decay (0 = none).")
+flags.DEFINE_string(
+    "model_dir", C.model_dir, "Where summaries go; default runs/<timestamp>-<precision>[-xla]."
+)
+flags.DEFINE_integer(
+    "steps_per_loop", C.steps_per_loop, "Steps per tf.function call (no host sync inside a loop)."
+)
+flags.DEFINE_string("loss_scale", C.loss_scale, "'dynamic' or a positive number (static scale).")
+flags.DEFINE_float("initial_scale", C.initial_scale, "Initial dynamic loss scale.")
+flags.DEFINE_integer(
+    "growth_interval", C.growth_interval, "Finite steps in a row before the dynamic scale doubles."
+)
+flags.DEFINE_float("min_scale", C.min_scale, "Lower bound of the dynamic loss scale.")
+flags.DEFINE_float("max_scale", C.max_scale, "Upper bound of the dynamic loss scale.")
+flags.DEFINE_float(
+    "clip_norm", C.clip_norm, "Clip unscaled gradients to this global norm (0 = off)."
+)
+flags.DEFINE_integer("seed", C.seed, "Seed for data generation, initialisation and shuffling.")
+flags.DEFINE_integer(
+    "train_examples", C.train_examples, "Generated train examples (shapes, synthetic)."
+)
+flags.DEFINE_integer(
+    "eval_examples", C.eval_examples, "Generated eval examples (shapes, synthetic)."
+)
+flags.DEFINE_integer("eval_batch_size", C.eval_batch_size, "Evaluation batch size.")
+
+FLAGS = flags.FLAGS
+
+
+def config_from_flags():
+    """Builds the validated `Config` from the parsed flags."""
+    fields = {f.name for f in config_lib.dataclasses.fields(config_lib.Config)}
+    return config_lib.Config(**{name: FLAGS[name].value for name in fields})
+
+
+def _parse_flags(argv):
+    """absl's parser, but a bad flag is one line and exit 2 instead of two lines."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        _fail(str(e))
+
+
+def _fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv):
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]}; flags look like --name=value")
+    try:
+        config = config_from_flags()
+    except config_lib.ConfigError as e:
+        _fail(str(e))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    # Imported here so that a bad flag is rejected before TensorFlow loads.
+    from engine import run
+
+    try:
+        run.run(config)
+    except run.UserError as e:
+        _fail(str(e))
+
+
+def run_main():
+    """Console-script entry point (`mixed-precision-train`)."""
+    app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    run_main()

@@ -1,0 +1,43 @@
+"""Name -> Keras model. Every model ends in a float32 classifier head (logits)."""
+
+import contextlib
+
+import keras
+
+from models import resnet
+
+_CONSTRUCTORS = {
+    "tiny": resnet.create_tiny,
+    "small_resnet": resnet.create_small_resnet,
+    "resnet50": resnet.create_resnet50,
+}
+MODEL_NAMES = tuple(_CONSTRUCTORS)
+
+
+@contextlib.contextmanager
+def _dtype_policy(name):
+    """Builds layers under a Keras dtype policy, then restores the previous one."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def create_model(name, num_classes, image_size, dtype="float32"):
+    """Builds model `name` for `image_size`² RGB inputs.
+
+    Args:
+      name: one of `MODEL_NAMES`.
+      num_classes: width of the logits.
+      image_size: input height and width.
+      dtype: a Keras dtype-policy name ("float32", "mixed_float16", "mixed_bfloat16").
+
+    Returns:
+      A built `keras.Model` mapping float32 images to float32 logits.
+    """
+    if name not in _CONSTRUCTORS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    with _dtype_policy(dtype):
+        return _CONSTRUCTORS[name](num_classes=num_classes, image_size=image_size)

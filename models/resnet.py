@@ -1,0 +1,58 @@
+"""ResNets for image classification: the seed's ResNet50, a CPU-sized one, a tiny one.
+
+Layers take the ambient Keras dtype policy (see `registry.create_model`); only the
+head is pinned to float32 so logits, softmax and the loss keep full precision.
+Channel counts are multiples of 8, which tensor cores need for float16 matmuls.
+"""
+
+import keras
+from keras import layers
+
+
+def _head(features, num_classes):
+    # float32 head: a float16 softmax/cross-entropy loses precision and can overflow.
+    return layers.Dense(num_classes, dtype="float32", name="logits")(features)
+
+
+def _conv_bn(x, filters, kernel, strides=1, name=None):
+    x = layers.Conv2D(filters, kernel, strides, padding="same", use_bias=False, name=name)(x)
+    # momentum 0.9, not 0.99: short CPU runs need moving statistics that converge.
+    return layers.BatchNormalization(momentum=0.9, name=f"{name}_bn" if name else None)(x)
+
+
+def _residual_block(x, filters, strides, name):
+    shortcut = x
+    if strides != 1 or x.shape[-1] != filters:
+        shortcut = _conv_bn(x, filters, 1, strides, name=f"{name}_proj")
+    y = layers.ReLU()(_conv_bn(x, filters, 3, strides, name=f"{name}_conv1"))
+    y = _conv_bn(y, filters, 3, name=f"{name}_conv2")
+    return layers.ReLU()(layers.Add()([shortcut, y]))
+
+
+def create_small_resnet(num_classes, image_size, widths=(32, 64, 128)):
+    """A ResNet with one basic block per stage: trains in minutes on a CPU."""
+    inputs = keras.Input((image_size, image_size, 3), name="images")
+    x = layers.ReLU()(_conv_bn(inputs, widths[0], 3, name="stem"))
+    for stage, width in enumerate(widths):
+        x = _residual_block(x, width, strides=1 if stage == 0 else 2, name=f"stage{stage}")
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, _head(x, num_classes), name="small_resnet")
+
+
+def create_tiny(num_classes, image_size):
+    """A few thousand weights with one BatchNorm: for tests."""
+    inputs = keras.Input((image_size, image_size, 3), name="images")
+    x = layers.ReLU()(_conv_bn(inputs, 8, 3, strides=2, name="conv"))
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, _head(x, num_classes), name="tiny")
+
+
+def create_resnet50(num_classes, image_size):
+    """The seed's ResNet50 (Keras Applications, random init) with a float32 head."""
+    backbone = keras.applications.ResNet50(
+        include_top=False,
+        weights=None,  # never download weights at run time
+        input_shape=(image_size, image_size, 3),
+        pooling="avg",
+    )
+    return keras.Model(backbone.input, _head(backbone.output, num_classes), name="resnet50")

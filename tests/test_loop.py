@@ -1,0 +1,81 @@
+"""End to end: every precision x XLA trains and writes its TensorBoard tags."""
+
+import numpy as np
+import pytest
+from conftest import read_scalars, tiny_config
+
+from engine import loop
+
+REQUIRED_TAGS = {
+    "train/loss",
+    "train/accuracy",
+    "train/learning_rate",
+    "train/loss_scale",
+    "train/skipped_steps",
+    "train/examples_per_sec",
+    "eval/loss",
+    "eval/accuracy",
+}
+
+
+@pytest.mark.parametrize("xla", [False, True], ids=["no_xla", "xla"])
+@pytest.mark.parametrize("precision", ["fp32", "mixed", "mixed_bf16"])
+def test_every_precision_trains_and_writes_the_tags(tmp_path, precision, xla):
+    result = loop.train_and_evaluate(tiny_config(precision=precision, xla=xla), str(tmp_path))
+    assert result.steps == 4
+    assert np.isfinite(result.train_loss) and np.isfinite(result.eval_loss)
+    scalars = read_scalars(tmp_path)
+    assert set(scalars) >= REQUIRED_TAGS
+    assert [s for s, _ in scalars["train/loss"]] == [1, 3, 4]  # the first loop is one step
+    expected_scale = 2.0**15 if precision == "mixed" else 1.0
+    assert scalars["train/loss_scale"][-1][1] == expected_scale
+
+
+def _loss_trajectory(tmp_path, xla):
+    config = tiny_config(xla=xla, train_steps=6, steps_per_loop=1, lr_schedule="constant")
+    loop.train_and_evaluate(config, str(tmp_path))
+    return [v for _, v in read_scalars(tmp_path)["train/loss"]]
+
+
+def test_xla_and_no_xla_give_the_same_fp32_loss_trajectory(tmp_path):
+    plain = _loss_trajectory(tmp_path / "plain", xla=False)
+    compiled = _loss_trajectory(tmp_path / "xla", xla=True)
+    assert len(plain) == 6
+    np.testing.assert_allclose(compiled, plain, rtol=2e-4)
+
+
+def test_skipped_steps_advance_the_global_step_but_not_the_optimizer(tmp_path):
+    # A static scale far beyond float16's range makes every scaled gradient inf.
+    config = tiny_config(precision="mixed", xla=True, loss_scale="1e30", train_steps=4)
+    result = loop.train_and_evaluate(config, str(tmp_path))
+    assert result.steps == 4 and result.skipped_steps == 4
+    skipped = read_scalars(tmp_path)["train/skipped_steps"]
+    assert skipped[-1] == (4, 4.0)
+
+
+def test_training_is_reproducible_for_a_seed(tmp_path):
+    a = loop.train_and_evaluate(tiny_config(seed=3), str(tmp_path / "a"))
+    b = loop.train_and_evaluate(tiny_config(seed=3), str(tmp_path / "b"))
+    assert a.train_loss == b.train_loss and a.eval_loss == b.eval_loss
+
+
+def test_mixed_reaches_fp32_accuracy_on_shapes(tmp_path):
+    # Tolerance 0.05: both should be near-perfect on shapes after a short run;
+    # documented in BUILD_NOTES.md.
+    common = dict(
+        model="small_resnet",
+        image_size=24,
+        batch_size=32,
+        train_steps=150,
+        steps_per_loop=50,
+        train_examples=2048,
+        eval_examples=256,
+        eval_batch_size=128,
+        warmup_steps=20,
+    )
+    fp32 = loop.train_and_evaluate(tiny_config(precision="fp32", **common), str(tmp_path / "f"))
+    mixed = loop.train_and_evaluate(
+        tiny_config(precision="mixed", xla=True, **common), str(tmp_path / "m")
+    )
+    assert fp32.eval_accuracy >= 0.8
+    assert abs(mixed.eval_accuracy - fp32.eval_accuracy) <= 0.05

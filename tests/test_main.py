@@ -1,0 +1,84 @@
+"""The command line: bad flags are one line and a non-zero exit, before TensorFlow loads."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from engine.config import MODELS, Config, ConfigError
+
+
+def _main(*args, timeout=120):
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "main.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+@pytest.mark.parametrize(
+    "flag, expected",
+    [
+        ("--precision=fp8", "fp32|mixed|mixed_bf16"),
+        ("--batch_size=0", "--batch_size must be a positive integer, got 0"),
+        ("--model=vgg", "tiny|small_resnet|resnet50"),
+        ("--loss_scale=-3", "--loss_scale must be 'dynamic' or a positive number"),
+        ("--dataset=imagenet", "--dataset='imagenet' is not known"),
+        ("--nonsense=1", "Unknown command line flag 'nonsense'"),
+        ("--epochs=0", "set --epochs or --train_steps"),
+    ],
+)
+def test_bad_flag_is_one_line_and_nonzero_exit(flag, expected):
+    proc = _main(flag)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and expected in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_flag_defaults_are_the_config_defaults():
+    import main
+
+    main.FLAGS.unparse_flags()
+    main.FLAGS(["main.py"])
+    assert main.config_from_flags() == Config()
+
+
+def test_config_and_model_registry_agree():
+    from models import MODEL_NAMES
+
+    assert MODEL_NAMES == MODELS
+
+
+def test_config_rejects_inconsistent_scale_bounds():
+    with pytest.raises(ConfigError, match="--min_scale"):
+        Config(min_scale=4.0, initial_scale=2.0)
+
+
+def test_flagfile_is_read(tmp_path):
+    flagfile = tmp_path / "flags.txt"
+    flagfile.write_text("--batch_size=-4\n")
+    proc = _main(f"--flagfile={flagfile}")
+    assert proc.returncode == 2 and "--batch_size must be a positive integer, got -4" in proc.stderr
+
+
+def test_main_trains_end_to_end(tmp_path):
+    proc = _main(
+        "--model=tiny",
+        "--image_size=16",
+        "--train_steps=3",
+        "--train_examples=64",
+        "--eval_examples=32",
+        f"--model_dir={tmp_path}",
+        "--precision=mixed",
+        "--xla",
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "done: 3 steps" in proc.stderr
+    assert list(tmp_path.glob("events.out.tfevents.*"))

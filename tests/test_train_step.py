@@ -1,0 +1,168 @@
+"""The step: skipped steps change nothing, finite steps match Keras' LossScaleOptimizer."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from engine.loss_scale import DynamicLossScale, create_loss_scale
+from engine.precision import get_policy
+from engine.train_step import apply_scaled_gradients, create_train_step
+from models import create_model
+
+
+def _setup(precision="mixed", lr=1e-2):
+    keras.utils.set_random_seed(1)
+    policy = get_policy(precision)
+    model = create_model("tiny", 3, 16, policy.keras_policy)
+    schedule = keras.optimizers.schedules.CosineDecay(lr, decay_steps=100)
+    optimizer = keras.optimizers.Adam(schedule)
+    optimizer.build(model.trainable_variables)
+    loss_scale = create_loss_scale(policy, growth_interval=1000)
+    return model, optimizer, loss_scale
+
+
+def _batch(seed, poison=None):
+    images = tf.random.stateless_uniform([8, 16, 16, 3], [seed, 0])
+    if poison is not None:
+        images = tf.tensor_scatter_nd_update(images, [[0, 0, 0, 0]], [poison])
+    labels = tf.random.stateless_uniform([8], [seed, 1], maxval=3, dtype=tf.int32)
+    return images, labels
+
+
+def _snapshot(model, optimizer):
+    return [v.numpy().copy() for v in model.variables + optimizer.variables]
+
+
+@pytest.mark.parametrize("xla", [False, True], ids=["no_xla", "xla"])
+@pytest.mark.parametrize("poison", [np.nan, np.inf], ids=["nan", "inf"])
+def test_skipped_step_leaves_every_variable_and_slot_bit_identical(xla, poison):
+    model, optimizer, loss_scale = _setup("mixed")
+    step = tf.function(create_train_step(model, optimizer, loss_scale, 8), jit_compile=xla)
+    assert bool(step(*_batch(0))["finite"])  # fill Adam's slots first
+    before = _snapshot(model, optimizer)
+    lr_before = float(optimizer.learning_rate)
+    scale_before = float(loss_scale.value)
+
+    out = step(*_batch(1, poison))
+
+    assert not bool(out["finite"])
+    after = _snapshot(model, optimizer)
+    for b, a in zip(before, after, strict=True):
+        np.testing.assert_array_equal(a, b)  # bit-identical, BatchNorm stats included
+    assert int(optimizer.iterations) == 1
+    assert float(optimizer.learning_rate) == lr_before
+    assert float(loss_scale.value) == scale_before / 2
+
+
+@pytest.mark.parametrize("precision", ["fp32", "mixed_bf16"])
+def test_nonfinite_step_is_skipped_without_loss_scaling_too(precision):
+    model, optimizer, loss_scale = _setup(precision)
+    step = tf.function(create_train_step(model, optimizer, loss_scale, 8))
+    before = _snapshot(model, optimizer)
+    assert not bool(step(*_batch(1, np.nan))["finite"])
+    for b, a in zip(before, _snapshot(model, optimizer), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert float(loss_scale.value) == 1.0
+
+
+def test_finite_step_updates_weights_and_counts_one_iteration():
+    model, optimizer, loss_scale = _setup("mixed")
+    step = tf.function(create_train_step(model, optimizer, loss_scale, 8))
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    out = step(*_batch(0))
+    assert bool(out["finite"]) and out["loss"].dtype == tf.float32
+    assert int(optimizer.iterations) == 1
+    after = [v.numpy() for v in model.trainable_variables]
+    assert all(not np.array_equal(b, a) for b, a in zip(before, after, strict=True))
+
+
+def test_per_variable_flags_name_the_nonfinite_gradient():
+    var_a, var_b = keras.Variable([1.0, 2.0]), keras.Variable([3.0])
+    optimizer = keras.optimizers.SGD(0.1)
+    optimizer.build([var_a, var_b])
+    scale = DynamicLossScale(initial_scale=4.0)
+    finite, _, per_var = apply_scaled_gradients(
+        optimizer, scale, [tf.constant([1.0, 1.0]), tf.constant([np.inf])], [var_a, var_b]
+    )
+    assert not bool(finite)
+    assert per_var.numpy().tolist() == [True, False]
+
+
+def test_clipping_acts_on_unscaled_gradients():
+    var = keras.Variable([0.0, 0.0])
+    optimizer = keras.optimizers.SGD(1.0)
+    optimizer.build([var])
+    scale = DynamicLossScale(initial_scale=2.0**15)
+    true_grad = np.array([3.0, 4.0], np.float32)  # norm 5
+    _, norm, _ = apply_scaled_gradients(
+        optimizer, scale, [tf.constant(true_grad * 2**15)], [var], clip_norm=1.0
+    )
+    assert float(norm) == pytest.approx(5.0)
+    np.testing.assert_allclose(var.numpy(), -true_grad / 5.0, rtol=1e-6)
+
+
+def _gradient_stream(steps, seed=0):
+    rng = np.random.default_rng(seed)
+    stream = []
+    for t in range(steps):
+        grads = [rng.normal(size=3).astype(np.float32), rng.normal(size=2).astype(np.float32)]
+        if t in (3, 11):
+            grads[0][1] = np.inf
+        if t in (7, 8):
+            grads[1][0] = np.nan
+        stream.append(grads)
+    return stream
+
+
+def _run_both(stream, initial_scale, growth, **bounds):
+    init = [np.array([0.5, -0.5, 1.0], np.float32), np.array([2.0, -1.0], np.float32)]
+    ours_vars = [keras.Variable(v) for v in init]
+    ours_opt = keras.optimizers.SGD(0.1, momentum=0.9)
+    ours_opt.build(ours_vars)
+    ours_scale = DynamicLossScale(initial_scale=initial_scale, growth_interval=growth, **bounds)
+    ref_vars = [keras.Variable(v) for v in init]
+    ref = keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.SGD(0.1, momentum=0.9),
+        initial_scale=initial_scale,
+        dynamic_growth_steps=growth,
+    )
+    ref.build(ref_vars)
+    history = []
+    for grads in stream:
+        s_ours, s_ref = float(ours_scale.value), float(ref.dynamic_scale)
+        apply_scaled_gradients(ours_opt, ours_scale, [g * s_ours for g in grads], ours_vars)
+        ref.apply([tf.constant(g * s_ref) for g in grads], ref_vars)
+        history.append(
+            (
+                float(ours_scale.value),
+                float(ref.dynamic_scale),
+                [v.numpy().copy() for v in ours_vars],
+                [v.numpy().copy() for v in ref_vars],
+            )
+        )
+    return history
+
+
+def test_matches_keras_loss_scale_optimizer_step_for_step():
+    history = _run_both(_gradient_stream(30), 2.0**10, 4, min_scale=2.0**-10, max_scale=2.0**60)
+    scales = [h[0] for h in history]
+    assert len(set(scales)) > 3  # the stream made the scale both grow and back off
+    for ours_scale, ref_scale, ours_vars, ref_vars in history:
+        assert ours_scale == ref_scale
+        for a, b in zip(ours_vars, ref_vars, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_documented_difference_keras_scale_is_unbounded_ours_is_clamped():
+    # Keras' LossScaleOptimizer has no max/min: it doubles past any bound (and
+    # eventually to inf) and halves towards zero. Ours stops at max_scale/min_scale.
+    history = _run_both(
+        [[np.ones(3, np.float32), np.ones(2, np.float32)]] * 6, 4.0, 1, max_scale=16.0
+    )
+    assert [h[0] for h in history] == [8, 16, 16, 16, 16, 16]
+    assert [h[1] for h in history] == [8, 16, 32, 64, 128, 256]
+    bad = [[np.full(3, np.nan, np.float32), np.ones(2, np.float32)]] * 4
+    history = _run_both(bad, 2.0, 100, min_scale=1.0)
+    assert [h[0] for h in history] == [1, 1, 1, 1]
+    assert [h[1] for h in history] == [1, 0.5, 0.25, 0.125]
