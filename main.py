@@ -14,6 +14,13 @@ from engine import config as config_lib
 C = config_lib.Config  # defaults live on the dataclass, not here
 
 flags.DEFINE_enum(
+    "mode",
+    C.mode,
+    config_lib.MODES,
+    "train; predict (needs a trained --model_dir); compare; benchmark.",
+)
+
+flags.DEFINE_enum(
     "precision",
     C.precision,
     config_lib.PRECISIONS,

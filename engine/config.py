@@ -8,6 +8,7 @@ import dataclasses
 import datetime
 import os
 
+MODES = ("train", "predict", "compare", "benchmark")
 PRECISIONS = ("fp32", "mixed", "mixed_bf16")
 MODELS = ("tiny", "small_resnet", "resnet50")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
@@ -24,6 +25,7 @@ class ConfigError(ValueError):
 class Config:
     """Everything a run needs. Field names are the flag names."""
 
+    mode: str = "train"
     precision: str = "mixed"
     xla: bool = False
     model: str = "small_resnet"
@@ -51,6 +53,7 @@ class Config:
     eval_batch_size: int = 256
 
     def __post_init__(self):
+        _check_choice("mode", self.mode, MODES)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("model", self.model, MODELS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)

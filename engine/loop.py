@@ -17,7 +17,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from engine import optimizers, summaries
+from engine import checkpointing, optimizers, summaries
 from engine.loss_scale import create_loss_scale
 from engine.precision import get_policy, slow_combination_warning
 from engine.train_step import create_eval_step, create_train_step
@@ -232,6 +232,8 @@ def train_and_evaluate(config, model_dir):
             writer.scalars(step, {"eval/loss": eval_loss, "eval/accuracy": eval_acc})
             logging.info("eval at step %d: loss %.4f accuracy %.4f", step, eval_loss, eval_acc)
     writer.close()
+    manager = checkpointing.create_manager(checkpointing.create_checkpoint(state), model_dir)
+    manager.save(checkpoint_number=step)
     timed_steps = max(step - 1, 1)
     result = RunResult(
         model_dir=model_dir,
