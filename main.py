@@ -74,6 +74,24 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_integer("eval_batch_size", C.eval_batch_size, "Evaluation batch size.")
 
+# --- speed (issue 7) ---
+flags.DEFINE_integer(
+    "benchmark_repeats",
+    C.benchmark_repeats,
+    "--mode=benchmark: interleaved engine/fit repeats per configuration.",
+)
+flags.DEFINE_integer(
+    "benchmark_steps",
+    C.benchmark_steps,
+    "--mode=benchmark: steps per timed repeat (0 = 2 x --steps_per_loop).",
+)
+flags.DEFINE_string("benchmark_json", C.benchmark_json, "--mode=benchmark: write results here.")
+flags.DEFINE_string(
+    "profile_steps",
+    C.profile_steps,
+    "START,END: write a TensorBoard profile trace of those training steps.",
+)
+
 FLAGS = flags.FLAGS
 
 

@@ -51,6 +51,11 @@ class Config:
     train_examples: int = 4096  # size of the generated train split (shapes, synthetic)
     eval_examples: int = 1024
     eval_batch_size: int = 256
+    # --- speed (issue 7) ---
+    benchmark_repeats: int = 3  # interleaved engine/fit repeats per configuration
+    benchmark_steps: int = 0  # steps per timed repeat; 0 = 2 x steps_per_loop
+    benchmark_json: str = ""  # also write the results here
+    profile_steps: str = ""  # "START,END": TensorBoard profile trace of those steps
 
     def __post_init__(self):
         _check_choice("mode", self.mode, MODES)
@@ -80,6 +85,15 @@ class Config:
             raise ConfigError("set --epochs or --train_steps to a positive number")
         if self.image_size < 8:
             raise ConfigError(f"--image_size must be at least 8, got {self.image_size}")
+        if self.benchmark_repeats < 1 or self.benchmark_steps < 0:
+            raise ConfigError("--benchmark_repeats must be >= 1 and --benchmark_steps >= 0")
+        if self.benchmark_steps % self.steps_per_loop:
+            raise ConfigError(
+                f"--benchmark_steps ({self.benchmark_steps}) must be a multiple of "
+                f"--steps_per_loop ({self.steps_per_loop})"
+            )
+        if self.profile_steps:
+            parse_profile_steps(self.profile_steps)
         if not self.learning_rate > 0:
             raise ConfigError(f"--learning_rate must be positive, got {self.learning_rate}")
         if self.clip_norm < 0 or self.weight_decay < 0:
@@ -118,3 +132,14 @@ def default_model_dir(config):
     """A fresh folder under runs/ named for the time and the precision."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     return os.path.join("runs", f"{stamp}-{config.precision}{'-xla' if config.xla else ''}")
+
+
+def parse_profile_steps(value):
+    """ "START,END" -> (start, end) with 0 <= start < end; ConfigError otherwise."""
+    try:
+        start, end = (int(v) for v in value.split(","))
+    except ValueError:
+        start, end = -1, -1
+    if not 0 <= start < end:
+        raise ConfigError(f"--profile_steps must be START,END with 0 <= START < END, got {value!r}")
+    return start, end

@@ -20,6 +20,7 @@ from absl import logging
 from engine import checkpointing, optimizers, summaries
 from engine.loss_scale import create_loss_scale
 from engine.precision import get_policy, slow_combination_warning
+from engine.profiling import StepProfiler
 from engine.train_step import create_eval_step, create_train_step
 from input_pipeline import create_data
 from models import create_model
@@ -192,6 +193,7 @@ def train_and_evaluate(config, model_dir):
     iterator = iter(strategy.distribute_datasets_from_function(data.train_fn))
     eval_data = strategy.distribute_datasets_from_function(data.eval_fn)
     writer = summaries.SummaryWriter(model_dir)
+    profiler = StepProfiler(config.profile_steps, model_dir)
 
     total = total_train_steps(config, data)
     per_epoch = steps_per_epoch(config, data)
@@ -213,7 +215,8 @@ def train_and_evaluate(config, model_dir):
     while step < total:
         # The first call runs one step, so tracing and compilation are timed alone.
         n = 1 if first_step_seconds is None else config.steps_per_loop
-        n = min(n, total - step, per_epoch - step % per_epoch)
+        n = profiler.clip(step, min(n, total - step, per_epoch - step % per_epoch))
+        profiler.before_loop(step)
         t0 = time.perf_counter()
         train_loop(iterator, tf.constant(n, tf.int32))
         values = _loop_values(state, stats, time.perf_counter() - t0, config.batch_size)
@@ -224,6 +227,7 @@ def train_and_evaluate(config, model_dir):
         else:
             train_seconds += seconds
         step = int(state.step.numpy())
+        profiler.after_loop(step)
         writer.scalars(step, values)
         rate = values["train/steps_per_sec"]
         summaries.log_progress(step, total, values, (total - step) / max(rate, 1e-9))
@@ -231,6 +235,7 @@ def train_and_evaluate(config, model_dir):
             eval_loss, eval_acc = (float(v) for v in eval_loop(eval_data))
             writer.scalars(step, {"eval/loss": eval_loss, "eval/accuracy": eval_acc})
             logging.info("eval at step %d: loss %.4f accuracy %.4f", step, eval_loss, eval_acc)
+    profiler.stop()
     writer.close()
     manager = checkpointing.create_manager(checkpointing.create_checkpoint(state), model_dir)
     manager.save(checkpoint_number=step)

@@ -11,6 +11,10 @@ class UserError(Exception):
 def run(config):
     """Trains and evaluates `config`; returns a `loop.RunResult`."""
     model_dir = config.model_dir or config_lib.default_model_dir(config)
+    if config.mode == "benchmark":
+        from engine import benchmark
+
+        return benchmark.run_benchmark(config)
     if config.mode != "train":
         raise UserError(f"--mode={config.mode} is not available yet; use --mode=train")
     try:

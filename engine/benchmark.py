@@ -1,0 +1,381 @@
+"""`--mode=benchmark`: the seed's comparison table, measured on the machine at hand.
+
+Each configuration (precision x XLA, plus TensorFlow's graph-rewrite mixed
+precision) runs in a fresh process, so no policy, XLA or grappler setting leaks
+from one row into the next. Inside that process the engine and Keras
+`model.fit` train the same model on the same data with the same optimizer, and
+their timed repeats are interleaved (engine, fit, engine, fit, ...) so machine
+drift hits both alike; `vs_fit` is the median of the paired ratios.
+
+Run as `python main.py --mode=benchmark [--model=... --image_size=... --batch_size=...]`.
+"""
+
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import logging
+
+from engine import config as config_lib
+
+# (runner label, precision, xla, graph rewrite). The graph rewrite is grappler's
+# automatic mixed precision on an fp32 model: float16 on a GPU, oneDNN bfloat16 on a CPU.
+CONFIGURATIONS = (
+    ("engine", "fp32", False, False),
+    ("engine", "fp32", True, False),
+    ("engine", "mixed", False, False),
+    ("engine", "mixed", True, False),
+    ("engine", "mixed_bf16", False, False),
+    ("engine", "mixed_bf16", True, False),
+    ("graph_rewrite", "fp32", False, True),
+)
+_WORKER_TIMEOUT_S = 600
+
+
+def _machine():
+    import keras
+    import tensorflow as tf
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    gpus = tf.config.list_physical_devices("GPU")
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "gpus": [g.name for g in gpus],
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def measure_peak_gflops(dtype, size=2048, repeats=7):
+    """Best of plain and XLA-compiled square matmuls in `dtype`, as GFLOP/s (median)."""
+    import tensorflow as tf
+
+    a = tf.random.stateless_normal([size, size], [1, 2], dtype=tf.float32)
+    a = tf.cast(a, dtype)
+    flops = 2.0 * size**3
+    best = 0.0
+    for jit in (False, True):
+        matmul = tf.function(lambda x: tf.reduce_sum(tf.matmul(x, x)), jit_compile=jit)
+        matmul(a).numpy()  # trace, compile, warm the caches
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            matmul(a).numpy()
+            times.append(time.perf_counter() - t0)
+        best = max(best, flops / statistics.median(times) / 1e9)
+    return best
+
+
+def count_train_flops_per_example(model):
+    """Counted FLOPs of one training example: 3 x the forward FLOPs of Conv2D/Dense.
+
+    Forward FLOPs of a layer are 2 x its multiply-accumulates; the backward pass
+    costs about twice the forward (gradients for inputs and for weights), the
+    usual convention for MFU. Elementwise ops, BatchNorm and pooling are left
+    out (a few percent for ResNets).
+    """
+    import keras
+
+    forward = 0
+    for layer in _all_layers(model):
+        if isinstance(layer, keras.layers.Conv2D):
+            out = layer.output.shape  # (None, H, W, C_out)
+            k_h, k_w = layer.kernel_size
+            c_in = layer.kernel.shape[2]
+            forward += 2 * out[1] * out[2] * out[3] * k_h * k_w * c_in // layer.groups
+        elif isinstance(layer, keras.layers.Dense):
+            forward += 2 * layer.kernel.shape[0] * layer.kernel.shape[1]
+    return 3 * forward
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        if hasattr(layer, "layers"):
+            yield from _all_layers(layer)
+        else:
+            yield layer
+
+
+# --------------------------------------------------------------------------- worker
+
+
+def _engine_runner(config, data, loss_scale_override=None):
+    """Returns (run(n_steps) -> seconds, first-call seconds, model)."""
+    import tensorflow as tf
+
+    from engine import loop
+    from engine.train_step import create_train_step
+
+    strategy = tf.distribute.get_strategy()
+    state = loop.build_state(config, data, strategy)
+    if loss_scale_override is not None:
+        state.loss_scale = loss_scale_override
+    stats = loop.LoopStats()
+    step = create_train_step(
+        state.model, state.optimizer, state.loss_scale, config.batch_size, config.clip_norm
+    )
+    train_loop = loop.create_train_loop(strategy, step, state, stats, config.xla)
+    iterator = iter(strategy.distribute_datasets_from_function(data.train_fn))
+    n = tf.constant(config.steps_per_loop, tf.int32)
+
+    def run(steps):
+        t0 = time.perf_counter()
+        for _ in range(steps // config.steps_per_loop):
+            train_loop(iterator, n)
+        state.step.numpy()  # wait for the last loop
+        return time.perf_counter() - t0
+
+    first = run(config.steps_per_loop)
+    return run, first, state.model
+
+
+def _fit_runner(config, data):
+    """Keras `fit` on the same model, data, optimizer and policy. Returns like `_engine_runner`."""
+    import keras
+
+    from engine import optimizers
+    from engine.precision import get_policy
+    from models import create_model
+
+    policy = get_policy(config.precision)
+    model = create_model(config.model, data.num_classes, config.image_size, policy.keras_policy)
+    optimizer = optimizers.create_optimizer(config, config.train_steps or 10**6)
+    if policy.loss_scaling:
+        optimizer = keras.optimizers.LossScaleOptimizer(
+            optimizer,
+            initial_scale=config.initial_scale,
+            dynamic_growth_steps=config.growth_interval,
+        )
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        jit_compile=config.xla,
+        steps_per_execution=config.steps_per_loop,
+    )
+    dataset = data.train_fn()
+    epoch = [0]
+
+    def run(steps):
+        t0 = time.perf_counter()
+        model.fit(
+            dataset,
+            initial_epoch=epoch[0],
+            epochs=epoch[0] + 1,
+            steps_per_epoch=steps,
+            shuffle=False,
+            verbose=0,
+        )
+        epoch[0] += 1
+        return time.perf_counter() - t0
+
+    first = run(config.steps_per_loop)
+    return run, first, model
+
+
+def _peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_worker(config, graph_rewrite, repeats, steps):
+    """Measures one configuration in this process; returns a list of row dicts."""
+    import keras
+    import tensorflow as tf
+
+    from engine.loss_scale import NoOpLossScale
+    from input_pipeline import create_data
+
+    if graph_rewrite:
+        option = (
+            "auto_mixed_precision"
+            if tf.config.list_physical_devices("GPU")
+            else ("auto_mixed_precision_onednn_bfloat16")
+        )
+        tf.config.optimizer.set_experimental_options({option: True})
+    keras.utils.set_random_seed(config.seed)
+    data = create_data(config)
+    engine_run, engine_first, model = _engine_runner(config, data)
+    engine_rss = _peak_rss_mb()
+    flops = count_train_flops_per_example(model)
+    fit_run, fit_first, _ = _fit_runner(config, data)
+    noop_run = None
+    if config.precision == "mixed" and config.xla:
+        noop_run, _, _ = _engine_runner(config, data, loss_scale_override=NoOpLossScale())
+    engine_t, fit_t, noop_t = [], [], []
+    for _ in range(repeats):  # interleaved: engine, fit, (no-op scale), engine, fit, ...
+        engine_t.append(engine_run(steps))
+        fit_t.append(fit_run(steps))
+        if noop_run:
+            noop_t.append(noop_run(steps))
+    runner = "graph_rewrite" if graph_rewrite else "engine"
+    engine_row = _row(runner, config, engine_t, steps, engine_first, engine_rss, flops)
+    engine_row["vs_fit"] = statistics.median(f / e for e, f in zip(engine_t, fit_t, strict=True))
+    if noop_t:
+        engine_row["loss_scale_overhead"] = statistics.median(
+            (d - n) / d for d, n in zip(engine_t, noop_t, strict=True)
+        )
+    fit_row = _row("keras_fit", config, fit_t, steps, fit_first, _peak_rss_mb(), flops)
+    return [engine_row, fit_row]
+
+
+def _row(runner, config, times, steps, first_call_s, rss_mb, flops_per_example):
+    rates = [steps * config.batch_size / t for t in times]
+    step_s = statistics.median(times) / steps
+    # The first call ran steps_per_loop steps: take the steady ones away.
+    first_step_s = max(first_call_s - (config.steps_per_loop - 1) * step_s, 0.0)
+    return {
+        "runner": runner,
+        "model": config.model,
+        "precision": config.precision,
+        "xla": config.xla,
+        "batch_size": config.batch_size,
+        "image_size": config.image_size,
+        "examples_per_sec": statistics.median(rates),
+        "examples_per_sec_min": min(rates),
+        "examples_per_sec_max": max(rates),
+        "step_ms": 1000.0 * step_s,
+        "first_step_s": first_step_s,
+        "peak_rss_mb": rss_mb,
+        "train_gflop_per_example": flops_per_example / 1e9,
+    }
+
+
+# --------------------------------------------------------------------------- parent
+
+
+def _worker_command(config, graph_rewrite, repeats, steps):
+    payload = json.dumps(
+        {
+            "config": dataclasses.asdict(config),
+            "graph_rewrite": graph_rewrite,
+            "repeats": repeats,
+            "steps": steps,
+        }
+    )
+    return [sys.executable, "-m", "engine.benchmark", payload]
+
+
+def _is_pathological(precision, xla, on_gpu):
+    return precision == "mixed" and not xla and not on_gpu
+
+
+def run_benchmark(config):
+    """Runs every configuration, prints the markdown table, writes JSON if asked."""
+    import tensorflow as tf
+
+    on_gpu = bool(tf.config.list_physical_devices("GPU"))
+    machine = _machine()
+    peaks = {d: measure_peak_gflops(d) for d in ("float32", "bfloat16", "float16")}
+    logging.info("measured matmul peak GFLOP/s: %s", {k: round(v, 1) for k, v in peaks.items()})
+    rows, skipped = [], []
+    repeats = config.benchmark_repeats
+    steps = config.benchmark_steps or 2 * config.steps_per_loop
+    for runner, precision, xla, rewrite in CONFIGURATIONS:
+        cfg = config.replace(precision=precision, xla=xla, mode="train")
+        r, s = repeats, steps
+        if _is_pathological(precision, xla, on_gpu):
+            # float16 kernels without XLA on a CPU take seconds a step: tiny budget.
+            r, s = 1, cfg.steps_per_loop
+        label = f"{runner} {precision}{' +xla' if xla else ''}"
+        logging.info("benchmarking %s (%d x %d steps)", label, r, s)
+        try:
+            proc = subprocess.run(
+                _worker_command(cfg, rewrite, r, s),
+                capture_output=True,
+                text=True,
+                timeout=_WORKER_TIMEOUT_S,
+                cwd=os.path.dirname(os.path.dirname(__file__)),
+            )
+        except subprocess.TimeoutExpired:
+            skipped.append(
+                {"configuration": label, "reason": f"timed out after {_WORKER_TIMEOUT_S} s"}
+            )
+            continue
+        if proc.returncode != 0:
+            tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+            skipped.append({"configuration": label, "reason": tail[0]})
+            continue
+        rows.extend(json.loads(proc.stdout.strip().splitlines()[-1]))
+    _add_derived(rows, peaks)
+    print(format_table(rows, skipped))
+    result = {
+        "machine": machine,
+        "peak_gflops": peaks,
+        "rows": rows,
+        "skipped": skipped,
+        "loss_scale_overhead": next(
+            (r["loss_scale_overhead"] for r in rows if "loss_scale_overhead" in r), None
+        ),
+    }
+    if config.benchmark_json:
+        with open(config.benchmark_json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def _add_derived(rows, peaks):
+    base = {
+        r["model"]: r["examples_per_sec"]
+        for r in rows
+        if r["runner"] == "engine" and r["precision"] == "fp32" and not r["xla"]
+    }
+    for row in rows:
+        dtype = {"fp32": "float32", "mixed": "float16", "mixed_bf16": "bfloat16"}[row["precision"]]
+        if row["runner"] == "graph_rewrite":
+            dtype = "bfloat16"
+        gflops = row["examples_per_sec"] * row["train_gflop_per_example"]
+        row["mfu"] = gflops / peaks[dtype]
+        row["mfu_vs_fp32_peak"] = gflops / peaks["float32"]
+        row["speedup_vs_fp32"] = row["examples_per_sec"] / base.get(row["model"], float("nan"))
+
+
+def format_table(rows, skipped=()):
+    """The markdown table printed at the end of a benchmark."""
+    lines = [
+        "| runner | model | precision | xla | ex/s (median, min-max) | step ms | vs fp32 | "
+        "first step s | peak RSS MB | MFU | engine/fit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        vs_fit = f"{r['vs_fit']:.2f}" if "vs_fit" in r else ""
+        lines.append(
+            f"| {r['runner']} | {r['model']} {r['image_size']}px b{r['batch_size']} | "
+            f"{r['precision']} | {'on' if r['xla'] else 'off'} | "
+            f"{r['examples_per_sec']:.1f} ({r['examples_per_sec_min']:.1f}-"
+            f"{r['examples_per_sec_max']:.1f}) | {r['step_ms']:.1f} | "
+            f"{r['speedup_vs_fp32']:.2f}x | {r['first_step_s']:.1f} | {r['peak_rss_mb']:.0f} | "
+            f"{100 * r['mfu']:.1f}% | {vs_fit} |"
+        )
+    for s in skipped:
+        lines.append(f"| skipped: {s['configuration']} | {s['reason']} |||||||||")
+    overhead = [r["loss_scale_overhead"] for r in rows if "loss_scale_overhead" in r]
+    if overhead:
+        lines.append(
+            f"\ndynamic loss scaling overhead (mixed +xla): {100 * overhead[0]:.1f}% of step time"
+        )
+    return "\n".join(lines)
+
+
+def main(argv):
+    payload = json.loads(argv[1])
+    config = config_lib.Config(**payload["config"])
+    rows = run_worker(config, payload["graph_rewrite"], payload["repeats"], payload["steps"])
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    main(sys.argv)
