@@ -83,7 +83,7 @@ flags.DEFINE_integer(
 flags.DEFINE_integer(
     "benchmark_steps",
     C.benchmark_steps,
-    "--mode=benchmark: steps per timed repeat (0 = 2 x --steps_per_loop).",
+    "--mode=benchmark: steps per repeat, first loop untimed (0 = 3 x --steps_per_loop).",
 )
 flags.DEFINE_string("benchmark_json", C.benchmark_json, "--mode=benchmark: write results here.")
 flags.DEFINE_string(

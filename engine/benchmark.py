@@ -132,14 +132,16 @@ def _engine_runner(config, data, loss_scale_override=None):
     n = tf.constant(config.steps_per_loop, tf.int32)
 
     def run(steps):
-        t0 = time.perf_counter()
+        # Steady state: timed from the end of the first loop call to the end of
+        # the last, the same window the fit callback below measures.
+        ends = []
         for _ in range(steps // config.steps_per_loop):
             train_loop(iterator, n)
-        state.step.numpy()  # wait for the last loop
-        return time.perf_counter() - t0
+            state.step.numpy()  # wait for the loop to finish
+            ends.append(time.perf_counter())
+        return ends
 
-    first = run(config.steps_per_loop)
-    return run, first, state.model
+    return (*_timed(run, config.steps_per_loop), state.model)
 
 
 def _fit_runner(config, data):
@@ -169,8 +171,15 @@ def _fit_runner(config, data):
     dataset = data.train_fn()
     epoch = [0]
 
+    class _Ends(keras.callbacks.Callback):
+        # With steps_per_execution, a batch-end callback fires once per execution.
+        def on_train_batch_end(self, batch, logs=None):
+            ends.append(time.perf_counter())
+
+    ends = []
+
     def run(steps):
-        t0 = time.perf_counter()
+        ends.clear()
         model.fit(
             dataset,
             initial_epoch=epoch[0],
@@ -178,12 +187,31 @@ def _fit_runner(config, data):
             steps_per_epoch=steps,
             shuffle=False,
             verbose=0,
+            callbacks=[_Ends()],
         )
         epoch[0] += 1
-        return time.perf_counter() - t0
+        return list(ends)
 
-    first = run(config.steps_per_loop)
-    return run, first, model
+    return (*_timed(run, config.steps_per_loop), model)
+
+
+def _timed(run_ends, steps_per_loop):
+    """Wraps `run_ends(steps) -> [end time of each loop]` as `run(steps) -> seconds`.
+
+    The first loop of each repeat is left out of the window: it holds the
+    per-call start-up (fit builds callbacks and an iterator on every call), and
+    what we compare is the training throughput itself. Also returns the seconds of
+    the very first call, which holds tracing and compilation.
+    """
+    t0 = time.perf_counter()
+    run_ends(steps_per_loop)
+    first_call_s = time.perf_counter() - t0
+
+    def run(steps):
+        ends = run_ends(steps)
+        return ends[-1] - ends[0]
+
+    return run, first_call_s
 
 
 def _peak_rss_mb():
@@ -232,8 +260,9 @@ def run_worker(config, graph_rewrite, repeats, steps):
 
 
 def _row(runner, config, times, steps, first_call_s, rss_mb, flops_per_example):
-    rates = [steps * config.batch_size / t for t in times]
-    step_s = statistics.median(times) / steps
+    timed_steps = steps - config.steps_per_loop  # the first loop is outside the window
+    rates = [timed_steps * config.batch_size / t for t in times]
+    step_s = statistics.median(times) / timed_steps
     # The first call ran steps_per_loop steps: take the steady ones away.
     first_step_s = max(first_call_s - (config.steps_per_loop - 1) * step_s, 0.0)
     return {
@@ -282,13 +311,13 @@ def run_benchmark(config):
     logging.info("measured matmul peak GFLOP/s: %s", {k: round(v, 1) for k, v in peaks.items()})
     rows, skipped = [], []
     repeats = config.benchmark_repeats
-    steps = config.benchmark_steps or 2 * config.steps_per_loop
+    steps = config.benchmark_steps or 3 * config.steps_per_loop
     for runner, precision, xla, rewrite in CONFIGURATIONS:
         cfg = config.replace(precision=precision, xla=xla, mode="train")
         r, s = repeats, steps
         if _is_pathological(precision, xla, on_gpu):
             # float16 kernels without XLA on a CPU take seconds a step: tiny budget.
-            r, s = 1, cfg.steps_per_loop
+            r, s = 1, 2 * cfg.steps_per_loop
         label = f"{runner} {precision}{' +xla' if xla else ''}"
         logging.info("benchmarking %s (%d x %d steps)", label, r, s)
         try:

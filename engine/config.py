@@ -53,7 +53,7 @@ class Config:
     eval_batch_size: int = 256
     # --- speed (issue 7) ---
     benchmark_repeats: int = 3  # interleaved engine/fit repeats per configuration
-    benchmark_steps: int = 0  # steps per timed repeat; 0 = 2 x steps_per_loop
+    benchmark_steps: int = 0  # steps per repeat (the first loop untimed); 0 = 3 x steps_per_loop
     benchmark_json: str = ""  # also write the results here
     profile_steps: str = ""  # "START,END": TensorBoard profile trace of those steps
 
@@ -87,10 +87,13 @@ class Config:
             raise ConfigError(f"--image_size must be at least 8, got {self.image_size}")
         if self.benchmark_repeats < 1 or self.benchmark_steps < 0:
             raise ConfigError("--benchmark_repeats must be >= 1 and --benchmark_steps >= 0")
-        if self.benchmark_steps % self.steps_per_loop:
+        if (
+            self.benchmark_steps % self.steps_per_loop
+            or self.benchmark_steps == self.steps_per_loop
+        ):
             raise ConfigError(
-                f"--benchmark_steps ({self.benchmark_steps}) must be a multiple of "
-                f"--steps_per_loop ({self.steps_per_loop})"
+                f"--benchmark_steps ({self.benchmark_steps}) must be 0 or a multiple of "
+                f"--steps_per_loop ({self.steps_per_loop}) of at least two loops"
             )
         if self.profile_steps:
             parse_profile_steps(self.profile_steps)

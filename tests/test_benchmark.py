@@ -56,7 +56,7 @@ def test_bad_profile_steps_are_rejected(spec):
 
 def test_worker_measures_engine_and_fit_rows():
     config = tiny_config(precision="mixed", xla=True, steps_per_loop=2, train_steps=100)
-    rows = benchmark.run_worker(config, graph_rewrite=False, repeats=2, steps=4)
+    rows = benchmark.run_worker(config, graph_rewrite=False, repeats=2, steps=6)
     engine, fit = rows
     assert engine["runner"] == "engine" and fit["runner"] == "keras_fit"
     for row in rows:
