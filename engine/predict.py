@@ -80,7 +80,9 @@ def predict(config, model_dir):
         cache_key=None,
         read=tf.io.read_file,
     )
-    predict_step = tf.function(lambda images: tf.argmax(model(images, training=False), -1))
+    predict_step = tf.function(
+        lambda images: tf.argmax(model(images, training=False), -1), jit_compile=config.xla
+    )
     labels = np.concatenate([predict_step(images).numpy() for images, _ in ds])
     categories = [ships.CATEGORIES[i] for i in labels]
     out = config.predictions_csv or os.path.join(model_dir, "predictions.csv")
