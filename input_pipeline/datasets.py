@@ -1,5 +1,9 @@
 """Turns `--dataset` into train and eval `tf.data` pipelines.
 
+`shapes` and `synthetic` are generated; `tfds:NAME`, `folder:PATH` and
+`ships:PATH` list their examples (modules of the same names) and share
+`preprocessing`'s decode/augment pipeline.
+
 Train: cached, shuffled, repeated forever, batched with `drop_remainder=True` so
 every batch has the same static shape (XLA compiles once), prefetched.
 Eval: one pass, batched, the last partial batch kept so every example counts.

@@ -23,6 +23,7 @@ from absl import logging
 
 AUTOTUNE = tf.data.AUTOTUNE
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+MAX_SHUFFLE_BUFFER = 16384
 
 
 class DataError(ValueError):
@@ -114,7 +115,7 @@ def create_train_dataset(
         the encoded image bytes (x is a path for files, the bytes for tfds).
       config: the run's `Config` (image_size, augment, cache, batch_size,
         seed, deterministic).
-      num_examples: examples in `examples` (the shuffle buffer holds them all).
+      num_examples: examples in `examples` (sizes the shuffle buffer).
       cache_key: anything identifying the examples, for the cache file name.
       input_context: a `tf.distribute.InputContext`, or None.
       read: maps an element's `x` to encoded bytes (`tf.io.read_file` for paths).
@@ -123,8 +124,10 @@ def create_train_dataset(
     ds = shard(examples, input_context)  # before reading: each pipeline reads only its files
     ds = ds.map(lambda x, y: (decode_and_resize(read(x), size), y), num_parallel_calls=AUTOTUNE)
     ds = _cache(ds, config.cache, ("train", size, cache_key))
-    # Whole-split shuffle buffer: the cached images are small uint8 squares.
-    ds = ds.shuffle(max(num_examples, 1), seed=config.seed, reshuffle_each_iteration=True)
+    # The cached images are small uint8 squares, so the buffer holds a whole
+    # contest-sized split; capped so a large TFDS set does not fill the memory.
+    buffer = min(max(num_examples, 1), MAX_SHUFFLE_BUFFER)
+    ds = ds.shuffle(buffer, seed=config.seed, reshuffle_each_iteration=True)
     ds = ds.repeat().enumerate()
 
     def finish(index, example):
