@@ -73,6 +73,39 @@ flags.DEFINE_integer(
     "eval_examples", C.eval_examples, "Generated eval examples (shapes, synthetic)."
 )
 flags.DEFINE_integer("eval_batch_size", C.eval_batch_size, "Evaluation batch size.")
+# --- real data (issue 3) ---
+flags.DEFINE_string("data_dir", C.data_dir, "TFDS data directory (default: TFDS' own).")
+flags.DEFINE_bool("download", C.download, "Let TFDS download and prepare a missing data set.")
+flags.DEFINE_string(
+    "train_split", C.train_split, "TFDS split string (e.g. train[:90%]) or folder:PATH split."
+)
+flags.DEFINE_string(
+    "eval_split",
+    C.eval_split,
+    "TFDS split string or folder:PATH split; default test (tfds) or val/validation/eval/test.",
+)
+flags.DEFINE_float(
+    "eval_fraction", C.eval_fraction, "Stratified hold-out for eval when there is no eval split."
+)
+flags.DEFINE_bool("augment", C.augment, "Random crop + flip when training on real images.")
+flags.DEFINE_string(
+    "cache", C.cache, "Cache decoded images: memory, a file-path prefix, or empty for none."
+)
+flags.DEFINE_bool(
+    "deterministic", C.deterministic, "Same batches every run (slower parallel input)."
+)
+flags.DEFINE_bool(
+    "class_weighting", C.class_weighting, "Weight the loss by inverse class frequency."
+)
+flags.DEFINE_bool("skip_bad_images", C.skip_bad_images, "Skip (count and log) undecodable images.")
+flags.DEFINE_string(
+    "predict_csv", C.predict_csv, "--mode=predict: CSV with an image column (ships layout)."
+)
+flags.DEFINE_string(
+    "predictions_csv",
+    C.predictions_csv,
+    "Where predictions go; default <model_dir>/predictions.csv.",
+)
 
 # --- speed (issue 7) ---
 flags.DEFINE_integer(

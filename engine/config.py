@@ -51,6 +51,19 @@ class Config:
     train_examples: int = 4096  # size of the generated train split (shapes, synthetic)
     eval_examples: int = 1024
     eval_batch_size: int = 256
+    # --- real data (issue 3) ---
+    data_dir: str = ""  # TFDS data directory; "" means TFDS' default (~/tensorflow_datasets)
+    download: bool = False  # let TFDS download and prepare a missing data set
+    train_split: str = "train"  # TFDS split string, or the folder:PATH split folder
+    eval_split: str = ""  # "" means tfds: "test"; folder: val|validation|eval|test or hold-out
+    eval_fraction: float = 0.1  # stratified hold-out when there is no eval split
+    augment: bool = True  # random crop + horizontal flip for real-image training
+    cache: str = "memory"  # "", "memory" or a file-path prefix for the decoded images
+    deterministic: bool = False  # same batches every run (parallel maps keep their order)
+    class_weighting: bool = False  # weight the loss by n / (num_classes * n_class)
+    skip_bad_images: bool = False  # drop (count, log) undecodable images instead of failing
+    predict_csv: str = ""  # --mode=predict: CSV with an `image` column (ships layout)
+    predictions_csv: str = ""  # "" means <model_dir>/predictions.csv
     # --- speed (issue 7) ---
     benchmark_repeats: int = 3  # interleaved engine/fit repeats per configuration
     benchmark_steps: int = 0  # steps per repeat (the first loop untimed); 0 = 3 x steps_per_loop
@@ -115,6 +128,32 @@ class Config:
                 "need 0 < --min_scale <= --initial_scale <= --max_scale < inf, got "
                 f"{self.min_scale}, {self.initial_scale}, {self.max_scale}"
             )
+        self._check_real_data()
+
+    def _check_real_data(self):
+        for prefix in DATASET_PREFIXES:
+            if self.dataset == prefix:
+                raise ConfigError(f"--dataset={prefix} needs a name or path after the colon")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ConfigError(f"--eval_fraction must be between 0 and 1, got {self.eval_fraction}")
+        if not self.train_split:
+            raise ConfigError("--train_split must not be empty")
+        if self.cache not in ("", "memory"):
+            parent = os.path.dirname(os.path.abspath(self.cache))
+            if not os.path.isdir(parent):
+                raise ConfigError(
+                    f"--cache={self.cache}: folder {parent} does not exist; create it, "
+                    "or use --cache=memory or --cache="
+                )
+        if self.mode == "predict":
+            if not self.dataset.startswith("ships:"):
+                raise ConfigError("--mode=predict reads a ships test CSV; use --dataset=ships:PATH")
+            if not self.predict_csv:
+                raise ConfigError(
+                    "--mode=predict needs --predict_csv=PATH (a CSV with an image column)"
+                )
+            if not self.model_dir:
+                raise ConfigError("--mode=predict needs --model_dir of a trained run")
 
     def replace(self, **changes):
         """A validated copy with `changes` applied."""

@@ -186,7 +186,12 @@ def train_and_evaluate(config, model_dir):
     state = build_state(config, data, strategy)
     stats = LoopStats()
     train_step = create_train_step(
-        state.model, state.optimizer, state.loss_scale, config.batch_size, config.clip_norm
+        state.model,
+        state.optimizer,
+        state.loss_scale,
+        config.batch_size,
+        config.clip_norm,
+        class_weights=data.class_weights,
     )
     train_loop = create_train_loop(strategy, train_step, state, stats, config.xla)
     eval_loop = create_eval_loop(strategy, create_eval_step(state.model), config.xla)
@@ -194,6 +199,7 @@ def train_and_evaluate(config, model_dir):
     eval_data = strategy.distribute_datasets_from_function(data.eval_fn)
     writer = summaries.SummaryWriter(model_dir)
     profiler = StepProfiler(config.profile_steps, model_dir)
+    writer.scalars(0, {"data/skipped_images": data.skipped_images})
 
     total = total_train_steps(config, data)
     per_epoch = steps_per_epoch(config, data)

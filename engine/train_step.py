@@ -75,7 +75,9 @@ def apply_scaled_gradients(
     return finite, grad_norm, finite_per_variable
 
 
-def create_train_step(model, optimizer, loss_scale, global_batch_size, clip_norm=0.0):
+def create_train_step(
+    model, optimizer, loss_scale, global_batch_size, clip_norm=0.0, class_weights=None
+):
     """Returns `train_step(images, labels) -> dict of tensors`.
 
     Args:
@@ -86,6 +88,8 @@ def create_train_step(model, optimizer, loss_scale, global_batch_size, clip_norm
         sum over a replica's examples divided by it, so summed replica
         gradients are the gradient of the global mean.
       clip_norm: clip the unscaled gradients to this global norm; 0 disables.
+      class_weights: optional per-class loss weights (one float per class); each
+        example's loss is multiplied by its class's weight.
 
     The returned dict holds `loss` (this replica's share of the mean loss),
     `correct` (int32 count), `finite` (bool), `grad_norm` (unscaled, before
@@ -95,6 +99,8 @@ def create_train_step(model, optimizer, loss_scale, global_batch_size, clip_norm
     # BatchNorm moving statistics are written by the forward pass itself, so a
     # skipped step must put them back (a nan batch would otherwise poison them).
     stateful = model.non_trainable_variables
+    if class_weights is not None:
+        class_weights = tf.constant(class_weights, tf.float32)
 
     def train_step(images, labels):
         saved_state = [tf.identity(v.value) for v in stateful]
@@ -103,6 +109,8 @@ def create_train_step(model, optimizer, loss_scale, global_batch_size, clip_norm
             per_example = keras.losses.sparse_categorical_crossentropy(
                 labels, logits, from_logits=True
             )
+            if class_weights is not None:
+                per_example *= tf.gather(class_weights, labels)
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
             scaled_loss = loss_scale.scale(loss)
         scaled_grads = tape.gradient(scaled_loss, trainable)

@@ -1,5 +1,9 @@
 """Turns `--dataset` into train and eval `tf.data` pipelines.
 
+`shapes` and `synthetic` are generated; `tfds:NAME`, `folder:PATH` and
+`ships:PATH` list their examples (modules of the same names) and share
+`preprocessing`'s decode/augment pipeline.
+
 Train: cached, shuffled, repeated forever, batched with `drop_remainder=True` so
 every batch has the same static shape (XLA compiles once), prefetched.
 Eval: one pass, batched, the last partial batch kept so every example counts.
@@ -12,8 +16,9 @@ import dataclasses
 from collections.abc import Callable
 
 import tensorflow as tf
+from absl import logging
 
-from input_pipeline import shapes, synthetic
+from input_pipeline import folder, preprocessing, shapes, ships, synthetic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +31,8 @@ class DataSpec:
     class_names: tuple
     train_size: int
     eval_size: int
+    class_weights: tuple | None = None  # per-class loss weights (--class_weighting)
+    skipped_images: int = 0  # undecodable images dropped by --skip_bad_images
 
 
 def _shard(ds, input_context):
@@ -74,6 +81,13 @@ def create_data(config):
 
         num_classes = synthetic.NUM_CLASSES
         class_names = tuple(str(i) for i in range(num_classes))
+    elif name.startswith("tfds:"):
+        return _tfds_data(config, name[len("tfds:") :])
+    elif name.startswith(("folder:", "ships:")):
+        kind, root = name.split(":", 1)
+        source = folder if kind == "folder" else ships
+        class_names, train, evals = source.load(root, config)
+        return create_file_data(config, class_names, train, evals, name)
     else:
         raise ValueError(f"--dataset={name!r} is not available in this build")
 
@@ -91,3 +105,100 @@ def create_data(config):
     return DataSpec(
         train_fn, eval_fn, num_classes, class_names, config.train_examples, config.eval_examples
     )
+
+
+def _finish_spec(config, class_names, train_fn, eval_fn, train_labels, eval_labels, skipped):
+    """Logs per-class counts and builds the `DataSpec` (with class weights if asked)."""
+    num_classes = len(class_names)
+    train_counts = preprocessing.class_counts(train_labels, num_classes)
+    eval_counts = preprocessing.class_counts(eval_labels, num_classes)
+    preprocessing.log_class_counts(f"{config.dataset} train", train_counts, class_names)
+    preprocessing.log_class_counts(f"{config.dataset} eval", eval_counts, class_names)
+    weights = None
+    if config.class_weighting:
+        weights = preprocessing.balanced_class_weights(train_counts)
+        logging.info("class weights: %s", ", ".join(f"{w:.3f}" for w in weights))
+    return DataSpec(
+        train_fn,
+        eval_fn,
+        num_classes,
+        tuple(class_names),
+        int(train_counts.sum()),
+        int(eval_counts.sum()),
+        class_weights=weights,
+        skipped_images=skipped,
+    )
+
+
+def create_file_data(config, class_names, train, evals, what):
+    """A `DataSpec` over image files: `train` and `evals` are (paths, labels).
+
+    Every image is decoded once up front (see `preprocessing.drop_undecodable`).
+
+    Raises:
+      preprocessing.DataError: an empty split, or an undecodable image without
+        `--skip_bad_images`.
+    """
+    skipped = 0
+    splits = []
+    for split, (paths, labels) in (("train", train), ("eval", evals)):
+        if not paths:
+            raise preprocessing.DataError(
+                f"{what}: the {split} split has no images; add images (or raise --eval_fraction)"
+            )
+        paths, labels, n = preprocessing.drop_undecodable(
+            paths, labels, config.skip_bad_images, f"{what} {split}"
+        )
+        if not paths:
+            raise preprocessing.DataError(f"{what}: every {split} image was undecodable")
+        skipped += n
+        splits.append((paths, labels))
+    (train_paths, train_labels), (eval_paths, eval_labels) = splits
+
+    def train_fn(input_context=None):
+        return preprocessing.create_train_dataset(
+            preprocessing.file_examples(train_paths, train_labels),
+            config,
+            len(train_paths),
+            (train_paths, train_labels.tolist()),
+            input_context,
+            read=tf.io.read_file,
+        )
+
+    def eval_fn(input_context=None):
+        return preprocessing.create_eval_dataset(
+            preprocessing.file_examples(eval_paths, eval_labels),
+            config,
+            config.eval_batch_size,
+            (eval_paths, eval_labels.tolist()),
+            input_context,
+            read=tf.io.read_file,
+        )
+
+    return _finish_spec(config, class_names, train_fn, eval_fn, train_labels, eval_labels, skipped)
+
+
+def _tfds_data(config, name):
+    # Imported here: TFDS is slow to import and only this source needs it.
+    from input_pipeline import tfds_source
+
+    _, image_key, class_names = tfds_source.open_builder(name, config)
+    eval_split = config.eval_split or "test"
+    train_ds, train_labels = tfds_source.load_split(name, config.train_split, image_key, config)
+    eval_ds, eval_labels = tfds_source.load_split(name, eval_split, image_key, config)
+    for split, labels in ((config.train_split, train_labels), (eval_split, eval_labels)):
+        if labels.size == 0:
+            raise preprocessing.DataError(f"--dataset=tfds:{name}: split {split!r} is empty")
+    key = (name, config.data_dir)
+
+    def train_fn(input_context=None):
+        return preprocessing.create_train_dataset(
+            train_ds, config, int(train_labels.size), (*key, config.train_split), input_context
+        )
+
+    def eval_fn(input_context=None):
+        return preprocessing.create_eval_dataset(
+            eval_ds, config, config.eval_batch_size, (*key, eval_split), input_context
+        )
+
+    return _finish_spec(config, class_names, train_fn, eval_fn, train_labels, eval_labels, 0)

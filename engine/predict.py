@@ -1,0 +1,93 @@
+"""`--mode=predict`: restore the trained model and label a ships test CSV.
+
+The model is rebuilt from the config (same --model, --image_size, --precision
+as training), only its weights are restored from the latest checkpoint in
+`<model_dir>/checkpoints`, and the test images go through the eval
+preprocessing. The output is a submission-style CSV `image,category` with the
+contest's category ids 1..5, one row per input row, in input order.
+"""
+
+import csv
+import os
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from engine import checkpointing
+from engine.config import ConfigError
+from engine.precision import get_policy
+from input_pipeline import preprocessing, ships
+from models import create_model
+
+
+def restore_model(config, model_dir, num_classes):
+    """The model of `config` with the weights of the latest checkpoint in `model_dir`.
+
+    Raises:
+      ConfigError: no checkpoint, or one that does not fit `--model`/`--image_size`.
+    """
+    latest = tf.train.latest_checkpoint(checkpointing.checkpoint_dir(model_dir))
+    if latest is None:
+        raise ConfigError(
+            f"--model_dir={model_dir} has no checkpoint in "
+            f"{checkpointing.checkpoint_dir(model_dir)}; train first with --mode=train"
+        )
+    policy = get_policy(config.precision)
+    model = create_model(config.model, num_classes, config.image_size, policy.keras_policy)
+    try:
+        status = tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+        # Every weight of the rebuilt model must come from the checkpoint: a
+        # different --model would otherwise predict with random weights.
+        status.assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.InvalidArgumentError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"checkpoint {latest} does not fit --model={config.model} "
+            f"--image_size={config.image_size}; use the training run's flags ({first_line})"
+        ) from None
+    logging.info("restored %s", latest)
+    return model
+
+
+def write_predictions(path, names, categories):
+    """Writes `image,category` rows; via a temporary file so a failure leaves no half CSV."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "category"])
+        writer.writerows(zip(names, categories, strict=True))
+    os.replace(tmp, path)
+
+
+def predict(config, model_dir):
+    """Predicts `config.predict_csv` with the model in `model_dir`; returns the output path."""
+    root = config.dataset.split(":", 1)[1]
+    names, paths = ships.read_unlabelled(config.predict_csv, root)
+    kept, _, skipped = preprocessing.drop_undecodable(
+        paths, np.zeros(len(paths), np.int32), config.skip_bad_images, config.predict_csv
+    )
+    if skipped:
+        kept_set = set(kept)
+        names = [n for n, p in zip(names, paths, strict=True) if p in kept_set]
+    if not kept:
+        raise ConfigError(f"--predict_csv={config.predict_csv}: no image could be decoded")
+    model = restore_model(config, model_dir, len(ships.CLASS_NAMES))
+    ds = preprocessing.create_eval_dataset(
+        preprocessing.file_examples(kept, np.zeros(len(kept), np.int32)),
+        config.replace(cache=""),
+        config.eval_batch_size,
+        cache_key=None,
+        read=tf.io.read_file,
+    )
+    predict_step = tf.function(
+        lambda images: tf.argmax(model(images, training=False), -1), jit_compile=config.xla
+    )
+    labels = np.concatenate([predict_step(images).numpy() for images, _ in ds])
+    categories = [ships.CATEGORIES[i] for i in labels]
+    out = config.predictions_csv or os.path.join(model_dir, "predictions.csv")
+    write_predictions(out, names, categories)
+    logging.info(
+        "wrote %d predictions to %s (%d undecodable image(s) skipped)", len(names), out, skipped
+    )
+    return out

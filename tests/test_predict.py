@@ -1,0 +1,127 @@
+"""The ships command line end to end: train, evaluate, predict a submission CSV; its errors."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import ROOT, tiny_config
+from image_trees import make_ships_tree, write_csv
+
+from engine import loop, predict
+from engine.config import Config, ConfigError
+from engine.loss_scale import NoOpLossScale
+from engine.train_step import create_train_step
+from models import create_model
+
+
+def _main(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "main.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def _one_line_error(proc):
+    """The error line: the last on stderr, the only one starting `error:`, no traceback."""
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert errors == lines[-1:] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    return errors[0]
+
+
+SMALL = ("--model=tiny", "--image_size=16", "--batch_size=8", "--eval_batch_size=8")
+
+
+def test_main_trains_on_ships_then_predicts_a_submission_csv(tmp_path):
+    root, _ = make_ships_tree(tmp_path / "ships", num_test=7)
+    run_dir = tmp_path / "run"
+    common = (*SMALL, f"--dataset=ships:{root}", f"--model_dir={run_dir}", "--precision=mixed")
+    train = _main(*common, "--train_steps=3", "--xla", "--class_weighting")
+    assert train.returncode == 0, train.stderr[-2000:]
+    assert "done: 3 steps" in train.stderr and "eval at step 3" in train.stderr
+    assert "per class: Cargo 7, Military 5" in train.stderr
+
+    predicted = _main(*common, "--mode=predict", f"--predict_csv={root}/test.csv")
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    with open(run_dir / "predictions.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["image", "category"]
+    assert [r[0] for r in rows[1:]] == [f"test{i}.jpg" for i in range(7)]
+    assert {r[1] for r in rows[1:]} <= {"1", "2", "3", "4", "5"}
+
+
+def test_main_unprepared_tfds_is_one_line(tmp_path):
+    line = _one_line_error(_main(*SMALL, "--dataset=tfds:mnist", f"--data_dir={tmp_path}"))
+    assert "'mnist' is not prepared" in line and "--download" in line
+
+
+def test_main_bad_ships_csv_is_one_line_and_writes_nothing(tmp_path):
+    root, _ = make_ships_tree(tmp_path / "ships")
+    write_csv(os.path.join(root, "train", "train.csv"), ("image", "category"), [("../x.jpg", 1)])
+    run_dir = tmp_path / "run"
+    line = _one_line_error(_main(*SMALL, f"--dataset=ships:{root}", f"--model_dir={run_dir}"))
+    assert "image name '../x.jpg' is not a file name inside" in line
+    assert not run_dir.exists()
+
+
+def test_predict_without_a_checkpoint_is_a_config_error(tmp_path):
+    root, _ = make_ships_tree(tmp_path / "ships")
+    config = tiny_config(
+        dataset=f"ships:{root}", mode="predict", predict_csv=f"{root}/test.csv", model_dir="x"
+    )
+    with pytest.raises(ConfigError, match=r"has no checkpoint in .*train first with --mode=train"):
+        predict.predict(config, str(tmp_path / "empty"))
+
+
+def test_predict_with_another_model_is_a_config_error(tmp_path):
+    root, _ = make_ships_tree(tmp_path / "ships")
+    run_dir = str(tmp_path / "run")
+    train = tiny_config(dataset=f"ships:{root}", batch_size=8, train_steps=1, eval_batch_size=8)
+    loop.train_and_evaluate(train, run_dir)
+    config = train.replace(
+        mode="predict", predict_csv=f"{root}/test.csv", model_dir=run_dir, model="small_resnet"
+    )
+    with pytest.raises(ConfigError, match="does not fit --model=small_resnet"):
+        predict.predict(config, run_dir)
+    assert not os.path.exists(os.path.join(run_dir, "predictions.csv"))
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        (dict(mode="predict", dataset="shapes"), "use --dataset=ships:PATH"),
+        (dict(mode="predict", dataset="ships:x", model_dir="r"), "needs --predict_csv"),
+        (dict(eval_fraction=1.0), "--eval_fraction must be between 0 and 1"),
+        (dict(dataset="folder:"), "--dataset=folder: needs a name or path"),
+        (dict(cache="/no/such/dir/c"), "--cache=/no/such/dir/c: folder /no/such/dir"),
+    ],
+)
+def test_real_data_flags_are_validated(changes, expected):
+    with pytest.raises(ConfigError, match=expected):
+        Config(**changes)
+
+
+def test_class_weights_multiply_each_example_loss():
+    model = create_model("tiny", 3, 8)
+    optimizer = keras.optimizers.SGD(learning_rate=0.0)  # weights never change between calls
+    optimizer.build(model.trainable_variables)
+    images = tf.random.stateless_uniform([6, 8, 8, 3], [1, 2])
+    labels = tf.constant([0, 0, 1, 1, 2, 2])
+
+    def loss(weights):
+        step = create_train_step(model, optimizer, NoOpLossScale(), 6, class_weights=weights)
+        return float(step(images, labels)["loss"])
+
+    plain = loss(None)
+    np.testing.assert_allclose(loss((2.0, 2.0, 2.0)), 2 * plain, rtol=1e-5)
+    only_first = loss((1.0, 0.0, 0.0))
+    assert 0 < only_first < plain

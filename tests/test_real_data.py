@@ -1,0 +1,232 @@
+"""Real data: tfds (through tfds.load, mocked), folder and ships trees generated here."""
+
+import os
+import re
+from unittest import mock
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import read_scalars, tiny_config
+from image_trees import COLOURS, corrupt, make_folder_tree, make_ships_tree, truncate, write_csv
+
+from engine import loop
+from input_pipeline import DataError, create_data, preprocessing
+
+
+def _eval_arrays(data):
+    pairs = [(x.numpy(), y.numpy()) for x, y in data.eval_fn()]
+    return np.concatenate([x for x, _ in pairs]), np.concatenate([y for _, y in pairs])
+
+
+def _colour_class(images):
+    """Index into COLOURS of the colour nearest each image's mean (images in [-1, 1])."""
+    mean = (images.mean(axis=(1, 2)) + 1.0) * 127.5
+    distances = np.linalg.norm(mean[:, None, :] - np.array(COLOURS)[None], axis=-1)
+    return distances.argmin(-1)
+
+
+def _real_config(dataset, **overrides):
+    return tiny_config(dataset=dataset, batch_size=8, eval_batch_size=8, **overrides)
+
+
+# --- tfds -----------------------------------------------------------------
+
+
+def test_tfds_reads_through_tfds_load_and_the_shared_preprocessing(tmp_path):
+    import tensorflow_datasets as tfds
+
+    # mock_data replaces only TFDS' reading and preparation; tfds.builder, tfds.load,
+    # the split and decoder handling and our pipeline run for real. download=True
+    # because a mocked data set is never "prepared" on disk (mock_data makes
+    # download_and_prepare a no-op, so nothing touches the network).
+    config = _real_config("tfds:mnist", data_dir=str(tmp_path), download=True)
+    with tfds.testing.mock_data(num_examples=24):
+        data = create_data(config)
+        batch, labels = next(iter(data.train_fn()))
+        images, eval_labels = _eval_arrays(data)
+    assert data.num_classes == 10 and data.class_names[:2] == ("0", "1")
+    assert data.train_size == 24 and data.eval_size == 24
+    assert batch.shape == (8, 16, 16, 3) and batch.dtype == tf.float32
+    assert labels.dtype == tf.int32
+    assert images.shape == (24, 16, 16, 3) and len(eval_labels) == 24
+    assert images.min() >= -1.0 and images.max() <= 1.0
+    # mnist is grayscale: after the RGB conversion all three channels are equal.
+    np.testing.assert_array_equal(images[..., 0], images[..., 2])
+
+
+def test_tfds_unprepared_without_download_says_how_to_prepare_and_never_downloads(tmp_path):
+    import tensorflow_datasets as tfds
+
+    config = _real_config("tfds:mnist", data_dir=str(tmp_path))
+    with (
+        mock.patch.object(
+            tfds.core.DatasetBuilder, "download_and_prepare", side_effect=AssertionError("net")
+        ) as download,
+        pytest.raises(DataError, match=r"'mnist' is not prepared in .*tfds build mnist"),
+    ):
+        create_data(config)
+    download.assert_not_called()
+
+
+def test_tfds_unknown_name_is_a_data_error():
+    with pytest.raises(DataError, match="TFDS has no data set called 'no_such_set_xyz'"):
+        create_data(_real_config("tfds:no_such_set_xyz"))
+
+
+# --- folder ---------------------------------------------------------------
+
+
+def test_folder_tree_with_an_eval_folder_keeps_every_label(tmp_path):
+    root = make_folder_tree(tmp_path, splits=("train", "val"), per_class=4)
+    data = create_data(_real_config(f"folder:{root}", augment=False))
+    assert data.class_names == ("green", "grey", "red")  # sorted folder names
+    assert (data.train_size, data.eval_size) == (12, 12)
+    images, labels = _eval_arrays(data)
+    colour_of_label = np.array([1, 4, 0])  # green, grey, red
+    np.testing.assert_array_equal(_colour_class(images), colour_of_label[labels])
+
+
+def test_folder_without_eval_folder_gets_a_deterministic_stratified_holdout(tmp_path):
+    root = make_folder_tree(tmp_path, per_class=10)
+    config = _real_config(f"folder:{root}", eval_fraction=0.2)
+    first, second = _eval_arrays(create_data(config)), _eval_arrays(create_data(config))
+    np.testing.assert_array_equal(first[1], second[1])
+    np.testing.assert_array_equal(first[0], second[0])
+    assert np.bincount(first[1]).tolist() == [2, 2, 2]  # 20% of each class
+    assert create_data(config).train_size == 24
+
+
+def test_training_batches_are_augmented_and_repeatable_with_deterministic(tmp_path):
+    root = make_folder_tree(tmp_path, per_class=6)
+    config = _real_config(f"folder:{root}", deterministic=True)
+
+    def batches(cfg):
+        return [x.numpy() for x, _ in create_data(cfg).train_fn().take(3)]
+
+    a, b, c = batches(config), batches(config), batches(config.replace(seed=1))
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
+    assert a[0].shape == (8, 16, 16, 3)
+
+
+def test_per_replica_sharding_halves_the_batch(tmp_path):
+    root = make_folder_tree(tmp_path, per_class=6)
+    data = create_data(_real_config(f"folder:{root}"))
+    contexts = [tf.distribute.InputContext(2, i, 2) for i in range(2)]
+    assert data.train_fn(contexts[1]).element_spec[0].shape == (4, 16, 16, 3)
+    shards = [np.concatenate([x.numpy() for x, _ in data.eval_fn(c)]) for c in contexts]
+    assert len(shards[0]) + len(shards[1]) == data.eval_size == 3
+    assert not any(np.array_equal(a, b) for a in shards[0] for b in shards[1])
+
+
+def test_file_cache_is_written_under_the_given_prefix(tmp_path):
+    root = make_folder_tree(tmp_path / "data", per_class=4)
+    prefix = tmp_path / "cache" / "imgs"
+    prefix.parent.mkdir()
+    data = create_data(_real_config(f"folder:{root}", cache=str(prefix)))
+    list(data.eval_fn())
+    assert [p.name for p in prefix.parent.glob("imgs-*.index")]
+
+
+def test_empty_class_folder_is_an_error_naming_it(tmp_path):
+    root = make_folder_tree(tmp_path, per_class=3)
+    os.makedirs(tmp_path / "train" / "blue")
+    with pytest.raises(DataError, match=r"class folder .*train/blue has no .jpg/.jpeg/.png"):
+        create_data(_real_config(f"folder:{root}"))
+
+
+def test_empty_split_is_an_error(tmp_path):
+    os.makedirs(tmp_path / "train")
+    with pytest.raises(DataError, match=r"train has no class folders"):
+        create_data(_real_config(f"folder:{tmp_path}"))
+
+
+def test_missing_train_split_is_an_error(tmp_path):
+    with pytest.raises(DataError, match=r"train is not a folder"):
+        create_data(_real_config(f"folder:{tmp_path}"))
+
+
+@pytest.mark.parametrize("damage", [corrupt, truncate], ids=["corrupt", "truncated"])
+def test_undecodable_image_stops_the_run_naming_the_file(tmp_path, damage):
+    root = make_folder_tree(tmp_path, per_class=4)
+    bad = tmp_path / "train" / "red" / "img0_0.jpg"
+    damage(str(bad))
+    with pytest.raises(DataError, match=f"cannot decode image {bad}.*--skip_bad_images"):
+        create_data(_real_config(f"folder:{root}"))
+
+
+def test_skip_bad_images_counts_and_logs_the_skips(tmp_path):
+    root = make_folder_tree(tmp_path / "data", per_class=6)
+    corrupt(str(tmp_path / "data" / "train" / "red" / "img0_0.jpg"))
+    truncate(str(tmp_path / "data" / "train" / "grey" / "img0_3.jpg"))
+    config = _real_config(f"folder:{root}", skip_bad_images=True, train_steps=2)
+    result = loop.train_and_evaluate(config, str(tmp_path / "run"))
+    assert result.steps == 2
+    assert read_scalars(tmp_path / "run")["data/skipped_images"] == [(0, 2.0)]
+    assert create_data(config).train_size + create_data(config).eval_size == 16
+
+
+# --- ships ----------------------------------------------------------------
+
+
+def test_ships_layout_maps_categories_to_labels_and_splits_by_class(tmp_path):
+    root, rows = make_ships_tree(tmp_path)
+    data = create_data(_real_config(f"ships:{root}", augment=False, eval_fraction=0.25))
+    assert data.class_names == ("Cargo", "Military", "Carrier", "Cruise", "Tankers")
+    assert data.train_size + data.eval_size == len(rows) == 30
+    images, labels = _eval_arrays(data)
+    assert sorted(set(labels.tolist())) == [0, 1, 2, 3, 4]  # every class held out
+    np.testing.assert_array_equal(_colour_class(images), labels)  # category i+1 has colour i
+
+
+def test_class_weighting_gives_rare_classes_larger_weights(tmp_path):
+    root, _ = make_ships_tree(tmp_path, per_class=(12, 4, 4, 4, 4))
+    data = create_data(_real_config(f"ships:{root}", class_weighting=True))
+    weights = np.array(data.class_weights)
+    assert weights.shape == (5,) and weights[0] < 1.0 < weights[1]
+    np.testing.assert_allclose(weights[1:], weights[1])
+    assert create_data(_real_config(f"ships:{root}")).class_weights is None
+
+
+def _ships_error(tmp_path, rows, header=("image", "category")):
+    root, _ = make_ships_tree(tmp_path)
+    write_csv(os.path.join(root, "train", "train.csv"), header, rows)
+    with pytest.raises(DataError) as info:
+        create_data(_real_config(f"ships:{root}"))
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    "rows, expected",
+    [
+        ([("0.jpg", 1), ("missing.jpg", 2)], r"line 3: image 'missing.jpg' does not exist"),
+        ([("../x.jpg", 1)], r"line 2: image name '../x.jpg' is not a file name inside"),
+        ([("/etc/passwd", 1)], r"line 2: image name '/etc/passwd' is not a file name inside"),
+        ([("0.jpg", 7)], r"line 2: unknown category '7'; categories are 1 = Cargo"),
+        ([("0.jpg", 0)], r"unknown category '0'"),
+        ([("0.jpg", "ship")], r"unknown category 'ship'"),
+        ([("0.jpg", 1), ("0.jpg", 2)], r"line 3: image '0.jpg' is listed twice"),
+        ([], r"train.csv has no rows; the train split is empty"),
+    ],
+    ids=["missing", "dotdot", "absolute", "category7", "category0", "text", "twice", "empty"],
+)
+def test_bad_ships_csv_rows_are_errors_naming_the_line(tmp_path, rows, expected):
+    message = _ships_error(tmp_path, rows)
+    assert "\n" not in message
+    assert re.search(expected, message), message
+
+
+def test_ships_csv_with_a_missing_column_is_an_error(tmp_path):
+    message = _ships_error(tmp_path, [("0.jpg",)], header=("image",))
+    assert "lacks column(s) category" in message and "image,category" in message
+
+
+def test_class_names_and_counts_are_logged(tmp_path):
+    root, _ = make_ships_tree(tmp_path, per_class=(8, 6, 5, 4, 7))
+    with mock.patch.object(preprocessing.logging, "info") as info:
+        create_data(_real_config(f"ships:{root}"))
+    lines = [call.args[0] % call.args[1:] for call in info.call_args_list]
+    train_line = next(line for line in lines if " train: " in line)
+    assert "Cargo 7, Military 5, Carrier 4, Cruise 3, Tankers 6" in train_line
