@@ -125,6 +125,34 @@ flags.DEFINE_string(
     "START,END: write a TensorBoard profile trace of those training steps.",
 )
 
+# --- TensorBoard and diagnostics (issue 6) ---
+flags.DEFINE_integer(
+    "summary_every",
+    C.summary_every,
+    "Steps between scalar summaries (loops are shortened to end on them); 0 = every loop.",
+)
+flags.DEFINE_integer(
+    "histogram_every",
+    C.histogram_every,
+    "Steps between weight and unscaled-gradient histograms; 0 = off.",
+)
+flags.DEFINE_bool(
+    "precision_diagnostics",
+    C.precision_diagnostics,
+    "Log the fractions of gradient values float16 would underflow (unscaled) or overflow "
+    "(at the current scale); costs a pass over the gradients each step.",
+)
+flags.DEFINE_string(
+    "compare",
+    C.compare,
+    "For --mode=compare: comma-separated PRECISION or PRECISION+xla, one run each.",
+)
+flags.DEFINE_string(
+    "inject_nonfinite",
+    C.inject_nonfinite,
+    "Testing: STEPS@VARIABLE_SUBSTRING, e.g. 3,5@conv makes those gradients nan at steps 3, 5.",
+)
+
 FLAGS = flags.FLAGS
 
 

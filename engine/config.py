@@ -15,6 +15,7 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
 BUILTIN_DATASETS = ("shapes", "synthetic")
 DATASET_PREFIXES = ("tfds:", "folder:", "ships:")
+DEFAULT_COMPARE = "fp32,fp32+xla,mixed,mixed+xla,mixed_bf16,mixed_bf16+xla"
 
 
 class ConfigError(ValueError):
@@ -69,6 +70,12 @@ class Config:
     benchmark_steps: int = 0  # steps per repeat (the first loop untimed); 0 = 3 x steps_per_loop
     benchmark_json: str = ""  # also write the results here
     profile_steps: str = ""  # "START,END": TensorBoard profile trace of those steps
+    # --- TensorBoard and diagnostics (issue 6) ---
+    summary_every: int = 0  # steps between scalar writes; 0 = after every loop
+    histogram_every: int = 0  # steps between weight/gradient histograms; 0 = off
+    precision_diagnostics: bool = False  # float16 underflow/overflow fractions
+    compare: str = DEFAULT_COMPARE  # configurations run by --mode=compare
+    inject_nonfinite: str = ""  # tests: "STEPS@VARIABLE_SUBSTRING", e.g. "3,5@conv"
 
     def __post_init__(self):
         _check_choice("mode", self.mode, MODES)
@@ -129,6 +136,7 @@ class Config:
                 f"{self.min_scale}, {self.initial_scale}, {self.max_scale}"
             )
         self._check_real_data()
+        self._check_tensorboard_fields()
 
     def _check_real_data(self):
         for prefix in DATASET_PREFIXES:
@@ -155,6 +163,15 @@ class Config:
             if not self.model_dir:
                 raise ConfigError("--mode=predict needs --model_dir of a trained run")
 
+    def _check_tensorboard_fields(self):
+        for name in ("summary_every", "histogram_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(
+                    f"--{name} must be an integer >= 0 (0 = off), got {getattr(self, name)}"
+                )
+        parse_compare(self.compare)
+        parse_inject_nonfinite(self.inject_nonfinite)
+
     def replace(self, **changes):
         """A validated copy with `changes` applied."""
         return dataclasses.replace(self, **changes)
@@ -170,9 +187,72 @@ def _check_positive_int(name, value):
         raise ConfigError(f"--{name} must be a positive integer, got {value}")
 
 
+def parse_compare(spec):
+    """`--compare` as a tuple of (precision, xla) pairs, e.g. "fp32,mixed+xla".
+
+    Raises:
+      ConfigError: an entry is not PRECISION or PRECISION+xla, or repeats.
+    """
+    pairs = []
+    for entry in spec.split(","):
+        precision, plus, suffix = entry.strip().partition("+")
+        if precision not in PRECISIONS or (plus and suffix != "xla"):
+            raise ConfigError(
+                f"--compare entry {entry.strip()!r} is not PRECISION or PRECISION+xla "
+                f"(PRECISION one of {', '.join(PRECISIONS)}), e.g. --compare=fp32,mixed+xla"
+            )
+        pairs.append((precision, bool(plus)))
+    if len(set(pairs)) != len(pairs):
+        raise ConfigError(f"--compare={spec!r} lists a configuration twice")
+    return tuple(pairs)
+
+
+def parse_inject_nonfinite(spec):
+    """`--inject_nonfinite` as (steps, variable_substring); None when empty.
+
+    "3,5@conv" makes the gradient of every variable whose path contains "conv"
+    nan at global steps 3 and 5 (the first step is step 1).
+
+    Raises:
+      ConfigError: the spec is not STEPS@VARIABLE_SUBSTRING with positive steps.
+    """
+    if not spec:
+        return None
+    steps, at, substring = spec.partition("@")
+    try:
+        numbers = tuple(int(s) for s in steps.split(","))
+    except ValueError:
+        numbers = ()
+    if not at or not substring or not numbers or min(numbers) < 1:
+        raise ConfigError(
+            f"--inject_nonfinite={spec!r} must look like STEPS@VARIABLE_SUBSTRING "
+            "with steps >= 1, e.g. 3,5@conv"
+        )
+    return numbers, substring
+
+
+def to_flagfile(config):
+    """The flags that rebuild `config` exactly, one per line (for `--flagfile`)."""
+    lines = []
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, bool):
+            lines.append(f"--{field.name}" if value else f"--no{field.name}")
+        else:
+            # repr keeps every digit of a float, so the value round-trips exactly.
+            lines.append(
+                f"--{field.name}={value!r}"
+                if isinstance(value, float)
+                else f"--{field.name}={value}"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def default_model_dir(config):
-    """A fresh folder under runs/ named for the time and the precision."""
+    """A fresh folder under runs/ named for the time and the precision (or `compare`)."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    if config.mode == "compare":
+        return os.path.join("runs", f"{stamp}-compare")
     return os.path.join("runs", f"{stamp}-{config.precision}{'-xla' if config.xla else ''}")
 
 

@@ -17,7 +17,8 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from engine import checkpointing, optimizers, summaries
+from engine import checkpointing, diagnostics, optimizers, summaries
+from engine import config as config_lib
 from engine.loss_scale import create_loss_scale
 from engine.precision import get_policy, slow_combination_warning
 from engine.profiling import StepProfiler
@@ -65,8 +66,11 @@ class LoopStats(tf.Module):
         ]
 
 
-def create_train_loop(strategy, train_step, state, stats, jit_compile):
-    """Returns `train_loop(iterator, num_steps)`, one `tf.function` running many steps."""
+def create_train_loop(strategy, train_step, state, stats, jit_compile, monitor=None):
+    """Returns `train_loop(iterator, num_steps)`, one `tf.function` running many steps.
+
+    `monitor` (a `diagnostics.StepMonitor`) records non-finite steps in the graph.
+    """
     step_fn = tf.function(train_step, jit_compile=jit_compile)
     sum_ = tf.distribute.ReduceOp.SUM
 
@@ -74,11 +78,15 @@ def create_train_loop(strategy, train_step, state, stats, jit_compile):
     def train_loop(iterator, num_steps):
         for _ in tf.range(num_steps):
             images, labels = next(iterator)
-            out = strategy.run(step_fn, args=(images, labels))
+            # `step` is the global step once this step is done (the first is 1).
+            out = strategy.run(step_fn, args=(images, labels, state.step + 1))
             # Every replica took the same decision on the same reduced gradients.
             finite = strategy.experimental_local_results(out["finite"])[0]
             grad_norm = strategy.experimental_local_results(out["grad_norm"])[0]
             state.step.assign_add(1)
+            if monitor is not None:
+                first = strategy.experimental_local_results
+                monitor.record(state.step, {k: first(v)[0] for k, v in out.items()})
             state.skipped_steps.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
             stats.steps.assign_add(1)
             stats.loss.assign_add(strategy.reduce(sum_, out["loss"], axis=None))
@@ -163,6 +171,7 @@ def _loop_values(state, stats, seconds, batch_size):
     s = stats.read_and_reset()
     steps = max(int(s["steps"]), 1)
     return {
+        "train/skip_rate": 1.0 - float(s["finite_steps"]) / steps,
         "train/loss": float(s["loss"]) / steps,
         "train/accuracy": float(s["correct"]) / (steps * batch_size),
         "train/grad_norm": float(s["grad_norm"]) / max(int(s["finite_steps"]), 1),
@@ -185,6 +194,10 @@ def train_and_evaluate(config, model_dir):
     data = create_data(config)
     state = build_state(config, data, strategy)
     stats = LoopStats()
+    trainable = state.model.trainable_variables
+    monitor = diagnostics.StepMonitor(
+        [v.path for v in trainable], precision_diagnostics=config.precision_diagnostics
+    )
     train_step = create_train_step(
         state.model,
         state.optimizer,
@@ -192,14 +205,23 @@ def train_and_evaluate(config, model_dir):
         config.batch_size,
         config.clip_norm,
         class_weights=data.class_weights,
+        precision_diagnostics=config.precision_diagnostics,
+        inject=config_lib.parse_inject_nonfinite(config.inject_nonfinite),
     )
-    train_loop = create_train_loop(strategy, train_step, state, stats, config.xla)
+    train_loop = create_train_loop(strategy, train_step, state, stats, config.xla, monitor)
     eval_loop = create_eval_loop(strategy, create_eval_step(state.model), config.xla)
     iterator = iter(strategy.distribute_datasets_from_function(data.train_fn))
     eval_data = strategy.distribute_datasets_from_function(data.eval_fn)
     writer = summaries.SummaryWriter(model_dir)
     profiler = StepProfiler(config.profile_steps, model_dir)
     writer.scalars(0, {"data/skipped_images": data.skipped_images})
+    resolved = config.replace(model_dir=model_dir)
+    summaries.write_flagfile(resolved, model_dir)
+    summaries.write_run_start(writer, resolved, device_type())
+    # One fixed batch: shown as images now, and the batch the gradient histograms use.
+    shown_images, shown_labels = next(iter(data.train_fn(None)))
+    writer.images(0, "input/train_batch", summaries.as_displayable(shown_images))
+    probe = diagnostics.create_gradient_probe(state.model, state.loss_scale)
 
     total = total_train_steps(config, data)
     per_epoch = steps_per_epoch(config, data)
@@ -218,31 +240,41 @@ def train_and_evaluate(config, model_dir):
     train_seconds = 0.0
     values, eval_loss, eval_acc = {}, float("nan"), float("nan")
     step = int(state.step.numpy())
+    interval_seconds = 0.0  # loop time since the last scalar write
     while step < total:
         # The first call runs one step, so tracing and compilation are timed alone.
         n = 1 if first_step_seconds is None else config.steps_per_loop
-        n = profiler.clip(step, min(n, total - step, per_epoch - step % per_epoch))
+        n = min(n, total - step, per_epoch - step % per_epoch)
+        n = profiler.clip(step, _align(n, step, config.summary_every, config.histogram_every))
         profiler.before_loop(step)
         t0 = time.perf_counter()
         train_loop(iterator, tf.constant(n, tf.int32))
-        values = _loop_values(state, stats, time.perf_counter() - t0, config.batch_size)
-        seconds = time.perf_counter() - t0
-        if first_step_seconds is None:
-            first_step_seconds = seconds
-            values["train/first_step_seconds"] = seconds
-        else:
-            train_seconds += seconds
+        interval_seconds += time.perf_counter() - t0
         step = int(state.step.numpy())
         profiler.after_loop(step)
-        writer.scalars(step, values)
-        rate = values["train/steps_per_sec"]
-        summaries.log_progress(step, total, values, (total - step) / max(rate, 1e-9))
+        if _summary_due(step, total, config.summary_every, first_step_seconds is None):
+            values = _loop_values(state, stats, interval_seconds, config.batch_size)
+            readout = monitor.read_and_reset()
+            values.update(readout.scalars)
+            seconds = time.perf_counter() - t0
+            if first_step_seconds is None:
+                first_step_seconds = seconds
+                values["train/first_step_seconds"] = seconds
+            else:
+                train_seconds += interval_seconds
+            interval_seconds = 0.0
+            writer.scalars(step, values)
+            summaries.report_nonfinite(writer, readout)
+            rate = values["train/steps_per_sec"]
+            summaries.log_progress(step, total, values, (total - step) / max(rate, 1e-9))
+        if config.histogram_every and step % config.histogram_every == 0:
+            grads = probe(shown_images, shown_labels)
+            writer.histograms(step, summaries.weight_and_gradient_histograms(trainable, grads))
         if step % per_epoch == 0 or step == total:
             eval_loss, eval_acc = (float(v) for v in eval_loop(eval_data))
             writer.scalars(step, {"eval/loss": eval_loss, "eval/accuracy": eval_acc})
             logging.info("eval at step %d: loss %.4f accuracy %.4f", step, eval_loss, eval_acc)
     profiler.stop()
-    writer.close()
     manager = checkpointing.create_manager(checkpointing.create_checkpoint(state), model_dir)
     manager.save(checkpoint_number=step)
     timed_steps = max(step - 1, 1)
@@ -269,4 +301,20 @@ def train_and_evaluate(config, model_dir):
         result.eval_accuracy,
         result.loss_scale,
     )
+    summaries.write_final_metrics(writer, step, result)
+    writer.close()
     return result
+
+
+def _align(n, step, *every):
+    """Shortens a loop of `n` steps so it ends on the next multiple of each `every` (0 = off)."""
+    for e in every:
+        if e:
+            n = min(n, e - step % e)
+    return n
+
+
+def _summary_due(step, total, summary_every, first_loop):
+    if first_loop or not summary_every or step == total:
+        return True
+    return step % summary_every == 0

@@ -1,7 +1,7 @@
 """The engine's entry point: `run(config)`."""
 
+from engine import compare, loop, predict
 from engine import config as config_lib
-from engine import loop, predict
 from input_pipeline.preprocessing import DataError
 
 
@@ -10,15 +10,21 @@ class UserError(Exception):
 
 
 def run(config):
-    """Trains and evaluates `config` (a `loop.RunResult`), or predicts (the CSV's path)."""
+    """Runs `config.mode` and returns what it produced.
+
+    train: a `loop.RunResult`; predict: the CSV's path; compare: [(run name,
+    `loop.RunResult`)], one per `--compare` entry; benchmark: the results dict.
+    """
     model_dir = config.model_dir or config_lib.default_model_dir(config)
     if config.mode == "benchmark":
         from engine import benchmark
 
         return benchmark.run_benchmark(config)
-    entry_points = {"train": loop.train_and_evaluate, "predict": predict.predict}
-    if config.mode not in entry_points:
-        raise UserError(f"--mode={config.mode} is not available yet; use --mode=train")
+    entry_points = {
+        "train": loop.train_and_evaluate,
+        "predict": predict.predict,
+        "compare": compare.compare,
+    }
     try:
         return entry_points[config.mode](config, model_dir)
     except ValueError as e:

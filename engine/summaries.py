@@ -1,15 +1,33 @@
 """TensorBoard writing and the console line. Host-side only: never call from a step."""
 
+import dataclasses
 import datetime
+import os
 
+import keras
 import tensorflow as tf
 from absl import logging
+from tensorboard.plugins.hparams import api as hp
+
+from engine import config as config_lib
+
+# The run's final numbers, written once at the end: the HParams dashboard's metrics.
+FINAL_METRICS = (
+    ("final/eval_accuracy", "eval accuracy"),
+    ("final/examples_per_sec", "examples/s"),
+    ("final/skipped_steps", "skipped steps"),
+    ("final/train_seconds", "training time (s)"),
+)
+# Flags that name places, not settings: left out of the HParams table.
+_NOT_HPARAMS = ("model_dir", "compare")
+FLAGFILE = "flags.txt"
 
 
 class SummaryWriter:
     """One event-file writer under `--model_dir`; tags carry their `train/` or `eval/` prefix."""
 
     def __init__(self, logdir):
+        self.logdir = logdir
         self._writer = tf.summary.create_file_writer(logdir)
 
     def scalars(self, step, values):
@@ -20,6 +38,25 @@ class SummaryWriter:
     def text(self, step, tag, markdown):
         with self._writer.as_default(step=step):
             tf.summary.text(tag, markdown)
+
+    def histograms(self, step, values):
+        with self._writer.as_default(step=step):
+            for tag, value in values.items():
+                tf.summary.histogram(tag, value)
+
+    def images(self, step, tag, images, max_outputs=8):
+        with self._writer.as_default(step=step):
+            tf.summary.image(tag, images, max_outputs=max_outputs)
+
+    def hparams(self, config):
+        """The run's flags for the HParams dashboard, and the dashboard's layout."""
+        values = hparams_of(config)
+        with self._writer.as_default(step=0):
+            hp.hparams_config(
+                hparams=[hp.HParam(name, _domain(name, value)) for name, value in values.items()],
+                metrics=[hp.Metric(tag, display_name=name) for tag, name in FINAL_METRICS],
+            )
+            hp.hparams(values, trial_id=os.path.basename(os.path.normpath(self.logdir)))
 
     def flush(self):
         self._writer.flush()
@@ -45,4 +82,116 @@ def log_progress(step, total_steps, values, eta_seconds):
         values["train/examples_per_sec"],
         values["train/learning_rate"],
         format_eta(eta_seconds),
+    )
+
+
+# The same domains for every run, so runs started apart agree on the dashboard's
+# layout (the plugin takes the layout from any one run under the logdir).
+_CHOICES = {
+    "mode": config_lib.MODES,
+    "precision": config_lib.PRECISIONS,
+    "model": config_lib.MODELS,
+    "optimizer": config_lib.OPTIMIZERS,
+    "lr_schedule": config_lib.LR_SCHEDULES,
+}
+
+
+def _domain(name, value):
+    if name in _CHOICES:
+        return hp.Discrete(list(_CHOICES[name]))
+    if isinstance(value, bool):
+        return hp.Discrete([False, True])
+    if isinstance(value, int):
+        return hp.IntInterval(0, 2**31 - 1)
+    if isinstance(value, float):
+        return hp.RealInterval(0.0, float("inf"))
+    return None  # free-form strings (dataset, loss_scale): the plugin shows them as text
+
+
+def hparams_of(config):
+    return {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if f.name not in _NOT_HPARAMS
+    }
+
+
+def markdown_table(header, rows):
+    """A Markdown table (TensorBoard's text dashboard renders it)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def environment(config, device):
+    return {
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "device": device,
+        "precision": config.precision,
+        "xla": config.xla,
+    }
+
+
+def write_run_start(writer, config, device):
+    """Step 0: the resolved configuration, the environment and the HParams entry."""
+    fields = [(f.name, getattr(config, f.name)) for f in dataclasses.fields(config)]
+    writer.text(0, "run/config", markdown_table(["flag", "value"], fields))
+    env = environment(config, device)
+    writer.text(0, "run/environment", markdown_table(["component", "value"], env.items()))
+    writer.hparams(config)
+
+
+def write_flagfile(config, model_dir):
+    """`<model_dir>/flags.txt`: `python main.py --flagfile=<it>` repeats the run."""
+    os.makedirs(model_dir, exist_ok=True)
+    path = os.path.join(model_dir, FLAGFILE)
+    with open(path, "w") as f:
+        f.write(config_lib.to_flagfile(config))
+    return path
+
+
+def as_displayable(images):
+    """Min-max to [0, 1] per batch, so any pipeline's normalisation shows."""
+    images = tf.cast(images, tf.float32)
+    low, high = tf.reduce_min(images), tf.reduce_max(images)
+    return (images - low) / tf.maximum(high - low, 1e-6)
+
+
+def report_nonfinite(writer, readout):
+    """`train/nonfinite_events` at each recorded step, and which gradients were bad."""
+    for step, names in readout.events:
+        writer.scalars(step, {"train/nonfinite_events": 1.0})
+        listed = ", ".join(names)
+        writer.text(
+            step,
+            "train/nonfinite_variables",
+            f"step {step}: non-finite gradients in " + ", ".join(f"`{n}`" for n in names),
+        )
+        logging.warning("step %d skipped: non-finite gradients in %s", step, listed)
+    if readout.dropped:
+        logging.warning(
+            "%d more non-finite steps since the last summary are not itemised", readout.dropped
+        )
+
+
+def weight_and_gradient_histograms(variables, grads):
+    """{tag: tensor} for `--histogram_every`: `weights/<path>` and `gradients/<path>`."""
+    values = {}
+    for var, grad in zip(variables, grads, strict=True):
+        values[f"weights/{var.path}"] = var.value
+        values[f"gradients/{var.path}"] = grad
+    return values
+
+
+def write_final_metrics(writer, step, result):
+    """The numbers the HParams dashboard shows per run (see `FINAL_METRICS`)."""
+    writer.scalars(
+        step,
+        {
+            "final/eval_accuracy": result.eval_accuracy,
+            "final/examples_per_sec": result.examples_per_sec,
+            "final/skipped_steps": result.skipped_steps,
+            "final/train_seconds": result.train_seconds,
+        },
     )

@@ -25,6 +25,9 @@ What a skipped step does to the counters (and is tested):
 import keras
 import tensorflow as tf
 
+from engine import config as config_lib
+from engine import diagnostics
+
 
 def _sum_over_replicas(grads):
     ctx = tf.distribute.get_replica_context()
@@ -75,10 +78,48 @@ def apply_scaled_gradients(
     return finite, grad_norm, finite_per_variable
 
 
+def inject_nonfinite(grads, variables, step, steps, substring):
+    """Test hook: nan gradients for variables whose path contains `substring`, at `steps`.
+
+    Done in the graph on the scaled gradients, so the rest of the step sees
+    exactly what a real overflow would give it.
+
+    Args:
+      grads: one gradient per variable.
+      variables: the variables, to match their `path` (Keras 3) against `substring`.
+      step: int64 scalar, the global step this step will have once done (1-based).
+      steps: the global steps to poison.
+      substring: which variables to poison.
+
+    Raises:
+      ConfigError: no variable's path contains `substring`.
+    """
+    names = [v.path for v in variables]
+    if not any(substring in n for n in names):
+        raise config_lib.ConfigError(
+            f"--inject_nonfinite: no trainable variable's path contains {substring!r}; "
+            f"some paths: {', '.join(names[:4])}"
+        )
+    hit = tf.reduce_any(tf.equal(tf.cast(step, tf.int64), tf.constant(steps, tf.int64)))
+    return [
+        tf.where(hit, tf.fill(tf.shape(g), tf.constant(float("nan"), g.dtype)), g)
+        if substring in name
+        else g
+        for g, name in zip(grads, names, strict=True)
+    ]
+
+
 def create_train_step(
-    model, optimizer, loss_scale, global_batch_size, clip_norm=0.0, class_weights=None
+    model,
+    optimizer,
+    loss_scale,
+    global_batch_size,
+    clip_norm=0.0,
+    class_weights=None,
+    precision_diagnostics=False,
+    inject=None,
 ):
-    """Returns `train_step(images, labels) -> dict of tensors`.
+    """Returns `train_step(images, labels, step=None) -> dict of tensors`.
 
     Args:
       model: a built Keras model producing float32 logits.
@@ -90,6 +131,10 @@ def create_train_step(
       clip_norm: clip the unscaled gradients to this global norm; 0 disables.
       class_weights: optional per-class loss weights (one float per class); each
         example's loss is multiplied by its class's weight.
+      precision_diagnostics: also return `underflow_fraction` and
+        `overflow_fraction` (see `diagnostics.float16_range_fractions`).
+      inject: optional (steps, variable_substring) for `inject_nonfinite`; the
+        step then needs `step`, its global step once done.
 
     The returned dict holds `loss` (this replica's share of the mean loss),
     `correct` (int32 count), `finite` (bool), `grad_norm` (unscaled, before
@@ -102,7 +147,7 @@ def create_train_step(
     if class_weights is not None:
         class_weights = tf.constant(class_weights, tf.float32)
 
-    def train_step(images, labels):
+    def train_step(images, labels, step=None):
         saved_state = [tf.identity(v.value) for v in stateful]
         with tf.GradientTape() as tape:
             logits = model(images, training=True)
@@ -114,6 +159,16 @@ def create_train_step(
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
             scaled_loss = loss_scale.scale(loss)
         scaled_grads = tape.gradient(scaled_loss, trainable)
+        if inject:
+            scaled_grads = inject_nonfinite(scaled_grads, trainable, step, *inject)
+
+        fractions = {}
+        if precision_diagnostics:
+            # Before `apply_scaled_gradients` updates the scale: measured against
+            # the scale this step used, on this replica's unscaled gradients.
+            fractions = diagnostics.float16_range_fractions(
+                loss_scale.unscale(scaled_grads), loss_scale.value
+            )
 
         def restore_state():
             for var, value in zip(stateful, saved_state, strict=True):
@@ -125,13 +180,15 @@ def create_train_step(
         correct = tf.reduce_sum(
             tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.int32)
         )
-        return {
+        out = {
             "loss": loss,
             "correct": correct,
             "finite": finite,
             "grad_norm": grad_norm,
             "finite_per_variable": finite_per_variable,
         }
+        out.update(fractions)
+        return out
 
     return train_step
 

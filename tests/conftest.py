@@ -18,8 +18,26 @@ def read_scalars(logdir):
     out = {}
     for tag in acc.Tags()["tensors"]:
         events = acc.Tensors(tag)
-        if events and events[0].tensor_proto.dtype != 7:  # 7 = DT_STRING (text summaries)
+        proto = events[0].tensor_proto if events else None
+        # Scalars only: text (DT_STRING = 7), histograms and images have a shape.
+        if proto is not None and proto.dtype != 7 and not proto.tensor_shape.dim:
             out[tag] = [(e.step, float(tf_make_ndarray(e.tensor_proto))) for e in events]
+    return out
+
+
+def read_texts(logdir):
+    """{tag: [(step, text), ...]} of the text summaries under `logdir`."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(str(logdir), size_guidance={"tensors": 0})
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags()["tensors"]:
+        events = acc.Tensors(tag)
+        proto = events[0].tensor_proto if events else None
+        # Text is a scalar string; images are strings too, but a vector of them.
+        if proto is not None and proto.dtype == 7 and not proto.tensor_shape.dim:
+            out[tag] = [(e.step, tf_make_ndarray(e.tensor_proto).item().decode()) for e in events]
     return out
 
 

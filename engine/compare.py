@@ -1,0 +1,61 @@
+"""`--mode=compare`: one short job under several precision x XLA settings, side by side.
+
+Each configuration of `--compare` trains as its own run in `<model_dir>/<name>`
+(name `fp32`, `mixed-xla`, ...), so `tensorboard --logdir <model_dir>` overlays
+the curves and the HParams dashboard lines the runs up. The table of training
+time and final accuracy is printed and written as a text summary in
+`<model_dir>` itself.
+"""
+
+import os
+
+from engine import config as config_lib
+from engine import loop, summaries
+
+HEADER = (
+    "configuration",
+    "train time (s)",
+    "first step (s)",
+    "examples/s",
+    "skipped steps",
+    "final loss scale",
+    "eval accuracy",
+)
+
+
+def run_name(precision, xla):
+    return f"{precision}-xla" if xla else precision
+
+
+def table_rows(results):
+    """One row per (name, `loop.RunResult`), formatted for `HEADER`."""
+    return [
+        (
+            name,
+            f"{r.train_seconds:.1f}",
+            f"{r.first_step_seconds:.1f}",
+            f"{r.examples_per_sec:.0f}",
+            r.skipped_steps,
+            f"{r.loss_scale:g}",
+            f"{r.eval_accuracy:.4f}",
+        )
+        for name, r in results
+    ]
+
+
+def compare(config, model_dir):
+    """Trains `config` once per `--compare` entry; returns [(run name, RunResult)]."""
+    results = []
+    for precision, xla in config_lib.parse_compare(config.compare):
+        name = run_name(precision, xla)
+        run_config = config.replace(
+            mode="train", precision=precision, xla=xla, model_dir=os.path.join(model_dir, name)
+        )
+        results.append((name, loop.train_and_evaluate(run_config, run_config.model_dir)))
+    table = summaries.markdown_table(HEADER, table_rows(results))
+    # print, not logging: the table is the command's output, even at --verbosity=-1.
+    print(f"comparison of {len(results)} configurations under {model_dir}:\n{table}", flush=True)
+    writer = summaries.SummaryWriter(model_dir)
+    writer.text(0, "compare/table", table)
+    writer.close()
+    return results

@@ -1,0 +1,186 @@
+"""What a run shows in TensorBoard: read from the event files and from a real server."""
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from conftest import read_scalars, read_texts, tiny_config
+
+from engine import loop
+
+RUN = "mixed-xla"
+# Summaries every 3 steps (loops of at most 2): written at 1 (the first loop), 3, 6 and 7.
+# Steps 2 and 5 get nan gradients in the `logits` layer only.
+CONFIG = dict(
+    precision="mixed",
+    xla=True,
+    train_steps=7,
+    steps_per_loop=2,
+    summary_every=3,
+    histogram_every=3,
+    precision_diagnostics=True,
+    inject_nonfinite="2,5@logits",
+    lr_schedule="constant",
+)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short mixed + XLA run with injected non-finite steps, shared by this module."""
+    parent = tmp_path_factory.mktemp("logs")
+    config = tiny_config(**CONFIG, model_dir=str(parent / RUN))
+    result = loop.train_and_evaluate(config, config.model_dir)
+    return parent, config, result
+
+
+def test_injected_steps_show_as_skipped_and_as_events_at_their_steps(trained):
+    parent, _, result = trained
+    scalars = read_scalars(parent / RUN)
+    assert result.skipped_steps == 2
+    assert scalars["train/skipped_steps"] == [(1, 0.0), (3, 1.0), (6, 2.0), (7, 2.0)]
+    assert scalars["train/nonfinite_events"] == [(2, 1.0), (5, 1.0)]
+    assert [v for _, v in scalars["train/skip_rate"]] == pytest.approx([0.0, 0.5, 1 / 3, 0.0])
+    # Each skip halves the dynamic scale.
+    assert [v for _, v in scalars["train/loss_scale"]] == [2.0**15, 2.0**14, 2.0**13, 2.0**13]
+
+
+def test_the_injected_variables_are_named_at_their_steps(trained):
+    parent, _, _ = trained
+    texts = dict(read_texts(parent / RUN)["train/nonfinite_variables"])
+    assert sorted(texts) == [2, 5]
+    for text in texts.values():
+        assert "`logits/kernel`" in text and "`logits/bias`" in text
+        assert "conv" not in text
+
+
+def test_summary_every_aligns_the_loops_and_diagnostics_are_written(trained):
+    parent, _, _ = trained
+    scalars = read_scalars(parent / RUN)
+    assert [s for s, _ in scalars["train/loss"]] == [1, 3, 6, 7]
+    underflow = [v for _, v in scalars["train/fp16_underflow_fraction"]]
+    overflow = dict(scalars["train/fp16_overflow_fraction"])
+    assert len(underflow) == 4 and all(0.0 <= v <= 1.0 for v in underflow)
+    # Only the poisoned steps have out-of-range (nan) values.
+    assert overflow[1] == 0.0 and overflow[3] > 0.0
+
+
+def test_histograms_images_and_the_run_description_are_written(trained):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    parent, _, _ = trained
+    acc = event_accumulator.EventAccumulator(str(parent / RUN), size_guidance={"tensors": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["tensors"])
+    assert {"weights/conv/kernel", "gradients/conv/kernel", "input/train_batch"} <= tags
+    assert [e.step for e in acc.Tensors("gradients/logits/kernel")] == [3, 6]
+    texts = read_texts(parent / RUN)
+    assert "| precision | mixed |" in texts["run/config"][0][1]
+    environment = texts["run/environment"][0][1]
+    assert "| tensorflow |" in environment and "| xla | True |" in environment
+
+
+def test_saved_flagfile_reproduces_the_configuration(trained):
+    import main
+
+    parent, config, _ = trained
+    main.FLAGS.unparse_flags()
+    try:
+        main.FLAGS(["main.py", f"--flagfile={parent / RUN / 'flags.txt'}"])
+        assert main.config_from_flags() == config
+    finally:
+        main.FLAGS.unparse_flags()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# No proxy: the server is on localhost, whatever the environment says.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _get(url, body=None):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with _OPENER.open(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+@contextlib.contextmanager
+def _tensorboard(logdir, log_path):
+    port = _free_port()
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tensorboard.main",
+                f"--logdir={logdir}",
+                "--host=127.0.0.1",  # localhost only
+                f"--port={port}",
+                "--load_fast=false",  # the Python data server; no Rust binary needed
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield f"http://127.0.0.1:{port}", server
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def _wait_for_run(base, server, run, log_path, timeout=120):
+    """Polls /data/runs until `run` is listed; fails with the server's log otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            break
+        with contextlib.suppress(OSError, ValueError):
+            if run in _get(f"{base}/data/runs"):
+                return
+        time.sleep(0.5)
+    with open(log_path) as log:
+        pytest.fail(f"tensorboard did not list {run!r} in {timeout}s:\n{log.read()[-2000:]}")
+
+
+def test_tensorboard_serves_the_runs_scalars_and_hparams(trained, tmp_path):
+    parent, _, _ = trained
+    log_path = tmp_path / "tensorboard.log"
+    with _tensorboard(parent, log_path) as (base, server):
+        _wait_for_run(base, server, RUN, log_path)
+        tags = _get(f"{base}/data/plugin/scalars/tags")[RUN]
+        assert {"train/loss_scale", "train/skipped_steps", "train/nonfinite_events"} <= set(tags)
+        series = _get(f"{base}/data/plugin/scalars/scalars?run={RUN}&tag=train/skipped_steps")
+        assert [(step, value) for _, step, value in series] == [(1, 0), (3, 1), (6, 2), (7, 2)]
+        experiment = _get(f"{base}/data/plugin/hparams/experiment", {"experimentName": ""})
+        groups = _get(
+            f"{base}/data/plugin/hparams/session_groups",
+            {
+                "experimentName": "",
+                "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_RUNNING"],
+                "startIndex": 0,
+                "sliceSize": 10,
+            },
+        )["sessionGroups"]
+    columns = {h["name"] for h in experiment["hparamInfos"]}
+    assert {"precision", "xla", "model", "batch_size", "learning_rate"} <= columns
+    (group,) = groups
+    assert group["sessions"][0]["name"] == RUN
+    assert group["hparams"]["precision"] == "mixed" and group["hparams"]["xla"] is True
+    assert group["hparams"]["batch_size"] == 16
+    metrics = {m["name"]["tag"]: m["value"] for m in group["metricValues"]}
+    assert metrics["final/skipped_steps"] == 2
+    assert 0.0 <= metrics["final/eval_accuracy"] <= 1.0
+    assert metrics["final/examples_per_sec"] > 0
