@@ -51,6 +51,15 @@ class Config:
     train_examples: int = 4096  # size of the generated train split (shapes, synthetic)
     eval_examples: int = 1024
     eval_batch_size: int = 256
+    # --- checkpoints, resume, preemption, divergence, export (issue 4) ---
+    checkpoint_every: int = 250  # steps; 0 = only at the end and on SIGTERM/SIGINT
+    keep_checkpoints: int = 3
+    fresh: bool = False  # refuse a --model_dir that holds checkpoints, unless --overwrite
+    overwrite: bool = False  # with --fresh: delete <model_dir>/checkpoints first
+    max_consecutive_skips: int = 25  # more skipped steps in a row stop the run; 0 = no limit
+    export_dir: str = ""  # "" = no SavedModel export
+    deterministic: bool = False  # deterministic ops and input: bit-exact resume
+    inject_nonfinite: str = ""  # testing hook, see parse_inject_nonfinite
 
     def __post_init__(self):
         _check_choice("mode", self.mode, MODES)
@@ -98,6 +107,16 @@ class Config:
                 "need 0 < --min_scale <= --initial_scale <= --max_scale < inf, got "
                 f"{self.min_scale}, {self.initial_scale}, {self.max_scale}"
             )
+        self._validate_checkpointing()
+
+    def _validate_checkpointing(self):
+        for name in ("checkpoint_every", "max_consecutive_skips"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be an integer >= 0, got {getattr(self, name)}")
+        _check_positive_int("keep_checkpoints", self.keep_checkpoints)
+        if self.overwrite and not self.fresh:
+            raise ConfigError("--overwrite only applies together with --fresh; add --fresh")
+        parse_inject_nonfinite(self.inject_nonfinite)
 
     def replace(self, **changes):
         """A validated copy with `changes` applied."""
@@ -112,6 +131,34 @@ def _check_choice(name, value, choices):
 def _check_positive_int(name, value):
     if not isinstance(value, int) or value < 1:
         raise ConfigError(f"--{name} must be a positive integer, got {value}")
+
+
+def parse_inject_nonfinite(spec):
+    """Parses the `--inject_nonfinite` testing hook: "START[:STOP][@VARIABLE]".
+
+    The step that runs while the global step equals START (0-based: `3` poisons
+    the fourth step) up to STOP (exclusive; `5:` = from 5 on, `5:7` = 5 and 6)
+    gets nan gradients, for every variable or only those whose path contains
+    VARIABLE. "" disables the hook.
+
+    Returns:
+      None, or (start, stop or None, variable substring or "").
+    """
+    if not spec:
+        return None
+    steps, _, variable = spec.partition("@")
+    start, colon, stop = steps.partition(":")
+    try:
+        start = int(start)
+        stop = int(stop) if stop else None
+    except ValueError:
+        start = -1
+    if start < 0 or (stop is not None and stop <= start) or "@" in variable:
+        raise ConfigError(
+            f"--inject_nonfinite={spec!r} is not START[:STOP][@VARIABLE] with "
+            "0 <= START < STOP, e.g. 10, 10:20, 10: or 10:20@dense"
+        )
+    return start, stop if colon else start + 1, variable
 
 
 def default_model_dir(config):

@@ -1,7 +1,10 @@
 """The engine's entry point: `run(config)`."""
 
+from engine import checkpointing, loop
 from engine import config as config_lib
-from engine import loop
+from engine.guards import TrainingDiverged
+
+__all__ = ["TrainingDiverged", "UserError", "run"]
 
 
 class UserError(Exception):
@@ -15,6 +18,8 @@ def run(config):
         raise UserError(f"--mode={config.mode} is not available yet; use --mode=train")
     try:
         return loop.train_and_evaluate(config, model_dir)
+    except checkpointing.DamagedCheckpoints as e:
+        raise UserError(str(e)) from e
     except ValueError as e:
         if isinstance(e, config_lib.ConfigError):
             raise UserError(str(e)) from e

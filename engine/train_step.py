@@ -25,6 +25,8 @@ What a skipped step does to the counters (and is tested):
 import keras
 import tensorflow as tf
 
+from engine.config import ConfigError, parse_inject_nonfinite
+
 
 def _sum_over_replicas(grads):
     ctx = tf.distribute.get_replica_context()
@@ -75,7 +77,47 @@ def apply_scaled_gradients(
     return finite, grad_norm, finite_per_variable
 
 
-def create_train_step(model, optimizer, loss_scale, global_batch_size, clip_norm=0.0):
+def inject_nonfinite(grads, variables, global_step, spec):
+    """Testing hook: nan gradients at the global steps `spec` names, decided in the graph.
+
+    Args:
+      grads: gradients, one per variable.
+      variables: the variables they belong to.
+      global_step: the engine's step counter (the value before this step runs).
+      spec: an `--inject_nonfinite` string, "START[:STOP][@VARIABLE]" (see
+        `config.parse_inject_nonfinite`); "" returns `grads` unchanged.
+
+    Raises:
+      ConfigError: VARIABLE matches no variable's path.
+    """
+    parsed = parse_inject_nonfinite(spec)
+    if parsed is None:
+        return grads
+    start, stop, name = parsed
+    active = global_step >= start
+    if stop is not None:
+        active = tf.logical_and(active, global_step < stop)
+    paths = [getattr(v, "path", v.name) for v in variables]
+    if not any(name in p for p in paths):
+        raise ConfigError(f"--inject_nonfinite={spec!r}: no variable path contains {name!r}")
+
+    def poison(g):
+        return tf.where(active, tf.fill(tf.shape(g), tf.constant(float("nan"), g.dtype)), g)
+
+    return [
+        g if g is None or name not in p else poison(g) for g, p in zip(grads, paths, strict=True)
+    ]
+
+
+def create_train_step(
+    model,
+    optimizer,
+    loss_scale,
+    global_batch_size,
+    clip_norm=0.0,
+    global_step=None,
+    inject_nonfinite_spec="",
+):
     """Returns `train_step(images, labels) -> dict of tensors`.
 
     Args:
@@ -86,6 +128,8 @@ def create_train_step(model, optimizer, loss_scale, global_batch_size, clip_norm
         sum over a replica's examples divided by it, so summed replica
         gradients are the gradient of the global mean.
       clip_norm: clip the unscaled gradients to this global norm; 0 disables.
+      global_step: the engine's step variable; needed only by `inject_nonfinite_spec`.
+      inject_nonfinite_spec: the `--inject_nonfinite` testing hook ("" = off).
 
     The returned dict holds `loss` (this replica's share of the mean loss),
     `correct` (int32 count), `finite` (bool), `grad_norm` (unscaled, before
@@ -106,6 +150,10 @@ def create_train_step(model, optimizer, loss_scale, global_batch_size, clip_norm
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
             scaled_loss = loss_scale.scale(loss)
         scaled_grads = tape.gradient(scaled_loss, trainable)
+        if inject_nonfinite_spec:
+            scaled_grads = inject_nonfinite(
+                scaled_grads, trainable, global_step, inject_nonfinite_spec
+            )
 
         def restore_state():
             for var, value in zip(stateful, saved_state, strict=True):
