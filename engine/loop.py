@@ -274,7 +274,9 @@ def train_and_evaluate(config, model_dir):
     first_step_seconds = None
     train_seconds = 0.0
     values, eval_loss, eval_acc, eval_step = {}, float("nan"), float("nan"), None
-    step = int(state.step.numpy())
+    step = start_step = int(state.step.numpy())
+    if step >= total:
+        logging.info("already trained to step %d of %d: nothing to train", step, total)
     try:
         with guards.stop_on_signals() as stop:
             while step < total and not stop:
@@ -321,7 +323,7 @@ def train_and_evaluate(config, model_dir):
         if config.export_dir:
             export.export_saved_model(state.model, config.image_size, config.export_dir)
             logging.info("exported a float32 SavedModel to %s", config.export_dir)
-    timed_steps = max(step - 1, 1)
+    timed_steps = step - start_step - 1  # the first loop (one step) is timed apart
     result = RunResult(
         model_dir=model_dir,
         steps=step,
@@ -332,7 +334,7 @@ def train_and_evaluate(config, model_dir):
         eval_accuracy=eval_acc,
         train_seconds=time.perf_counter() - start,
         first_step_seconds=first_step_seconds or 0.0,
-        examples_per_sec=timed_steps * config.batch_size / max(train_seconds, 1e-9),
+        examples_per_sec=timed_steps * config.batch_size / train_seconds if train_seconds else 0.0,
         stopped_by=stop.signal_name or "",
     )
     if stop:

@@ -84,13 +84,14 @@ def test_more_skips_in_a_row_than_the_limit_stop_the_run():
     assert guards.divergence_message(_values(max_consecutive_skips=999), 40, True, 0) is None
 
 
-def test_first_signal_sets_the_stop_request_and_handlers_are_restored():
-    before = signal.getsignal(signal.SIGTERM)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_first_signal_sets_the_stop_request_and_handlers_are_restored(signum):
+    before = signal.getsignal(signum)
     with guards.stop_on_signals() as stop:
         assert not stop
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.signal_name == "SIGTERM"
-    assert signal.getsignal(signal.SIGTERM) == before
+        os.kill(os.getpid(), signum)
+        assert stop.signal_name == signal.Signals(signum).name
+    assert signal.getsignal(signum) == before
 
 
 @pytest.mark.parametrize(
