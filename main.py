@@ -92,7 +92,9 @@ flags.DEFINE_string(
     "cache", C.cache, "Cache decoded images: memory, a file-path prefix, or empty for none."
 )
 flags.DEFINE_bool(
-    "deterministic", C.deterministic, "Same batches every run (slower parallel input)."
+    "deterministic",
+    C.deterministic,
+    "Deterministic ops and input order: same batches every run, bit-exact resume (slower).",
 )
 flags.DEFINE_bool(
     "class_weighting", C.class_weighting, "Weight the loss by inverse class frequency."
@@ -150,7 +152,28 @@ flags.DEFINE_string(
 flags.DEFINE_string(
     "inject_nonfinite",
     C.inject_nonfinite,
-    "Testing: STEPS@VARIABLE_SUBSTRING, e.g. 3,5@conv makes those gradients nan at steps 3, 5.",
+    "Testing: STEPS[@VARIABLE] gets nan gradients, e.g. 3,5@conv or 10:20 or 25: "
+    "(steps numbered as shown, from 1).",
+)
+
+# --- checkpoints, resume, preemption, divergence, export (issue 4) ---
+flags.DEFINE_integer(
+    "checkpoint_every",
+    C.checkpoint_every,
+    "Save a checkpoint every this many steps (0 = only at the end and on SIGTERM/SIGINT).",
+)
+flags.DEFINE_integer("keep_checkpoints", C.keep_checkpoints, "Checkpoints kept in --model_dir.")
+flags.DEFINE_bool(
+    "fresh", C.fresh, "Start from step 0; refuse a --model_dir that holds checkpoints."
+)
+flags.DEFINE_bool("overwrite", C.overwrite, "With --fresh: delete <model_dir>/checkpoints first.")
+flags.DEFINE_integer(
+    "max_consecutive_skips",
+    C.max_consecutive_skips,
+    "Stop (exit 3) when more steps than this are skipped in a row (0 = no limit).",
+)
+flags.DEFINE_string(
+    "export_dir", C.export_dir, "Write a float32 SavedModel (images -> probabilities) here."
 )
 
 FLAGS = flags.FLAGS
@@ -170,9 +193,9 @@ def _parse_flags(argv):
         _fail(str(e))
 
 
-def _fail(message):
+def _fail(message, status=2):
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
 
 
 def main(argv):
@@ -190,6 +213,8 @@ def main(argv):
         run.run(config)
     except run.UserError as e:
         _fail(str(e))
+    except run.TrainingDiverged as e:
+        _fail(str(e), status=3)  # not a usage error: a scheduler should not just retry
 
 
 def run_main():

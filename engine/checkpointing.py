@@ -1,32 +1,158 @@
-"""What a checkpoint holds and where it lives.
+"""What a checkpoint holds, where it lives, and how a run resumes.
 
-Layout: `<model_dir>/checkpoints/ckpt-<step>.*`, written by `tf.train.CheckpointManager`.
+Layout: `<model_dir>/checkpoints/ckpt-<step>.*`, written by `tf.train.CheckpointManager`,
+plus `config.json`, the configuration of the run that wrote the first checkpoint.
 The root object has these children, so any of them can be restored alone
 (`tf.train.Checkpoint(model=model).restore(path).expect_partial()`):
-  model, optimizer, loss_scale, step, skipped_steps.
+  model, optimizer, loss_scale, step, skipped_steps, consecutive_skips, iterator.
+`iterator` is the training `tf.data` iterator: its position, shuffle buffer and
+shuffle seed state, so a resumed run sees exactly the batches it would have seen.
 """
 
+import dataclasses
+import glob
+import json
 import os
+import shutil
 
 import tensorflow as tf
+from absl import logging
+
+from engine.config import ConfigError
+
+CONFIG_FILE = "config.json"
+# Fields that decide the shape, dtype or meaning of the checkpointed state. Any
+# other flag (steps, learning rate, XLA, checkpoint cadence...) may change on resume.
+RESUME_FIELDS = (
+    "model",
+    "precision",
+    "loss_scale",
+    "optimizer",
+    "dataset",
+    "image_size",
+    "batch_size",
+    "train_examples",
+    "seed",
+)
+
+
+class DamagedCheckpoints(Exception):
+    """No checkpoint in the directory can be restored."""
 
 
 def checkpoint_dir(model_dir):
     return os.path.join(model_dir, "checkpoints")
 
 
-def create_checkpoint(state):
-    """The root `tf.train.Checkpoint` for a `loop.TrainState`."""
-    return tf.train.Checkpoint(
+def create_checkpoint(state, iterator=None):
+    """The root `tf.train.Checkpoint` for a `loop.TrainState` and the train iterator."""
+    children = dict(
         model=state.model,
         optimizer=state.optimizer,
         loss_scale=state.loss_scale,
         step=state.step,
         skipped_steps=state.skipped_steps,
+        consecutive_skips=state.consecutive_skips,
     )
+    if iterator is not None:
+        children["iterator"] = iterator
+    return tf.train.Checkpoint(**children)
 
 
 def create_manager(checkpoint, model_dir, max_to_keep=3):
     return tf.train.CheckpointManager(
         checkpoint, checkpoint_dir(model_dir), max_to_keep=max_to_keep, step_counter=None
     )
+
+
+def has_checkpoints(model_dir):
+    """True if `<model_dir>/checkpoints` lists a checkpoint or holds a finished one.
+
+    Files of a save that was killed before it finished (`ckpt-N_temp`, no
+    `.index`) do not count: that save never happened.
+    """
+    directory = checkpoint_dir(model_dir)
+    state = tf.train.get_checkpoint_state(directory)
+    listed = state is not None and state.all_model_checkpoint_paths
+    return bool(listed or glob.glob(os.path.join(directory, "ckpt-*.index")))
+
+
+def prepare_model_dir(config, model_dir):
+    """Applies the resume rules before anything is built; returns True to resume.
+
+    * no checkpoints: a fresh start; `config.json` is written for later resumes.
+    * checkpoints and `--fresh`: an error, unless `--overwrite` (then they are deleted).
+    * checkpoints: resume, after checking that `RESUME_FIELDS` match `config.json`.
+
+    Raises:
+      ConfigError: `--fresh` without `--overwrite`, or an incompatible flag.
+    """
+    directory = checkpoint_dir(model_dir)
+    if has_checkpoints(model_dir) and config.fresh:
+        if not config.overwrite:
+            raise ConfigError(
+                f"--fresh: --model_dir={model_dir} already holds checkpoints; add --overwrite "
+                "to delete them, use another --model_dir, or drop --fresh to resume"
+            )
+        logging.warning("--fresh --overwrite: deleting %s", directory)
+        shutil.rmtree(directory)
+    if has_checkpoints(model_dir):
+        check_compatible(config, directory)
+        return True
+    tf.io.gfile.makedirs(directory)
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        json.dump(dataclasses.asdict(config), f, indent=2, sort_keys=True)
+    return False
+
+
+def check_compatible(config, directory):
+    """Raises ConfigError naming the first `RESUME_FIELDS` flag that differs from config.json."""
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.exists(path):
+        logging.warning("%s is missing; cannot check the flags against the checkpoints", path)
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    for name in RESUME_FIELDS:
+        new = getattr(config, name)
+        if name in saved and saved[name] != new:
+            raise ConfigError(
+                f"--{name}={new} does not match the checkpoints in {directory} (written with "
+                f"--{name}={saved[name]}); resume with --{name}={saved[name]}, or start a new "
+                "run in another --model_dir"
+            )
+
+
+def restore_latest(checkpoint, manager):
+    """Restores the newest readable checkpoint; returns its path.
+
+    A damaged checkpoint (truncated or missing file) is reported and the one
+    before it is tried: a run never silently restarts from scratch.
+
+    Raises:
+      DamagedCheckpoints: checkpoints exist but none can be restored.
+    """
+    failures = []
+    for path in reversed(manager.checkpoints):
+        try:
+            checkpoint.restore(path).assert_existing_objects_matched()
+        # A truncated file fails wherever the reader runs out of bytes (DataLossError,
+        # IndexError, ...), so any error counts; each one is logged with its reason.
+        except Exception as e:
+            reason = f"{type(e).__name__}: {_first_line(e)}"
+            logging.error("checkpoint %s is damaged or unreadable: %s", path, reason)
+            failures.append(f"{os.path.basename(path)}: {reason}")
+            continue
+        if failures:
+            logging.warning("fell back to %s, the newest checkpoint that could be read", path)
+        return path
+    directory = manager.directory
+    raise DamagedCheckpoints(
+        f"no checkpoint in {directory} can be restored ({'; '.join(failures) or 'none listed'}); "
+        "repair or move them away, or start again with --fresh --overwrite"
+    )
+
+
+def _first_line(error):
+    message = getattr(error, "message", None) or str(error)
+    return message.strip().splitlines()[0] if message.strip() else type(error).__name__

@@ -60,7 +60,7 @@ class Config:
     eval_fraction: float = 0.1  # stratified hold-out when there is no eval split
     augment: bool = True  # random crop + horizontal flip for real-image training
     cache: str = "memory"  # "", "memory" or a file-path prefix for the decoded images
-    deterministic: bool = False  # same batches every run (parallel maps keep their order)
+    deterministic: bool = False  # deterministic ops and input order: same batches, exact resume
     class_weighting: bool = False  # weight the loss by n / (num_classes * n_class)
     skip_bad_images: bool = False  # drop (count, log) undecodable images instead of failing
     predict_csv: str = ""  # --mode=predict: CSV with an `image` column (ships layout)
@@ -75,7 +75,14 @@ class Config:
     histogram_every: int = 0  # steps between weight/gradient histograms; 0 = off
     precision_diagnostics: bool = False  # float16 underflow/overflow fractions
     compare: str = DEFAULT_COMPARE  # configurations run by --mode=compare
-    inject_nonfinite: str = ""  # tests: "STEPS@VARIABLE_SUBSTRING", e.g. "3,5@conv"
+    inject_nonfinite: str = ""  # tests: nan gradients, see parse_inject_nonfinite
+    # --- checkpoints, resume, preemption, divergence, export (issue 4) ---
+    checkpoint_every: int = 250  # steps; 0 = only at the end and on SIGTERM/SIGINT
+    keep_checkpoints: int = 3
+    fresh: bool = False  # refuse a --model_dir that holds checkpoints, unless --overwrite
+    overwrite: bool = False  # with --fresh: delete <model_dir>/checkpoints first
+    max_consecutive_skips: int = 25  # more skipped steps in a row stop the run; 0 = no limit
+    export_dir: str = ""  # "" = no SavedModel export
 
     def __post_init__(self):
         _check_choice("mode", self.mode, MODES)
@@ -136,6 +143,7 @@ class Config:
                 f"{self.min_scale}, {self.initial_scale}, {self.max_scale}"
             )
         self._check_real_data()
+        self._validate_checkpointing()
         self._check_tensorboard_fields()
 
     def _check_real_data(self):
@@ -170,6 +178,14 @@ class Config:
                     f"--{name} must be an integer >= 0 (0 = off), got {getattr(self, name)}"
                 )
         parse_compare(self.compare)
+
+    def _validate_checkpointing(self):
+        for name in ("checkpoint_every", "max_consecutive_skips"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be an integer >= 0, got {getattr(self, name)}")
+        _check_positive_int("keep_checkpoints", self.keep_checkpoints)
+        if self.overwrite and not self.fresh:
+            raise ConfigError("--overwrite only applies together with --fresh; add --fresh")
         parse_inject_nonfinite(self.inject_nonfinite)
 
     def replace(self, **changes):
@@ -208,27 +224,37 @@ def parse_compare(spec):
 
 
 def parse_inject_nonfinite(spec):
-    """`--inject_nonfinite` as (steps, variable_substring); None when empty.
+    """`--inject_nonfinite`, a testing hook: "STEPS[@VARIABLE]" -> (ranges, substring).
 
-    "3,5@conv" makes the gradient of every variable whose path contains "conv"
-    nan at global steps 3 and 5 (the first step is step 1).
+    STEPS is a comma-separated list of step numbers as the console and
+    TensorBoard show them (the first step is 1): `N`, `A:B` (A to B-1) or `A:`
+    (A onwards). Those steps get nan gradients, for every trainable variable, or
+    only those whose path contains VARIABLE. "" disables the hook.
+
+    Returns:
+      None, or (((start, stop or None), ...), substring or "").
 
     Raises:
-      ConfigError: the spec is not STEPS@VARIABLE_SUBSTRING with positive steps.
+      ConfigError: the spec does not parse.
     """
     if not spec:
         return None
-    steps, at, substring = spec.partition("@")
+    steps, _, substring = spec.partition("@")
+    ranges = []
     try:
-        numbers = tuple(int(s) for s in steps.split(","))
+        for item in steps.split(","):
+            first, colon, last = item.strip().partition(":")
+            start = int(first)
+            stop = (int(last) if last else None) if colon else start + 1
+            if start < 1 or (stop is not None and stop <= start):
+                raise ValueError(item)
+            ranges.append((start, stop))
     except ValueError:
-        numbers = ()
-    if not at or not substring or not numbers or min(numbers) < 1:
         raise ConfigError(
-            f"--inject_nonfinite={spec!r} must look like STEPS@VARIABLE_SUBSTRING "
-            "with steps >= 1, e.g. 3,5@conv"
-        )
-    return numbers, substring
+            f"--inject_nonfinite={spec!r} is not STEPS[@VARIABLE] with steps >= 1, "
+            "e.g. 3, 3,5@conv, 10:20 or 25:"
+        ) from None
+    return tuple(ranges), substring
 
 
 def to_flagfile(config):

@@ -17,7 +17,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from engine import checkpointing, diagnostics, optimizers, summaries
+from engine import checkpointing, diagnostics, export, guards, optimizers, summaries
 from engine import config as config_lib
 from engine.loss_scale import create_loss_scale
 from engine.precision import get_policy, slow_combination_warning
@@ -41,6 +41,11 @@ class TrainState(tf.Module):
         self.loss_scale = loss_scale
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         self.skipped_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped")
+        # The current run of skipped steps; checkpointed so the divergence guard
+        # counts across a resume exactly as it would have without one.
+        self.consecutive_skips = tf.Variable(
+            0, dtype=tf.int64, trainable=False, name="consecutive_skips"
+        )
 
 
 class LoopStats(tf.Module):
@@ -53,6 +58,10 @@ class LoopStats(tf.Module):
         self.correct = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.grad_norm = tf.Variable(0.0, dtype=tf.float32, trainable=False)
         self.finite_steps = tf.Variable(0, dtype=tf.int64, trainable=False)
+        # For the divergence guard: the longest skip run seen during the loop (not
+        # just the one at its end) and the number of steps with a non-finite loss.
+        self.max_consecutive_skips = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.nonfinite_losses = tf.Variable(0, dtype=tf.int64, trainable=False)
 
     def read_and_reset(self):
         values = {name: var.numpy() for name, var in self._named()}
@@ -61,9 +70,9 @@ class LoopStats(tf.Module):
         return values
 
     def _named(self):
-        return [
-            (n, getattr(self, n)) for n in ("steps", "loss", "correct", "grad_norm", "finite_steps")
-        ]
+        names = ("steps", "loss", "correct", "grad_norm", "finite_steps")
+        names += ("max_consecutive_skips", "nonfinite_losses")
+        return [(n, getattr(self, n)) for n in names]
 
 
 def create_train_loop(strategy, train_step, state, stats, jit_compile, monitor=None):
@@ -88,8 +97,15 @@ def create_train_loop(strategy, train_step, state, stats, jit_compile, monitor=N
                 first = strategy.experimental_local_results
                 monitor.record(state.step, {k: first(v)[0] for k, v in out.items()})
             state.skipped_steps.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
+            run = tf.where(finite, tf.constant(0, tf.int64), state.consecutive_skips + 1)
+            state.consecutive_skips.assign(run)
+            stats.max_consecutive_skips.assign(tf.maximum(stats.max_consecutive_skips, run))
+            loss = strategy.reduce(sum_, out["loss"], axis=None)
+            stats.nonfinite_losses.assign_add(
+                tf.cast(tf.logical_not(tf.math.is_finite(loss)), tf.int64)
+            )
             stats.steps.assign_add(1)
-            stats.loss.assign_add(strategy.reduce(sum_, out["loss"], axis=None))
+            stats.loss.assign_add(loss)
             stats.correct.assign_add(
                 tf.cast(strategy.reduce(sum_, out["correct"], axis=None), tf.int64)
             )
@@ -134,6 +150,7 @@ class RunResult:
     train_seconds: float
     first_step_seconds: float
     examples_per_sec: float
+    stopped_by: str = ""  # the signal that stopped the run early, e.g. "SIGTERM"
 
 
 def device_type():
@@ -167,8 +184,7 @@ def total_train_steps(config, data):
     return config.train_steps or config.epochs * steps_per_epoch(config, data)
 
 
-def _loop_values(state, stats, seconds, batch_size):
-    s = stats.read_and_reset()
+def _loop_values(state, s, seconds, batch_size):
     steps = max(int(s["steps"]), 1)
     return {
         "train/skip_rate": 1.0 - float(s["finite_steps"]) / steps,
@@ -183,15 +199,45 @@ def _loop_values(state, stats, seconds, batch_size):
     }
 
 
+def _train_fn(data, config):
+    if not config.deterministic:
+        return data.train_fn
+    options = tf.data.Options()
+    options.deterministic = True
+    return lambda input_context=None: data.train_fn(input_context).with_options(options)
+
+
+def _loop_size(config, step, total, per_epoch, first):
+    """Steps in the next loop: it ends at epoch, checkpoint and summary boundaries."""
+    # The first call runs one step, so tracing and compilation are timed alone.
+    n = 1 if first else config.steps_per_loop
+    n = min(n, total - step, per_epoch - step % per_epoch)
+    every = (config.checkpoint_every, config.summary_every, config.histogram_every)
+    return _align(n, step, *every)
+
+
 def train_and_evaluate(config, model_dir):
-    """Trains `config` with summaries in `model_dir`; returns a `RunResult`."""
+    """Trains `config` with summaries and checkpoints in `model_dir`; returns a `RunResult`.
+
+    Resumes from the newest readable checkpoint in `model_dir` (see
+    `checkpointing.prepare_model_dir` for the rules).
+
+    Raises:
+      ConfigError: `--fresh` on a directory with checkpoints, or a flag that
+        does not match them.
+      checkpointing.DamagedCheckpoints: checkpoints exist but none can be read.
+      guards.TrainingDiverged: the divergence guard stopped the run.
+    """
     policy = get_policy(config.precision)
     warning = slow_combination_warning(policy, config.xla, device_type())
     if warning:
         logging.warning("%s", warning)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
     strategy = tf.distribute.get_strategy()
-    data = create_data(config)
+    data = create_data(config)  # first: bad data must leave no trace in model_dir
+    resume = checkpointing.prepare_model_dir(config, model_dir)
     state = build_state(config, data, strategy)
     stats = LoopStats()
     trainable = state.model.trainable_variables
@@ -210,18 +256,20 @@ def train_and_evaluate(config, model_dir):
     )
     train_loop = create_train_loop(strategy, train_step, state, stats, config.xla, monitor)
     eval_loop = create_eval_loop(strategy, create_eval_step(state.model), config.xla)
-    iterator = iter(strategy.distribute_datasets_from_function(data.train_fn))
+    iterator = iter(strategy.distribute_datasets_from_function(_train_fn(data, config)))
     eval_data = strategy.distribute_datasets_from_function(data.eval_fn)
-    writer = summaries.SummaryWriter(model_dir)
-    profiler = StepProfiler(config.profile_steps, model_dir)
-    writer.scalars(0, {"data/skipped_images": data.skipped_images})
-    resolved = config.replace(model_dir=model_dir)
-    summaries.write_flagfile(resolved, model_dir)
-    summaries.write_run_start(writer, resolved, device_type())
-    # One fixed batch: shown as images now, and the batch the gradient histograms use.
-    shown_images, shown_labels = next(iter(data.train_fn(None)))
-    writer.images(0, "input/train_batch", summaries.as_displayable(shown_images))
-    probe = diagnostics.create_gradient_probe(state.model, state.loss_scale)
+    checkpoint = checkpointing.create_checkpoint(state, iterator)
+    manager = checkpointing.create_manager(checkpoint, model_dir, config.keep_checkpoints)
+    last_good, saved_step = None, None  # the checkpoint a failure falls back to
+    if resume:
+        last_good = checkpointing.restore_latest(checkpoint, manager)
+        saved_step = int(state.step.numpy())
+        logging.info(
+            "resuming from %s at step %d (loss scale %g)",
+            last_good,
+            saved_step,
+            float(state.loss_scale.value.numpy()),
+        )
 
     total = total_train_steps(config, data)
     per_epoch = steps_per_epoch(config, data)
@@ -235,61 +283,124 @@ def train_and_evaluate(config, model_dir):
         " + XLA" if config.xla else "",
         model_dir,
     )
+    writer = summaries.SummaryWriter(model_dir)
+    profiler = StepProfiler(config.profile_steps, model_dir)
     start = time.perf_counter()
     first_step_seconds = None
     train_seconds = 0.0
-    values, eval_loss, eval_acc = {}, float("nan"), float("nan")
-    step = int(state.step.numpy())
-    interval_seconds = 0.0  # loop time since the last scalar write
-    while step < total:
-        # The first call runs one step, so tracing and compilation are timed alone.
-        n = 1 if first_step_seconds is None else config.steps_per_loop
-        n = min(n, total - step, per_epoch - step % per_epoch)
-        n = profiler.clip(step, _align(n, step, config.summary_every, config.histogram_every))
-        profiler.before_loop(step)
-        t0 = time.perf_counter()
-        train_loop(iterator, tf.constant(n, tf.int32))
-        interval_seconds += time.perf_counter() - t0
-        step = int(state.step.numpy())
-        profiler.after_loop(step)
-        if _summary_due(step, total, config.summary_every, first_step_seconds is None):
-            values = _loop_values(state, stats, interval_seconds, config.batch_size)
-            readout = monitor.read_and_reset()
-            values.update(readout.scalars)
-            seconds = time.perf_counter() - t0
-            if first_step_seconds is None:
-                first_step_seconds = seconds
-                values["train/first_step_seconds"] = seconds
+    values, eval_loss, eval_acc, eval_step = {}, float("nan"), float("nan"), None
+    step = start_step = int(state.step.numpy())
+    interval, interval_seconds = {}, 0.0  # statistics since the last scalar write
+    if step >= total:
+        logging.info("already trained to step %d of %d: nothing to train", step, total)
+    # Signals are caught from here on: a SIGTERM during start-up still saves and exits 0.
+    with guards.stop_on_signals() as stop:
+        try:
+            shown_images, shown_labels = _write_run_start(writer, config, model_dir, data)
+            probe = diagnostics.create_gradient_probe(state.model, state.loss_scale)
+            while step < total and not stop:
+                first_loop = first_step_seconds is None
+                n = profiler.clip(step, _loop_size(config, step, total, per_epoch, first_loop))
+                profiler.before_loop(step)
+                t0 = time.perf_counter()
+                train_loop(iterator, tf.constant(n, tf.int32))
+                raw = stats.read_and_reset()
+                interval_seconds += time.perf_counter() - t0
+                _accumulate(interval, raw)
+                step = int(state.step.numpy())
+                profiler.after_loop(step)
+                # Before any save: a diverged state must never replace the last good checkpoint.
+                message = guards.divergence_message(
+                    raw, step, policy.loss_scaling, config.max_consecutive_skips
+                )
+                if message:
+                    last = last_good or "none (no checkpoint was written)"
+                    raise guards.TrainingDiverged(f"{message}; last good checkpoint: {last}")
+                if _summary_due(step, total, config.summary_every, first_loop):
+                    values = _loop_values(state, interval, interval_seconds, config.batch_size)
+                    readout = monitor.read_and_reset()
+                    values.update(readout.scalars)
+                    if first_loop:
+                        first_step_seconds = interval_seconds
+                        values["train/first_step_seconds"] = interval_seconds
+                    else:
+                        train_seconds += interval_seconds
+                    interval, interval_seconds = {}, 0.0
+                    writer.scalars(step, values)
+                    summaries.report_nonfinite(writer, readout)
+                    rate = values["train/steps_per_sec"]
+                    summaries.log_progress(step, total, values, (total - step) / max(rate, 1e-9))
+                if config.histogram_every and step % config.histogram_every == 0:
+                    grads = probe(shown_images, shown_labels)
+                    writer.histograms(
+                        step, summaries.weight_and_gradient_histograms(trainable, grads)
+                    )
+                if step % per_epoch == 0 or step == total:
+                    eval_loss, eval_acc = (float(v) for v in eval_loop(eval_data))
+                    eval_step = step
+                    writer.scalars(step, {"eval/loss": eval_loss, "eval/accuracy": eval_acc})
+                    logging.info(
+                        "eval at step %d: loss %.4f accuracy %.4f", step, eval_loss, eval_acc
+                    )
+                if stop or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                    last_good, saved_step = manager.save(checkpoint_number=step), step
+            if saved_step != step:
+                last_good = manager.save(checkpoint_number=step)
+            if stop:
+                guards.log_stop(stop, step, last_good)
             else:
-                train_seconds += interval_seconds
-            interval_seconds = 0.0
-            writer.scalars(step, values)
-            summaries.report_nonfinite(writer, readout)
-            rate = values["train/steps_per_sec"]
-            summaries.log_progress(step, total, values, (total - step) / max(rate, 1e-9))
-        if config.histogram_every and step % config.histogram_every == 0:
-            grads = probe(shown_images, shown_labels)
-            writer.histograms(step, summaries.weight_and_gradient_histograms(trainable, grads))
-        if step % per_epoch == 0 or step == total:
-            eval_loss, eval_acc = (float(v) for v in eval_loop(eval_data))
-            writer.scalars(step, {"eval/loss": eval_loss, "eval/accuracy": eval_acc})
-            logging.info("eval at step %d: loss %.4f accuracy %.4f", step, eval_loss, eval_acc)
-    profiler.stop()
-    manager = checkpointing.create_manager(checkpointing.create_checkpoint(state), model_dir)
-    manager.save(checkpoint_number=step)
-    timed_steps = max(step - 1, 1)
-    result = RunResult(
-        model_dir=model_dir,
-        steps=step,
-        skipped_steps=int(state.skipped_steps.numpy()),
-        loss_scale=float(state.loss_scale.value.numpy()),
-        train_loss=values.get("train/loss", float("nan")),
-        eval_loss=eval_loss,
-        eval_accuracy=eval_acc,
-        train_seconds=time.perf_counter() - start,
-        first_step_seconds=first_step_seconds or 0.0,
-        examples_per_sec=timed_steps * config.batch_size / max(train_seconds, 1e-9),
-    )
+                if eval_step != step:  # resumed a finished run: no loop ran
+                    eval_loss, eval_acc = (float(v) for v in eval_loop(eval_data))
+                if config.export_dir:
+                    export.export_saved_model(state.model, config.image_size, config.export_dir)
+                    logging.info("exported a float32 SavedModel to %s", config.export_dir)
+            timed_steps = step - start_step - 1  # the first loop (one step) is timed apart
+            result = RunResult(
+                model_dir=model_dir,
+                steps=step,
+                skipped_steps=int(state.skipped_steps.numpy()),
+                loss_scale=float(state.loss_scale.value.numpy()),
+                train_loss=values.get("train/loss", float("nan")),
+                eval_loss=eval_loss,
+                eval_accuracy=eval_acc,
+                train_seconds=time.perf_counter() - start,
+                first_step_seconds=first_step_seconds or 0.0,
+                examples_per_sec=(
+                    timed_steps * config.batch_size / train_seconds if train_seconds else 0.0
+                ),
+                stopped_by=stop.signal_name or "",
+            )
+            if not stop:
+                _log_done(result)
+                summaries.write_final_metrics(writer, step, result)
+        finally:
+            profiler.stop()
+            writer.close()
+    return result
+
+
+def _write_run_start(writer, config, model_dir, data):
+    """Step-0 summaries: config, environment, flagfile, one input batch (returned)."""
+    writer.scalars(0, {"data/skipped_images": data.skipped_images})
+    resolved = config.replace(model_dir=model_dir)
+    summaries.write_flagfile(resolved, model_dir)
+    summaries.write_run_start(writer, resolved, device_type())
+    # One fixed batch: shown as images now, and the batch the gradient histograms use.
+    shown_images, shown_labels = next(iter(data.train_fn(None)))
+    writer.images(0, "input/train_batch", summaries.as_displayable(shown_images))
+    return shown_images, shown_labels
+
+
+def _accumulate(totals, raw):
+    """Adds one loop's statistics into `totals` (the run of skips takes the maximum)."""
+    for name, value in raw.items():
+        if name == "max_consecutive_skips":
+            totals[name] = max(totals.get(name, 0), value)
+        else:
+            totals[name] = totals.get(name, 0) + value
+
+
+def _log_done(result):
     logging.info(
         "done: %d steps (%d skipped) in %.1f s, first step %.1f s, %.1f ex/s, "
         "eval accuracy %.4f, loss scale %g",
@@ -301,9 +412,6 @@ def train_and_evaluate(config, model_dir):
         result.eval_accuracy,
         result.loss_scale,
     )
-    summaries.write_final_metrics(writer, step, result)
-    writer.close()
-    return result
 
 
 def _align(n, step, *every):

@@ -1,8 +1,11 @@
 """The engine's entry point: `run(config)`."""
 
-from engine import compare, loop, predict
+from engine import checkpointing, compare, loop, predict
 from engine import config as config_lib
+from engine.guards import TrainingDiverged
 from input_pipeline.preprocessing import DataError
+
+__all__ = ["TrainingDiverged", "UserError", "run"]
 
 
 class UserError(Exception):
@@ -27,6 +30,8 @@ def run(config):
     }
     try:
         return entry_points[config.mode](config, model_dir)
+    except checkpointing.DamagedCheckpoints as e:
+        raise UserError(str(e)) from e
     except ValueError as e:
         if isinstance(e, (config_lib.ConfigError, DataError)):
             raise UserError(str(e)) from e

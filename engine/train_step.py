@@ -78,32 +78,36 @@ def apply_scaled_gradients(
     return finite, grad_norm, finite_per_variable
 
 
-def inject_nonfinite(grads, variables, step, steps, substring):
-    """Test hook: nan gradients for variables whose path contains `substring`, at `steps`.
+def inject_nonfinite(grads, variables, step, spec):
+    """Testing hook: nan gradients at the steps `spec` names, decided in the graph.
 
-    Done in the graph on the scaled gradients, so the rest of the step sees
-    exactly what a real overflow would give it.
+    Done on the scaled gradients, so the rest of the step sees exactly what a
+    real float16 overflow would give it.
 
     Args:
       grads: one gradient per variable.
-      variables: the variables, to match their `path` (Keras 3) against `substring`.
-      step: int64 scalar, the global step this step will have once done (1-based).
-      steps: the global steps to poison.
-      substring: which variables to poison.
+      variables: the variables, matched by their `path` (Keras 3) against the substring.
+      step: int64 scalar, the number this step will have once done (the first is 1).
+      spec: `config.parse_inject_nonfinite`'s result: (ranges, substring).
 
     Raises:
-      ConfigError: no variable's path contains `substring`.
+      ConfigError: no variable's path contains the substring.
     """
-    names = [v.path for v in variables]
+    ranges, substring = spec
+    names = [getattr(v, "path", v.name) for v in variables]
     if not any(substring in n for n in names):
         raise config_lib.ConfigError(
             f"--inject_nonfinite: no trainable variable's path contains {substring!r}; "
             f"some paths: {', '.join(names[:4])}"
         )
-    hit = tf.reduce_any(tf.equal(tf.cast(step, tf.int64), tf.constant(steps, tf.int64)))
+    step = tf.cast(step, tf.int64)
+    hit = tf.constant(False)
+    for start, stop in ranges:
+        in_range = step >= start if stop is None else (step >= start) & (step < stop)
+        hit = hit | in_range
     return [
         tf.where(hit, tf.fill(tf.shape(g), tf.constant(float("nan"), g.dtype)), g)
-        if substring in name
+        if g is not None and substring in name
         else g
         for g, name in zip(grads, names, strict=True)
     ]
@@ -133,8 +137,8 @@ def create_train_step(
         example's loss is multiplied by its class's weight.
       precision_diagnostics: also return `underflow_fraction` and
         `overflow_fraction` (see `diagnostics.float16_range_fractions`).
-      inject: optional (steps, variable_substring) for `inject_nonfinite`; the
-        step then needs `step`, its global step once done.
+      inject: optional parsed `--inject_nonfinite` spec (see `inject_nonfinite`);
+        the step then needs `step`, its number once done.
 
     The returned dict holds `loss` (this replica's share of the mean loss),
     `correct` (int32 count), `finite` (bool), `grad_norm` (unscaled, before
@@ -160,7 +164,7 @@ def create_train_step(
             scaled_loss = loss_scale.scale(loss)
         scaled_grads = tape.gradient(scaled_loss, trainable)
         if inject:
-            scaled_grads = inject_nonfinite(scaled_grads, trainable, step, *inject)
+            scaled_grads = inject_nonfinite(scaled_grads, trainable, step, inject)
 
         fractions = {}
         if precision_diagnostics:

@@ -53,7 +53,8 @@ def test_injection_poisons_only_matching_variables_at_the_given_steps():
     variables[0].path, variables[1].path = "conv/kernel", "dense/bias"  # Keras 3 names
     grads = [tf.ones([1]), tf.ones([1])]
     for step, expect_nan in ((2, False), (3, True), (5, True)):
-        out = inject_nonfinite(grads, variables, tf.constant(step, tf.int64), (3, 5), "conv")
+        spec = parse_inject_nonfinite("3,5@conv")
+        out = inject_nonfinite(grads, variables, tf.constant(step, tf.int64), spec)
         assert bool(np.isnan(out[0].numpy()).all()) == expect_nan
         assert np.isfinite(out[1].numpy()).all()
 
@@ -62,7 +63,8 @@ def test_injection_into_an_unknown_variable_names_the_flag():
     variables = [tf.Variable([1.0])]
     variables[0].path = "conv/kernel"
     with pytest.raises(ConfigError, match="--inject_nonfinite: no trainable variable"):
-        inject_nonfinite([tf.ones([1])], variables, tf.constant(1, tf.int64), (1,), "lstm")
+        spec = parse_inject_nonfinite("1@lstm")
+        inject_nonfinite([tf.ones([1])], variables, tf.constant(1, tf.int64), spec)
 
 
 @pytest.mark.parametrize(
@@ -71,8 +73,9 @@ def test_injection_into_an_unknown_variable_names_the_flag():
         ({"compare": "fp32,fp16"}, "--compare entry 'fp16' is not PRECISION or PRECISION+xla"),
         ({"compare": "mixed+jit"}, "--compare entry 'mixed+jit'"),
         ({"compare": "fp32,fp32"}, "lists a configuration twice"),
-        ({"inject_nonfinite": "3,5"}, "must look like STEPS@VARIABLE_SUBSTRING"),
+        ({"inject_nonfinite": "x@conv"}, "is not STEPS\\[@VARIABLE\\]"),
         ({"inject_nonfinite": "0@conv"}, "with steps >= 1"),
+        ({"inject_nonfinite": "5:3"}, "with steps >= 1"),
         ({"summary_every": -1}, "--summary_every must be an integer >= 0"),
         ({"histogram_every": -2}, "--histogram_every must be an integer >= 0"),
     ],
@@ -88,5 +91,6 @@ def test_compare_and_inject_specs_parse():
         ("mixed", True),
         ("mixed_bf16", False),
     )
-    assert parse_inject_nonfinite("3,5@conv") == ((3, 5), "conv")
+    assert parse_inject_nonfinite("3,5@conv") == (((3, 4), (5, 6)), "conv")
+    assert parse_inject_nonfinite("10:20,25:") == (((10, 20), (25, None)), "")
     assert parse_inject_nonfinite("") is None

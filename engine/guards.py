@@ -1,0 +1,95 @@
+"""What stops a run early: a preemption signal (clean stop) or divergence (failure).
+
+Both are decided on the host, once per loop, from values the inner loop kept in
+variables: the outer loop never syncs inside a loop to watch for them.
+"""
+
+import contextlib
+import signal
+import threading
+
+from absl import logging
+
+
+class TrainingDiverged(Exception):
+    """Training cannot continue; the last checkpoint written before it is kept."""
+
+
+class StopRequest:
+    """Set by SIGTERM or SIGINT; the outer loop reads it between loops."""
+
+    def __init__(self):
+        self.signal_name = None
+
+    def __bool__(self):
+        return self.signal_name is not None
+
+
+@contextlib.contextmanager
+def stop_on_signals(signums=(signal.SIGTERM, signal.SIGINT)):
+    """Turns the first SIGTERM/SIGINT into a `StopRequest`; a second one acts as usual.
+
+    Only a flag is set in the handler: the step in flight cannot be interrupted
+    anyway, and logging or saving from inside a handler is not safe.
+    """
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request  # signal handlers can only be installed from the main thread
+        return
+    previous = {s: signal.getsignal(s) for s in signums}
+
+    def restore():
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    def handler(signum, frame):
+        del frame
+        if request:  # a second signal: the user does not want to wait for the save
+            restore()
+            signal.raise_signal(signum)
+            return
+        request.signal_name = signal.Signals(signum).name
+
+    for s in signums:
+        signal.signal(s, handler)
+    try:
+        yield request
+    finally:
+        restore()
+
+
+def divergence_message(values, step, loss_scaling, max_consecutive_skips):
+    """Why training must stop, in one line, or None if it may go on.
+
+    Args:
+      values: the loop's statistics; reads `nonfinite_losses` (steps in the
+        loop with a non-finite loss) and `max_consecutive_skips` (the longest
+        run of skipped steps that reached into the loop).
+      step: the global step after the loop.
+      loss_scaling: whether the precision uses a loss scale (float16).
+      max_consecutive_skips: the `--max_consecutive_skips` limit; 0 = none.
+    """
+    # Without a loss scale, a non-finite float32 loss is not an overflow the scale
+    # can back off from: the weights or the learning rate are at fault.
+    if not loss_scaling and values["nonfinite_losses"] > 0:
+        return (
+            f"training diverged: the loss was not finite in {values['nonfinite_losses']} "
+            f"step(s) before step {step}; lower --learning_rate or set --clip_norm"
+        )
+    run = values["max_consecutive_skips"]
+    if max_consecutive_skips and run > max_consecutive_skips:
+        return (
+            f"training diverged: {run} steps in a row were skipped for non-finite "
+            f"gradients before step {step} (--max_consecutive_skips={max_consecutive_skips}); "
+            "lower --learning_rate, set --clip_norm, or check the data"
+        )
+    return None
+
+
+def log_stop(request, step, checkpoint_path):
+    logging.info(
+        "received %s: saved %s at step %d; exiting. Rerun with the same --model_dir to resume.",
+        request.signal_name,
+        checkpoint_path,
+        step,
+    )

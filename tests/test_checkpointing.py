@@ -1,0 +1,151 @@
+"""Checkpoints: every piece of state round-trips, damaged ones fall back, resume rules hold."""
+
+import logging
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import tiny_config
+
+from engine import checkpointing, loop
+from engine.config import ConfigError
+from input_pipeline import create_data
+
+
+def _state_and_iterator(config):
+    strategy = tf.distribute.get_strategy()
+    data = create_data(config)
+    state = loop.build_state(config, data, strategy)
+    iterator = iter(strategy.distribute_datasets_from_function(data.train_fn))
+    return state, iterator
+
+
+def test_loss_scale_and_counters_survive_a_save_restore_round_trip(tmp_path):
+    config = tiny_config(precision="mixed", growth_interval=100)
+    state, iterator = _state_and_iterator(config)
+    # Non-default values everywhere, so a field that is not saved cannot pass.
+    state.loss_scale._scale.assign(1234.5)
+    state.loss_scale.good_steps.assign(37)
+    state.step.assign(11)
+    state.skipped_steps.assign(3)
+    state.consecutive_skips.assign(2)
+    state.optimizer.iterations.assign(8)
+    state.optimizer.variables[-1].assign(tf.fill(state.optimizer.variables[-1].shape, 0.25))
+    next(iterator)
+    manager = checkpointing.create_manager(
+        checkpointing.create_checkpoint(state, iterator), str(tmp_path)
+    )
+    path = manager.save(checkpoint_number=11)
+    expected_batch = next(iterator)[0].numpy()
+
+    fresh, fresh_iterator = _state_and_iterator(config)
+    assert float(fresh.loss_scale.value) == 2.0**15  # the default, before restoring
+    fresh_checkpoint = checkpointing.create_checkpoint(fresh, fresh_iterator)
+    fresh_manager = checkpointing.create_manager(fresh_checkpoint, str(tmp_path))
+    assert checkpointing.restore_latest(fresh_checkpoint, fresh_manager) == path
+    assert float(fresh.loss_scale.value) == 1234.5
+    assert int(fresh.loss_scale.good_steps) == 37
+    assert int(fresh.step) == 11 and int(fresh.skipped_steps) == 3
+    assert int(fresh.consecutive_skips) == 2
+    assert int(fresh.optimizer.iterations) == 8
+    np.testing.assert_array_equal(fresh.optimizer.variables[-1].numpy(), 0.25)
+    for a, b in zip(state.model.weights, fresh.model.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    np.testing.assert_array_equal(next(fresh_iterator)[0].numpy(), expected_batch)
+
+
+def _train(tmp_path, **overrides):
+    config = tiny_config(model_dir=str(tmp_path), checkpoint_every=2, **overrides)
+    return loop.train_and_evaluate(config, str(tmp_path))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_damaged_checkpoint_is_reported_and_the_previous_one_is_used(tmp_path, caplog, damage):
+    _train(tmp_path, train_steps=4)
+    data_file = tmp_path / "checkpoints" / "ckpt-4.data-00000-of-00001"
+    if damage == "truncate":
+        data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
+    else:
+        data_file.unlink()
+    with caplog.at_level(logging.INFO):
+        result = _train(tmp_path, train_steps=6)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("ckpt-4 is damaged or unreadable" in m for m in messages), messages
+    assert any(
+        m.startswith("resuming from") and m.endswith("ckpt-2 at step 2 (loss scale 1)")
+        for m in messages
+    ), messages
+    assert result.steps == 6
+    assert (
+        int(
+            tf.train.load_checkpoint(str(tmp_path / "checkpoints" / "ckpt-6")).get_tensor(
+                "step/.ATTRIBUTES/VARIABLE_VALUE"
+            )
+        )
+        == 6
+    )
+
+
+def test_no_readable_checkpoint_is_an_error_not_a_restart(tmp_path):
+    _train(tmp_path, train_steps=2)
+    for f in (tmp_path / "checkpoints").glob("ckpt-*.data-*"):
+        f.unlink()
+    with pytest.raises(
+        checkpointing.DamagedCheckpoints, match=r"no checkpoint in .* can be restored"
+    ):
+        _train(tmp_path, train_steps=4)
+
+
+def _fake_checkpoint(model_dir, config):
+    checkpointing.prepare_model_dir(config, str(model_dir))
+    (model_dir / "checkpoints" / "ckpt-5.index").write_bytes(b"")
+
+
+def test_fresh_refuses_a_directory_with_checkpoints(tmp_path):
+    config = tiny_config()
+    _fake_checkpoint(tmp_path, config)
+    with pytest.raises(ConfigError, match=r"--fresh: --model_dir=.* already holds checkpoints"):
+        checkpointing.prepare_model_dir(config.replace(fresh=True), str(tmp_path))
+    assert (tmp_path / "checkpoints" / "ckpt-5.index").exists()  # nothing was deleted
+
+
+def test_fresh_with_overwrite_deletes_only_the_checkpoints(tmp_path):
+    config = tiny_config()
+    _fake_checkpoint(tmp_path, config)
+    (tmp_path / "notes.txt").write_text("mine")
+    resume = checkpointing.prepare_model_dir(
+        config.replace(fresh=True, overwrite=True), str(tmp_path)
+    )
+    assert resume is False
+    assert not (tmp_path / "checkpoints" / "ckpt-5.index").exists()
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_existing_checkpoints_mean_resume(tmp_path):
+    config = tiny_config()
+    assert checkpointing.prepare_model_dir(config, str(tmp_path)) is False
+    (tmp_path / "checkpoints" / "ckpt-5.index").write_bytes(b"")
+    # Steps, learning rate and XLA may change on resume.
+    assert checkpointing.prepare_model_dir(
+        config.replace(train_steps=100, learning_rate=0.1, xla=True), str(tmp_path)
+    )
+
+
+@pytest.mark.parametrize(
+    "change", [dict(precision="mixed"), dict(model="small_resnet"), dict(batch_size=32)]
+)
+def test_resuming_with_an_incompatible_flag_is_a_clear_error(tmp_path, change):
+    _fake_checkpoint(tmp_path, tiny_config())
+    ((name, value),) = change.items()
+    old = getattr(tiny_config(), name)
+    with pytest.raises(ConfigError) as e:
+        checkpointing.prepare_model_dir(tiny_config(**change), str(tmp_path))
+    assert str(e.value).startswith(f"--{name}={value} does not match the checkpoints in ")
+    assert f"resume with --{name}={old}" in str(e.value)
+
+
+def test_config_json_is_written_next_to_the_checkpoints(tmp_path):
+    checkpointing.prepare_model_dir(tiny_config(seed=7), str(tmp_path))
+    assert '"seed": 7' in (tmp_path / "checkpoints" / "config.json").read_text()
+    assert os.listdir(tmp_path / "checkpoints") == ["config.json"]

@@ -1,0 +1,115 @@
+"""Divergence guard and signal handling: counted in the graph, decided on the host."""
+
+import os
+import signal
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from engine import guards, loop
+from engine.config import parse_inject_nonfinite as parse
+from engine.train_step import inject_nonfinite
+
+
+class _FakeState:
+    def __init__(self):
+        self.step = tf.Variable(0, dtype=tf.int64)
+        self.skipped_steps = tf.Variable(0, dtype=tf.int64)
+        self.consecutive_skips = tf.Variable(0, dtype=tf.int64)
+
+
+def _scripted_loop(finite_script, loss_script):
+    """An inner loop whose step reports finite[i] and loss[i] at global step i."""
+    state, stats = _FakeState(), loop.LoopStats()
+    finite_table = tf.constant(finite_script)
+    loss_table = tf.constant(loss_script, tf.float32)
+
+    def step(images, labels, number):
+        del images, labels, number
+        i = state.step
+        return {
+            "loss": tf.gather(loss_table, i),
+            "correct": tf.constant(0),
+            "finite": tf.gather(finite_table, i),
+            "grad_norm": tf.constant(1.0),
+        }
+
+    train_loop = loop.create_train_loop(
+        tf.distribute.get_strategy(), step, state, stats, jit_compile=False
+    )
+    iterator = iter(tf.data.Dataset.from_tensors((0.0, 0)).repeat())
+    return state, stats, lambda n: train_loop(iterator, tf.constant(n))
+
+
+def test_longest_skip_run_inside_a_loop_is_seen_even_if_the_loop_ends_finite():
+    finite = [True, False, False, False, True, True, False, True]
+    state, stats, run = _scripted_loop(finite, [1.0] * 8)
+    run(8)
+    values = stats.read_and_reset()
+    assert values["max_consecutive_skips"] == 3
+    assert int(state.consecutive_skips) == 0  # reset by the finite last step
+    assert int(state.skipped_steps) == 4
+
+
+def test_skip_run_continues_across_loops():
+    state, stats, run = _scripted_loop([True, False, False, False, False], [1.0] * 5)
+    run(3)
+    assert stats.read_and_reset()["max_consecutive_skips"] == 2
+    run(2)
+    assert stats.read_and_reset()["max_consecutive_skips"] == 4
+    assert int(state.consecutive_skips) == 4
+
+
+def test_nonfinite_losses_are_counted():
+    _, stats, run = _scripted_loop([True, False, False, True], [1.0, np.nan, np.inf, 2.0])
+    run(4)
+    assert stats.read_and_reset()["nonfinite_losses"] == 2
+
+
+def _values(nonfinite_losses=0, max_consecutive_skips=0):
+    return {"nonfinite_losses": nonfinite_losses, "max_consecutive_skips": max_consecutive_skips}
+
+
+def test_nonfinite_loss_stops_fp32_and_bf16_but_not_float16():
+    message = guards.divergence_message(_values(nonfinite_losses=1), 40, False, 25)
+    assert message.startswith("training diverged: the loss was not finite in 1 step(s) before")
+    assert guards.divergence_message(_values(nonfinite_losses=1), 40, True, 25) is None
+
+
+def test_more_skips_in_a_row_than_the_limit_stop_the_run():
+    assert guards.divergence_message(_values(max_consecutive_skips=25), 40, True, 25) is None
+    message = guards.divergence_message(_values(max_consecutive_skips=26), 40, True, 25)
+    assert message.startswith("training diverged: 26 steps in a row were skipped")
+    assert "--max_consecutive_skips=25" in message
+    assert guards.divergence_message(_values(max_consecutive_skips=999), 40, True, 0) is None
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_first_signal_sets_the_stop_request_and_handlers_are_restored(signum):
+    before = signal.getsignal(signum)
+    with guards.stop_on_signals() as stop:
+        assert not stop
+        os.kill(os.getpid(), signum)
+        assert stop.signal_name == signal.Signals(signum).name
+    assert signal.getsignal(signum) == before
+
+
+@pytest.mark.parametrize(
+    "spec, poisoned_at",
+    [("2", [2]), ("1:3", [1, 2]), ("2:", [2, 3]), ("1:3@b", [1, 2]), ("1,3", [1, 3])],
+)
+def test_inject_nonfinite_poisons_the_named_steps_and_variables(spec, poisoned_at):
+    variables = [tf.Variable([1.0, 2.0], name="a"), tf.Variable(3.0, name="b")]
+    grads = [tf.constant([0.5, 0.5]), tf.constant(0.5)]
+    only_b = "@" in spec
+    for step in range(4):
+        out = inject_nonfinite(grads, variables, tf.constant(step, tf.int64), parse(spec))
+        nan = [bool(np.isnan(g.numpy()).all()) for g in out]
+        hit = step in poisoned_at
+        assert nan == ([False, hit] if only_b else [hit, hit]), (step, nan)
+
+
+def test_inject_nonfinite_rejects_an_unknown_variable():
+    with pytest.raises(ValueError, match="no trainable variable's path contains 'nope'"):
+        inject_nonfinite([tf.constant(1.0)], [tf.Variable(1.0, name="a")], 1, parse("1@nope"))

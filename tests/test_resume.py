@@ -1,0 +1,163 @@
+"""main.py killed, stopped or diverging: nothing is lost (subprocesses, the real command)."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import ROOT
+
+from models import create_model
+
+# Small, fast and eventful: growth_interval=3 makes the float16 scale grow into
+# overflow and back off again, and the injected steps force a run of skips.
+RUN = [
+    "--model=tiny",
+    "--image_size=16",
+    "--batch_size=16",
+    "--train_examples=256",
+    "--eval_examples=32",
+    "--precision=mixed",
+    "--steps_per_loop=7",
+    "--checkpoint_every=20",
+    "--growth_interval=3",
+    "--initial_scale=256",
+    "--inject_nonfinite=61:65",
+    "--deterministic",
+]
+
+
+def _start(model_dir, *args):
+    """Starts main.py; its log goes to a file (a full, unread pipe would block it)."""
+    log = open(f"{model_dir}.log", "a")  # noqa: SIM115 (closed with the process, in _log)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "main.py"), f"--model_dir={model_dir}", *args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    proc.log = log
+    return proc
+
+
+def _log(proc, timeout=300):
+    """Waits for `proc`; returns everything it logged (all attempts in its model_dir)."""
+    proc.wait(timeout=timeout)
+    proc.log.close()
+    with open(proc.log.name) as f:
+        return f.read()
+
+
+def _run(model_dir, *args):
+    proc = _start(model_dir, *args)
+    stderr = _log(proc)
+    return proc.returncode, stderr
+
+
+def _latest_step(model_dir):
+    path = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    return int(path.rsplit("-", 1)[1]) if path else 0
+
+
+def _wait_for_checkpoint(proc, model_dir, at_least):
+    deadline = time.time() + 120
+    while _latest_step(model_dir) < at_least:
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        assert time.time() < deadline
+        time.sleep(0.01)
+
+
+def _final_state(model_dir):
+    """Every saved tensor except the iterator's serialized buffers, by name."""
+    reader = tf.train.load_checkpoint(os.path.join(model_dir, "checkpoints"))
+    names = reader.get_variable_to_shape_map()
+    return {n: reader.get_tensor(n) for n in names if not n.startswith("iterator")}
+
+
+def test_sigkilled_run_resumes_to_the_same_weights_scale_and_step(tmp_path):
+    total = ["--train_steps=120"]
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    uninterrupted = _start(reference, *RUN, *total)  # runs alongside the first attempt
+    # Killed twice, each time somewhere after a checkpoint (mostly mid-loop):
+    # once early, once after the injected skips; the third start finishes.
+    kill_points = []
+    for at_least in (20, 80):
+        proc = _start(resumed, *RUN, *total)
+        _wait_for_checkpoint(proc, resumed, at_least)
+        proc.send_signal(signal.SIGKILL)
+        _log(proc)
+        kill_points.append(_latest_step(resumed))
+    code, stderr = _run(resumed, *RUN, *total)
+    assert code == 0, stderr[-2000:]
+    _log(uninterrupted)
+    assert uninterrupted.returncode == 0
+    assert f"ckpt-{kill_points[-1]} at step {kill_points[-1]}" in stderr
+    expected, actual = _final_state(reference), _final_state(resumed)
+    assert int(actual["step/.ATTRIBUTES/VARIABLE_VALUE"]) == 120
+    assert float(actual["loss_scale/_scale/.ATTRIBUTES/VARIABLE_VALUE"]) != 256.0
+    assert int(actual["skipped_steps/.ATTRIBUTES/VARIABLE_VALUE"]) >= 4
+    assert sorted(actual) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(actual[name], value, err_msg=name)
+
+
+def test_sigterm_saves_exits_zero_and_the_next_start_resumes(tmp_path):
+    proc = _start(tmp_path, *RUN, "--train_steps=100000", "--checkpoint_every=1000")
+    # Wait until training runs (the first checkpoint is far away): a progress line is logged.
+    deadline = time.time() + 120
+    while "step 1/100000" not in pathlib.Path(proc.log.name).read_text():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stderr = _log(proc, timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "received SIGTERM: saved" in stderr and "Rerun with the same --model_dir" in stderr
+    stopped_at = _latest_step(tmp_path)
+    assert 0 < stopped_at < 1000  # a checkpoint at the stop, not at a periodic boundary
+    code, stderr = _run(tmp_path, *RUN, f"--train_steps={stopped_at + 3}")
+    assert code == 0, stderr[-2000:]
+    assert f"resuming from {tmp_path}/checkpoints/ckpt-{stopped_at} at step {stopped_at}" in stderr
+    assert _latest_step(tmp_path) == stopped_at + 3
+
+
+def test_forced_divergence_exits_3_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    import main  # in-process: the same exit path as the command, without a new TensorFlow
+
+    args = [f for f in RUN if f != "--deterministic" and not f.startswith("--inject")]
+    main.FLAGS.unparse_flags()
+    main.FLAGS(
+        [
+            "main.py",
+            *args,
+            "--train_steps=100",
+            f"--model_dir={tmp_path}",
+            "--inject_nonfinite=26:",
+            "--max_consecutive_skips=10",
+        ]
+    )
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main.main(["main.py"])
+    finally:
+        main.FLAGS.unparse_flags()
+    assert exit_info.value.code == 3
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith("error: training diverged: ")
+    assert "steps in a row were skipped" in last_line and "--max_consecutive_skips=10" in last_line
+    assert last_line.endswith(f"last good checkpoint: {tmp_path}/checkpoints/ckpt-20")
+    # Skips start at step 25 and pass 10 in a row during the loop from 34 to 40,
+    # so that loop is never saved: ckpt-20 is the last checkpoint and stays loadable.
+    assert _latest_step(tmp_path) == 20
+    reader = tf.train.load_checkpoint(str(tmp_path / "checkpoints" / "ckpt-20"))
+    assert int(reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE")) == 20
+    model = create_model("tiny", 5, 16, "mixed_float16")  # as --mode=predict loads it
+    tf.train.Checkpoint(model=model).restore(
+        str(tmp_path / "checkpoints" / "ckpt-20")
+    ).expect_partial().assert_existing_objects_matched()
+    assert all(np.isfinite(v.numpy()).all() for v in model.weights)
+    assert not list((tmp_path / "checkpoints").glob("ckpt-40*"))
