@@ -176,6 +176,24 @@ flags.DEFINE_string(
     "export_dir", C.export_dir, "Write a float32 SavedModel (images -> probabilities) here."
 )
 
+# --- distribution (issue 5) ---
+flags.DEFINE_enum(
+    "strategy",
+    C.strategy,
+    config_lib.STRATEGIES,
+    "tf.distribute strategy; multi_worker reads the cluster from TF_CONFIG.",
+)
+flags.DEFINE_integer(
+    "num_cpu_devices",
+    C.num_cpu_devices,
+    "--strategy=mirrored on a machine without GPUs: replicas on this many logical CPUs.",
+)
+flags.DEFINE_integer(
+    "grad_accum_steps",
+    C.grad_accum_steps,
+    "Split each batch into this many micro-batches; one decision and update per batch.",
+)
+
 FLAGS = flags.FLAGS
 
 

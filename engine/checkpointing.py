@@ -7,6 +7,9 @@ The root object has these children, so any of them can be restored alone
   model, optimizer, loss_scale, step, skipped_steps, consecutive_skips, iterator.
 `iterator` is the training `tf.data` iterator: its position, shuffle buffer and
 shuffle seed state, so a resumed run sees exactly the batches it would have seen.
+TensorFlow 2.21 cannot save the iterator of a multi-device strategy
+(`DistributedIterator` is not trackable): there the input restarts from the
+beginning of its shuffled stream on resume, and the run says so.
 """
 
 import dataclasses
@@ -54,8 +57,13 @@ def create_checkpoint(state, iterator=None):
         skipped_steps=state.skipped_steps,
         consecutive_skips=state.consecutive_skips,
     )
-    if iterator is not None:
+    if isinstance(iterator, tf.__internal__.tracking.Trackable):
         children["iterator"] = iterator
+    elif iterator is not None:
+        logging.warning(
+            "this strategy's input iterator cannot be checkpointed; a resumed run restarts "
+            "the input stream (use --strategy=default for an exact resume)"
+        )
     return tf.train.Checkpoint(**children)
 
 

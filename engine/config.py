@@ -9,6 +9,7 @@ import datetime
 import os
 
 MODES = ("train", "predict", "compare", "benchmark")
+STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
 PRECISIONS = ("fp32", "mixed", "mixed_bf16")
 MODELS = ("tiny", "small_resnet", "resnet50")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
@@ -84,6 +85,11 @@ class Config:
     max_consecutive_skips: int = 25  # more skipped steps in a row stop the run; 0 = no limit
     export_dir: str = ""  # "" = no SavedModel export
 
+    # --- distribution (issue 5) ---
+    strategy: str = "default"  # default | one_device | mirrored | multi_worker (TF_CONFIG)
+    num_cpu_devices: int = 2  # --strategy=mirrored without a GPU: logical CPU devices
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (batch_size is split)
+
     def __post_init__(self):
         _check_choice("mode", self.mode, MODES)
         _check_choice("precision", self.precision, PRECISIONS)
@@ -144,6 +150,7 @@ class Config:
             )
         self._check_real_data()
         self._validate_checkpointing()
+        self._check_distribution()
         self._check_tensorboard_fields()
 
     def _check_real_data(self):
@@ -178,6 +185,16 @@ class Config:
                     f"--{name} must be an integer >= 0 (0 = off), got {getattr(self, name)}"
                 )
         parse_compare(self.compare)
+
+    def _check_distribution(self):
+        _check_choice("strategy", self.strategy, STRATEGIES)
+        _check_positive_int("num_cpu_devices", self.num_cpu_devices)
+        _check_positive_int("grad_accum_steps", self.grad_accum_steps)
+        if self.batch_size % self.grad_accum_steps:
+            raise ConfigError(
+                f"--batch_size ({self.batch_size}) must be a multiple of --grad_accum_steps "
+                f"({self.grad_accum_steps}): each step splits the batch into equal micro-batches"
+            )
 
     def _validate_checkpointing(self):
         for name in ("checkpoint_every", "max_consecutive_skips"):

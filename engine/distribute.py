@@ -18,8 +18,9 @@ import shutil
 import tempfile
 
 import tensorflow as tf
+from absl import logging
 
-STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
+from engine.config import STRATEGIES, ConfigError
 
 
 def _configure_cpu_devices(num_cpu_devices):
@@ -32,7 +33,7 @@ def _configure_cpu_devices(num_cpu_devices):
             cpus[0], [tf.config.LogicalDeviceConfiguration()] * num_cpu_devices
         )
     except RuntimeError as e:  # the runtime was already initialised
-        raise ValueError(
+        raise ConfigError(
             f"--num_cpu_devices={num_cpu_devices} must be set before TensorFlow starts "
             f"(the process already has {len(tf.config.list_logical_devices('CPU'))})"
         ) from e
@@ -42,7 +43,7 @@ def create_strategy(name, num_cpu_devices=1):
     """Returns the `tf.distribute.Strategy` called `name`.
 
     Raises:
-      ValueError: `multi_worker` without a usable TF_CONFIG, or devices that
+      ConfigError: `multi_worker` without a usable TF_CONFIG, or devices that
         cannot be configured any more (messages name the fix).
     """
     gpus = tf.config.list_physical_devices("GPU")
@@ -59,14 +60,14 @@ def create_strategy(name, num_cpu_devices=1):
     if name == "multi_worker":
         check_tf_config()
         return tf.distribute.MultiWorkerMirroredStrategy()
-    raise ValueError(f"--strategy={name!r} is not one of: {', '.join(STRATEGIES)}")
+    raise ConfigError(f"--strategy={name!r} is not one of: {', '.join(STRATEGIES)}")
 
 
 def check_tf_config():
-    """Raises ValueError unless TF_CONFIG describes a cluster with this task in it."""
+    """Raises ConfigError unless TF_CONFIG describes a cluster with this task in it."""
     raw = os.environ.get("TF_CONFIG")
     if not raw:
-        raise ValueError(
+        raise ConfigError(
             "--strategy=multi_worker needs the TF_CONFIG environment variable "
             '(e.g. {"cluster": {"worker": ["host1:port", "host2:port"]}, '
             '"task": {"type": "worker", "index": 0}})'
@@ -76,7 +77,7 @@ def check_tf_config():
         task = spec["task"]
         assert task["index"] < len(spec["cluster"][task["type"]])
     except (ValueError, KeyError, TypeError, AssertionError) as e:
-        raise ValueError(f"TF_CONFIG is not a valid cluster spec ({e!r}): {raw}") from e
+        raise ConfigError(f"TF_CONFIG is not a valid cluster spec ({e!r}): {raw}") from e
 
 
 def is_chief(strategy):
@@ -97,6 +98,8 @@ class WriteDir:
     def __init__(self, model_dir, strategy):
         self.chief = is_chief(strategy)
         self.path = model_dir if self.chief else tempfile.mkdtemp(prefix="worker-")
+        if not self.chief:
+            logging.info("not the chief: writing to temporary %s, deleted at the end", self.path)
 
     def cleanup(self):
         if not self.chief:

@@ -11,18 +11,28 @@ Three layers, as in Orbit:
 """
 
 import dataclasses
+import hashlib
 import time
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from engine import checkpointing, diagnostics, export, guards, optimizers, summaries
+from engine import (
+    checkpointing,
+    diagnostics,
+    distribute,
+    export,
+    guards,
+    optimizers,
+    summaries,
+)
 from engine import config as config_lib
 from engine.loss_scale import create_loss_scale
 from engine.precision import get_policy, slow_combination_warning
 from engine.profiling import StepProfiler
-from engine.train_step import create_eval_step, create_train_step
+from engine.train_step import TrainStep, create_eval_step, create_train_step
 from input_pipeline import create_data
 from models import create_model
 
@@ -79,16 +89,30 @@ def create_train_loop(strategy, train_step, state, stats, jit_compile, monitor=N
     """Returns `train_loop(iterator, num_steps)`, one `tf.function` running many steps.
 
     `monitor` (a `diagnostics.StepMonitor`) records non-finite steps in the graph.
+    With one replica XLA compiles the whole step; with several, the part of
+    each replica's step that holds no collective (`TrainStep.compute`).
     """
-    step_fn = tf.function(train_step, jit_compile=jit_compile)
     sum_ = tf.distribute.ReduceOp.SUM
+    if strategy.num_replicas_in_sync == 1 or not isinstance(train_step, TrainStep):
+        step_fn = tf.function(train_step, jit_compile=jit_compile)
+
+        def run_step(images, labels, number):
+            return strategy.run(step_fn, args=(images, labels, number))
+
+    else:
+        compute = tf.function(train_step.compute, jit_compile=jit_compile)
+
+        def run_step(images, labels, number):
+            out = strategy.run(train_step.replica_step, args=(images, labels, number, compute))
+            train_step.cross_replica_update(strategy, out)
+            return {k: v for k, v in out.items() if k not in ("grads", "saved_state")}
 
     @tf.function
     def train_loop(iterator, num_steps):
         for _ in tf.range(num_steps):
             images, labels = next(iterator)
-            # `step` is the global step once this step is done (the first is 1).
-            out = strategy.run(step_fn, args=(images, labels, state.step + 1))
+            # `number` is the global step once this step is done (the first is 1).
+            out = run_step(images, labels, state.step + 1)
             # Every replica took the same decision on the same reduced gradients.
             finite = strategy.experimental_local_results(out["finite"])[0]
             grad_norm = strategy.experimental_local_results(out["grad_norm"])[0]
@@ -117,7 +141,14 @@ def create_train_loop(strategy, train_step, state, stats, jit_compile, monitor=N
 
 def create_eval_loop(strategy, eval_step, jit_compile):
     """Returns `eval_loop(dist_dataset) -> (mean loss, accuracy)` as one `tf.function`."""
-    step_fn = tf.function(eval_step, jit_compile=jit_compile)
+    compiled = tf.function(eval_step, jit_compile=jit_compile)
+
+    def step_fn(images, labels):
+        # Called from a plain replica function: a compiled function handed to
+        # `strategy.run` directly is placed on the first device for every
+        # replica, and XLA then cannot reach the other replicas' variables.
+        return compiled(images, labels)
+
     sum_ = tf.distribute.ReduceOp.SUM
 
     @tf.function
@@ -151,6 +182,16 @@ class RunResult:
     first_step_seconds: float
     examples_per_sec: float
     stopped_by: str = ""  # the signal that stopped the run early, e.g. "SIGTERM"
+    weights_digest: str = ""  # sha256 of every model variable and the loss scale
+
+
+def weights_digest(state):
+    """A short sha256 of the model's variables and the loss scale: equal on workers in sync."""
+    digest = hashlib.sha256()
+    for variable in state.model.variables:
+        digest.update(np.ascontiguousarray(variable.numpy()).tobytes())
+    digest.update(np.float32(state.loss_scale.value.numpy()).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def device_type():
@@ -174,6 +215,21 @@ def build_state(config, data, strategy):
             max_scale=config.max_scale,
         )
         return TrainState(model, optimizer, loss_scale)
+
+
+def check_batch_sizes(config, num_replicas):
+    """Raises ConfigError unless the batches divide evenly over replicas and micro-batches."""
+    per_replica, remainder = divmod(config.batch_size, num_replicas)
+    if remainder or per_replica % config.grad_accum_steps:
+        raise config_lib.ConfigError(
+            f"--batch_size ({config.batch_size}) must be a multiple of the {num_replicas} "
+            f"replica(s) x --grad_accum_steps ({config.grad_accum_steps})"
+        )
+    if config.eval_batch_size % num_replicas:
+        raise config_lib.ConfigError(
+            f"--eval_batch_size ({config.eval_batch_size}) must be a multiple of the "
+            f"{num_replicas} replica(s)"
+        )
 
 
 def steps_per_epoch(config, data):
@@ -232,12 +288,19 @@ def train_and_evaluate(config, model_dir):
     warning = slow_combination_warning(policy, config.xla, device_type())
     if warning:
         logging.warning("%s", warning)
+    # First: logical CPU devices can only be set up before TensorFlow starts its runtime.
+    strategy = distribute.create_strategy(config.strategy, config.num_cpu_devices)
+    check_batch_sizes(config, strategy.num_replicas_in_sync)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
-    strategy = tf.distribute.get_strategy()
-    data = create_data(config)  # first: bad data must leave no trace in model_dir
-    resume = checkpointing.prepare_model_dir(config, model_dir)
+    data = create_data(config)  # before model_dir: bad data must leave no trace there
+    # Only the chief writes to model_dir; other workers write to a temporary folder.
+    write_dir = distribute.WriteDir(model_dir, strategy)
+    if write_dir.chief:
+        resume = checkpointing.prepare_model_dir(config, model_dir)
+    else:
+        resume = checkpointing.has_checkpoints(model_dir) and not config.fresh
     state = build_state(config, data, strategy)
     stats = LoopStats()
     trainable = state.model.trainable_variables
@@ -253,16 +316,19 @@ def train_and_evaluate(config, model_dir):
         class_weights=data.class_weights,
         precision_diagnostics=config.precision_diagnostics,
         inject=config_lib.parse_inject_nonfinite(config.inject_nonfinite),
+        grad_accum_steps=config.grad_accum_steps,
     )
     train_loop = create_train_loop(strategy, train_step, state, stats, config.xla, monitor)
     eval_loop = create_eval_loop(strategy, create_eval_step(state.model), config.xla)
     iterator = iter(strategy.distribute_datasets_from_function(_train_fn(data, config)))
     eval_data = strategy.distribute_datasets_from_function(data.eval_fn)
     checkpoint = checkpointing.create_checkpoint(state, iterator)
-    manager = checkpointing.create_manager(checkpoint, model_dir, config.keep_checkpoints)
+    manager = checkpointing.create_manager(checkpoint, write_dir.path, config.keep_checkpoints)
     last_good, saved_step = None, None  # the checkpoint a failure falls back to
     if resume:
-        last_good = checkpointing.restore_latest(checkpoint, manager)
+        # Every worker restores the chief's checkpoint, which all of them can read.
+        source = manager if write_dir.chief else checkpointing.create_manager(checkpoint, model_dir)
+        last_good = checkpointing.restore_latest(checkpoint, source)
         saved_step = int(state.step.numpy())
         logging.info(
             "resuming from %s at step %d (loss scale %g)",
@@ -283,8 +349,8 @@ def train_and_evaluate(config, model_dir):
         " + XLA" if config.xla else "",
         model_dir,
     )
-    writer = summaries.SummaryWriter(model_dir)
-    profiler = StepProfiler(config.profile_steps, model_dir)
+    writer = summaries.SummaryWriter(write_dir.path)
+    profiler = StepProfiler(config.profile_steps, write_dir.path)
     start = time.perf_counter()
     first_step_seconds = None
     train_seconds = 0.0
@@ -296,7 +362,7 @@ def train_and_evaluate(config, model_dir):
     # Signals are caught from here on: a SIGTERM during start-up still saves and exits 0.
     with guards.stop_on_signals() as stop:
         try:
-            shown_images, shown_labels = _write_run_start(writer, config, model_dir, data)
+            shown_images, shown_labels = _write_run_start(writer, config, write_dir.path, data)
             probe = diagnostics.create_gradient_probe(state.model, state.loss_scale)
             while step < total and not stop:
                 first_loop = first_step_seconds is None
@@ -352,8 +418,12 @@ def train_and_evaluate(config, model_dir):
                 if eval_step != step:  # resumed a finished run: no loop ran
                     eval_loss, eval_acc = (float(v) for v in eval_loop(eval_data))
                 if config.export_dir:
-                    export.export_saved_model(state.model, config.image_size, config.export_dir)
-                    logging.info("exported a float32 SavedModel to %s", config.export_dir)
+                    # Every worker saves (variables are read collectively); the chief's counts.
+                    export_dir = (
+                        config.export_dir if write_dir.chief else write_dir.path + "/export"
+                    )
+                    export.export_saved_model(state.model, config.image_size, export_dir)
+                    logging.info("exported a float32 SavedModel to %s", export_dir)
             timed_steps = step - start_step - 1  # the first loop (one step) is timed apart
             result = RunResult(
                 model_dir=model_dir,
@@ -369,6 +439,7 @@ def train_and_evaluate(config, model_dir):
                     timed_steps * config.batch_size / train_seconds if train_seconds else 0.0
                 ),
                 stopped_by=stop.signal_name or "",
+                weights_digest=weights_digest(state),
             )
             if not stop:
                 _log_done(result)
@@ -376,6 +447,7 @@ def train_and_evaluate(config, model_dir):
         finally:
             profiler.stop()
             writer.close()
+            write_dir.cleanup()
     return result
 
 
@@ -403,7 +475,7 @@ def _accumulate(totals, raw):
 def _log_done(result):
     logging.info(
         "done: %d steps (%d skipped) in %.1f s, first step %.1f s, %.1f ex/s, "
-        "eval accuracy %.4f, loss scale %g",
+        "eval accuracy %.4f, loss scale %g, weights %s",
         result.steps,
         result.skipped_steps,
         result.train_seconds,
@@ -411,6 +483,7 @@ def _log_done(result):
         result.examples_per_sec,
         result.eval_accuracy,
         result.loss_scale,
+        result.weights_digest,
     )
 
 

@@ -1,11 +1,12 @@
-"""The training and eval steps: only TensorFlow ops, one replica's view.
+"""The training and eval steps: only TensorFlow ops.
 
 The numerical order of a mixed-precision step, in one place:
 
   1. forward under the model's dtype policy; logits and loss in float32
   2. scale the loss (the no-op scale multiplies by one)
   3. gradients of the scaled loss with respect to the float32 weights
-  4. all-reduce across replicas, then cast to float32 and unscale
+  4. cast to float32 and unscale (per micro-batch with --grad_accum_steps,
+     summing the unscaled gradients), then all-reduce across replicas
   5. ONE finiteness flag over all the reduced gradients, so every replica
      reaches the same decision
   6. global norm of the unscaled gradients; optional clipping by it
@@ -20,6 +21,11 @@ What a skipped step does to the counters (and is tested):
   * `optimizer.iterations` does not advance: it counts applied updates, so the
     learning-rate schedule (a function of it) and Adam's bias correction never
     move on a step that changed nothing.
+
+One replica runs steps 1-8 as one function (compiled whole by XLA). Several
+replicas run 1-6 in each replica and 7-8 once, in cross-replica context: a
+`tf.cond` around the optimizer is not allowed inside a replica under
+strategies that synchronise with `merge_call` (every strategy on a CPU).
 """
 
 import keras
@@ -36,26 +42,18 @@ def _sum_over_replicas(grads):
     return ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
 
 
-def apply_scaled_gradients(
-    optimizer, loss_scale, scaled_grads, variables, clip_norm=0.0, on_skip=None
-):
-    """Steps 4-8 above: unscale, check, clip, apply or skip, update the scale.
+def check_and_clip(grads, clip_norm=0.0):
+    """Steps 5-6: one finiteness flag, the global norm, clipping.
 
     Args:
-      optimizer: a built Keras optimizer over `variables`.
-      loss_scale: the scale the gradients were multiplied by.
-      scaled_grads: gradients of the scaled loss, one per variable (this
-        replica's; they are summed over replicas here).
-      variables: the variables to update.
-      clip_norm: clip to this global norm of the unscaled gradients; 0 disables.
-      on_skip: optional callable run (in the graph) when the step is skipped.
+      grads: unscaled float32 gradients, already summed over replicas.
+      clip_norm: clip to this global norm; 0 disables.
 
     Returns:
-      (finite, grad_norm, finite_per_variable): bool scalar, float32 global norm
-      of the unscaled gradients before clipping, bool vector with one entry per
-      variable (False where that gradient holds an inf or a nan).
+      (grads, finite, grad_norm, finite_per_variable): the (clipped) gradients,
+      a bool scalar, the float32 global norm before clipping, and a bool vector
+      with one entry per gradient (False where it holds an inf or a nan).
     """
-    grads = loss_scale.unscale(_sum_over_replicas(scaled_grads))
     # Per-tensor `is_finite`, not "is the global norm finite": a sum of squares
     # can overflow float32 for large but finite gradients and skip a good step.
     finite_per_variable = tf.stack([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
@@ -65,16 +63,31 @@ def apply_scaled_gradients(
         # Clip the true (unscaled) gradients: clipping scaled ones would make
         # the threshold depend on the current loss scale.
         grads, _ = tf.clip_by_global_norm(grads, clip_norm, use_norm=grad_norm)
+    return grads, finite, grad_norm, finite_per_variable
 
-    def apply_update():
-        optimizer.apply(grads, variables)
+
+def apply_or_skip(optimizer, loss_scale, grads, variables, finite, on_skip=None):
+    """Steps 7-8 for one replica: apply or skip the update, then update the scale."""
 
     def skip_update():
         if on_skip is not None:
             on_skip()
 
-    tf.cond(finite, apply_update, skip_update)
+    tf.cond(finite, lambda: optimizer.apply(grads, variables), skip_update)
     loss_scale.update(finite)
+
+
+def apply_scaled_gradients(
+    optimizer, loss_scale, scaled_grads, variables, clip_norm=0.0, on_skip=None
+):
+    """Steps 4-8 for one replica: unscale, sum, check, clip, apply or skip, update.
+
+    Returns:
+      (finite, grad_norm, finite_per_variable), as `check_and_clip`.
+    """
+    grads = _sum_over_replicas(loss_scale.unscale(scaled_grads))
+    grads, finite, grad_norm, finite_per_variable = check_and_clip(grads, clip_norm)
+    apply_or_skip(optimizer, loss_scale, grads, variables, finite, on_skip)
     return finite, grad_norm, finite_per_variable
 
 
@@ -113,88 +126,181 @@ def inject_nonfinite(grads, variables, step, spec):
     ]
 
 
-def create_train_step(
-    model,
-    optimizer,
-    loss_scale,
-    global_batch_size,
-    clip_norm=0.0,
-    class_weights=None,
-    precision_diagnostics=False,
-    inject=None,
-):
-    """Returns `train_step(images, labels, step=None) -> dict of tensors`.
+class TrainStep:
+    """One training step, split where distribution needs it.
+
+    `step(images, labels, number)` runs the whole step on one replica.
+    `replica_step` and `cross_replica_update` are the two halves for several
+    replicas (see the module docstring); `compute` is the part free of
+    collectives, which XLA compiles in both cases.
 
     Args:
       model: a built Keras model producing float32 logits.
       optimizer: a built Keras optimizer over `model.trainable_variables`.
       loss_scale: a `NoOpLossScale`, `StaticLossScale` or `DynamicLossScale`.
-      global_batch_size: examples per step over all replicas; the loss is the
-        sum over a replica's examples divided by it, so summed replica
-        gradients are the gradient of the global mean.
+      global_batch_size: examples per step over all replicas and micro-batches;
+        each example's loss is divided by it, so summed gradients are the
+        gradient of the global mean.
       clip_norm: clip the unscaled gradients to this global norm; 0 disables.
       class_weights: optional per-class loss weights (one float per class); each
         example's loss is multiplied by its class's weight.
       precision_diagnostics: also return `underflow_fraction` and
         `overflow_fraction` (see `diagnostics.float16_range_fractions`).
       inject: optional parsed `--inject_nonfinite` spec (see `inject_nonfinite`);
-        the step then needs `step`, its number once done.
+        the step then needs `number`, its step number once done.
+      grad_accum_steps: split each replica's batch into this many micro-batches
+        and sum their unscaled gradients before one decision and one update.
 
-    The returned dict holds `loss` (this replica's share of the mean loss),
-    `correct` (int32 count), `finite` (bool), `grad_norm` (unscaled, before
-    clipping) and `finite_per_variable` (bool per trainable variable).
+    Every call returns a dict with `loss` (this replica's share of the mean
+    loss), `correct` (int32 count), `finite` (bool), `grad_norm` (unscaled,
+    before clipping), `finite_per_variable` (bool per trainable variable) and,
+    with `precision_diagnostics`, the two fractions.
     """
-    trainable = model.trainable_variables
-    # BatchNorm moving statistics are written by the forward pass itself, so a
-    # skipped step must put them back (a nan batch would otherwise poison them).
-    stateful = model.non_trainable_variables
-    if class_weights is not None:
-        class_weights = tf.constant(class_weights, tf.float32)
 
-    def train_step(images, labels, step=None):
-        saved_state = [tf.identity(v.value) for v in stateful]
+    def __init__(
+        self,
+        model,
+        optimizer,
+        loss_scale,
+        global_batch_size,
+        clip_norm=0.0,
+        class_weights=None,
+        precision_diagnostics=False,
+        inject=None,
+        grad_accum_steps=1,
+    ):
+        self.model, self.optimizer, self.loss_scale = model, optimizer, loss_scale
+        self.global_batch_size = global_batch_size
+        self.clip_norm = clip_norm
+        self.class_weights = (
+            None if class_weights is None else tf.constant(class_weights, tf.float32)
+        )
+        self.precision_diagnostics = precision_diagnostics
+        self.inject = inject
+        self.grad_accum_steps = grad_accum_steps
+        self.trainable = model.trainable_variables
+        # BatchNorm moving statistics are written by the forward pass itself, so a
+        # skipped step must put them back (a nan batch would otherwise poison them).
+        self.stateful = model.non_trainable_variables
+
+    def __call__(self, images, labels, number=None):
+        out = self.replica_step(images, labels, number)
+        grads, saved_state = out.pop("grads"), out.pop("saved_state")
+        apply_or_skip(
+            self.optimizer,
+            self.loss_scale,
+            grads,
+            self.trainable,
+            out["finite"],
+            on_skip=lambda: self._restore(saved_state),
+        )
+        return out
+
+    def replica_step(self, images, labels, number=None, compute=None):
+        """Steps 1-6 in one replica; the dict also holds `grads` and `saved_state`.
+
+        `compute` replaces `self.compute`, e.g. with an XLA-compiled copy of it.
+        """
+        out = (compute or self.compute)(images, labels, number)
+        self._average_state_over_replicas()
+        grads, finite, grad_norm, finite_per_variable = check_and_clip(
+            _sum_over_replicas(out["grads"]), self.clip_norm
+        )
+        out.update(
+            grads=grads,
+            finite=finite,
+            grad_norm=grad_norm,
+            finite_per_variable=finite_per_variable,
+        )
+        return out
+
+    def cross_replica_update(self, strategy, out):
+        """Steps 7-8 for several replicas, in cross-replica context."""
+        # All replicas hold the same reduced gradients and the same flag.
+        finite = strategy.experimental_local_results(out["finite"])[0]
+
+        def apply_update(grads):
+            # Keras' optimizer sums gradients over replicas itself. The gradients
+            # here are already that sum, so replica 0 passes them and the others
+            # pass zeros: Keras' sum then reproduces them exactly (x + 0 == x)
+            # and the update applied is exactly the one that was checked.
+            ctx = tf.distribute.get_replica_context()
+            first = tf.equal(ctx.replica_id_in_sync_group, 0)
+            self.optimizer.apply(
+                [tf.where(first, g, tf.zeros_like(g)) for g in grads], self.trainable
+            )
+
+        tf.cond(
+            finite,
+            lambda: strategy.extended.call_for_each_replica(apply_update, (out["grads"],)),
+            lambda: strategy.extended.call_for_each_replica(self._restore, (out["saved_state"],)),
+        )
+        self.loss_scale.update(finite)
+
+    def compute(self, images, labels, number=None):
+        """Steps 1-4 without the all-reduce: local unscaled float32 gradients."""
+        saved_state = [tf.identity(v.value) for v in self.stateful]
+        k = self.grad_accum_steps
+        if k == 1:
+            grads, loss, correct = self._gradients(images, labels, number)
+        else:
+            micro_images = tf.reshape(images, [k, -1, *images.shape[1:]])
+            micro_labels = tf.reshape(labels, [k, -1])
+            grads = [tf.zeros_like(v.value) for v in self.trainable]
+            loss, correct = tf.constant(0.0), tf.constant(0)
+            for i in tf.range(k):
+                part_grads, part_loss, part_correct = self._gradients(
+                    micro_images[i], micro_labels[i], number
+                )
+                grads = [a + b for a, b in zip(grads, part_grads, strict=True)]
+                loss, correct = loss + part_loss, correct + part_correct
+        out = {"loss": loss, "correct": correct, "grads": grads, "saved_state": saved_state}
+        if self.precision_diagnostics:
+            # Measured against the scale this step used, on this replica's
+            # unscaled gradients, before the scale is updated.
+            out.update(diagnostics.float16_range_fractions(grads, self.loss_scale.value))
+        return out
+
+    def _gradients(self, images, labels, number):
+        """One (micro-)batch: unscaled float32 gradients, loss share, correct count."""
         with tf.GradientTape() as tape:
-            logits = model(images, training=True)
+            logits = self.model(images, training=True)
             per_example = keras.losses.sparse_categorical_crossentropy(
                 labels, logits, from_logits=True
             )
-            if class_weights is not None:
-                per_example *= tf.gather(class_weights, labels)
-            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
-            scaled_loss = loss_scale.scale(loss)
-        scaled_grads = tape.gradient(scaled_loss, trainable)
-        if inject:
-            scaled_grads = inject_nonfinite(scaled_grads, trainable, step, inject)
-
-        fractions = {}
-        if precision_diagnostics:
-            # Before `apply_scaled_gradients` updates the scale: measured against
-            # the scale this step used, on this replica's unscaled gradients.
-            fractions = diagnostics.float16_range_fractions(
-                loss_scale.unscale(scaled_grads), loss_scale.value
-            )
-
-        def restore_state():
-            for var, value in zip(stateful, saved_state, strict=True):
-                var.assign(value)
-
-        finite, grad_norm, finite_per_variable = apply_scaled_gradients(
-            optimizer, loss_scale, scaled_grads, trainable, clip_norm, on_skip=restore_state
-        )
+            if self.class_weights is not None:
+                per_example *= tf.gather(self.class_weights, labels)
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch_size)
+            scaled_loss = self.loss_scale.scale(loss)
+        scaled_grads = tape.gradient(scaled_loss, self.trainable)
+        if self.inject:
+            scaled_grads = inject_nonfinite(scaled_grads, self.trainable, number, self.inject)
         correct = tf.reduce_sum(
             tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.int32)
         )
-        out = {
-            "loss": loss,
-            "correct": correct,
-            "finite": finite,
-            "grad_norm": grad_norm,
-            "finite_per_variable": finite_per_variable,
-        }
-        out.update(fractions)
-        return out
+        return self.loss_scale.unscale(scaled_grads), loss, correct
 
-    return train_step
+    def _average_state_over_replicas(self):
+        # Keras 3 keeps BatchNorm moving statistics per replica (aggregation
+        # "none"): each replica would update them from its own batch, replicas
+        # would drift apart and a checkpoint would hold replica 0's alone. One
+        # small all-reduce keeps them identical everywhere.
+        ctx = tf.distribute.get_replica_context()
+        if not self.stateful or ctx is None or ctx.num_replicas_in_sync == 1:
+            return
+        local = [tf.identity(v.value) for v in self.stateful]
+        averaged = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, local)
+        for var, value in zip(self.stateful, averaged, strict=True):
+            var.assign(value)
+
+    def _restore(self, saved_state):
+        for var, value in zip(self.stateful, saved_state, strict=True):
+            var.assign(value)
+
+
+def create_train_step(model, optimizer, loss_scale, global_batch_size, clip_norm=0.0, **kwargs):
+    """Returns a `TrainStep`; see its docstring for the arguments."""
+    return TrainStep(model, optimizer, loss_scale, global_batch_size, clip_norm, **kwargs)
 
 
 def create_eval_step(model):

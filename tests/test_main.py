@@ -30,6 +30,8 @@ def _main(*args, timeout=120):
         ("--dataset=imagenet", "--dataset='imagenet' is not known"),
         ("--nonsense=1", "Unknown command line flag 'nonsense'"),
         ("--epochs=0", "set --epochs or --train_steps"),
+        ("--grad_accum_steps=3", "must be a multiple of --grad_accum_steps (3)"),
+        ("--strategy=tpu", "default|one_device|mirrored|multi_worker"),
     ],
 )
 def test_bad_flag_is_one_line_and_nonzero_exit(flag, expected):

@@ -166,3 +166,46 @@ def test_documented_difference_keras_scale_is_unbounded_ours_is_clamped():
     history = _run_both(bad, 2.0, 100, min_scale=1.0)
     assert [h[0] for h in history] == [1, 1, 1, 1]
     assert [h[1] for h in history] == [1, 0.5, 0.25, 0.125]
+
+
+def _dense_model():
+    # No BatchNorm: micro-batch statistics would differ from the whole batch's.
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Dense(8, activation="relu")(keras.layers.Flatten()(inputs))
+    return keras.Model(inputs, keras.layers.Dense(3, dtype="float32")(x))
+
+
+def _one_step(grad_accum_steps, precision="fp32", poison=None):
+    model = _dense_model()
+    optimizer = keras.optimizers.SGD(0.5)
+    optimizer.build(model.trainable_variables)
+    loss_scale = create_loss_scale(get_policy(precision))
+    step = create_train_step(model, optimizer, loss_scale, 8, grad_accum_steps=grad_accum_steps)
+    images, labels = _batch(2)
+    if poison is not None:  # one value in the last micro-batch
+        images = tf.tensor_scatter_nd_update(images, [[7, 0, 0, 0]], [poison])
+    out = tf.function(step, jit_compile=True)(images, labels)
+    return out, model, optimizer, loss_scale
+
+
+def test_four_micro_batches_give_the_update_of_one_batch():
+    whole, model_whole, _, _ = _one_step(1)
+    accumulated, model_acc, _, _ = _one_step(4)
+    assert float(accumulated["loss"]) == pytest.approx(float(whole["loss"]), rel=1e-6)
+    assert int(accumulated["correct"]) == int(whole["correct"])
+    for a, b in zip(model_acc.trainable_variables, model_whole.trainable_variables, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7)
+    assert not np.array_equal(
+        model_acc.trainable_variables[0].numpy(), _dense_model().trainable_variables[0].numpy()
+    )
+
+
+def test_a_nonfinite_micro_batch_skips_the_accumulated_step_and_backs_off_once():
+    out, model, optimizer, loss_scale = _one_step(4, precision="mixed", poison=np.inf)
+    assert not bool(out["finite"])
+    assert int(optimizer.iterations) == 0
+    assert float(loss_scale.value) == 2.0**14  # once, not once per micro-batch
+    fresh = _dense_model()
+    for a, b in zip(model.variables, fresh.variables, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())

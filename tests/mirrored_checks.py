@@ -1,0 +1,125 @@
+"""Run in a fresh process by tests/test_distribute.py: two logical CPUs need a new runtime.
+
+`python tests/mirrored_checks.py CHECK` prints one JSON line with what the test asserts on.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from engine import distribute, loop
+from engine.loss_scale import DynamicLossScale
+from engine.train_step import create_train_step
+from models import create_model
+
+BATCH = 8  # global; 4 per replica
+
+
+def _batches(seed, poison=None):
+    """The global batch, and its two replica halves; half `poison` is all nan."""
+    images = tf.random.stateless_uniform([BATCH, 16, 16, 3], [seed, 0])
+    labels = tf.random.stateless_uniform([BATCH], [seed, 1], maxval=3, dtype=tf.int32)
+    halves = [(images[:4], labels[:4]), (images[4:], labels[4:])]
+    if poison is not None:
+        halves[poison] = (tf.fill([4, 16, 16, 3], float("nan")), halves[poison][1])
+    return images, labels, halves
+
+
+def _dense_model(policy):
+    # No BatchNorm: per-replica batch statistics would differ from the global
+    # batch's, and this check is about how gradients are combined.
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Flatten()(inputs)
+    x = keras.layers.Dense(8, activation="relu", dtype=policy)(x)
+    return keras.Model(inputs, keras.layers.Dense(3, dtype="float32")(x))
+
+
+def _run(strategy, model_fn, policy, halves, steps=1):
+    with strategy.scope():
+        model = model_fn(policy)
+        optimizer = keras.optimizers.SGD(0.5)
+        optimizer.build(model.trainable_variables)
+        scale = DynamicLossScale(initial_scale=2.0**15, growth_interval=1000)
+        state = loop.TrainState(model, optimizer, scale)
+        stats = loop.LoopStats()
+    before = [v.numpy().copy() for v in model.variables]
+    step = create_train_step(model, optimizer, scale, BATCH)
+    train_loop = loop.create_train_loop(strategy, step, state, stats, jit_compile=False)
+    # One input pipeline, two replicas: consecutive elements go to replica 0, then 1.
+    per_replica = tf.data.Dataset.from_tensor_slices(
+        tuple(tf.stack(t) for t in zip(*halves, strict=True))
+    )
+    dataset = strategy.distribute_datasets_from_function(lambda ctx: per_replica.repeat())
+    train_loop(iter(dataset), tf.constant(steps))
+    return state, model, before
+
+
+def _replica_values(variable):
+    value = variable.value if hasattr(variable, "value") else variable
+    components = getattr(value, "values", None) or (value,)
+    return [np.asarray(c) for c in components]
+
+
+def skip_agreement(poison):
+    strategy = distribute.create_strategy("mirrored", 2)
+    _, _, halves = _batches(0, poison=poison)
+    state, model, before = _run(
+        strategy, lambda p: create_model("tiny", 3, 16, p), "mixed_float16", halves
+    )
+    identical = all(
+        all(np.array_equal(r, reps[0]) for r in reps)
+        for reps in (_replica_values(v) for v in model.variables + state.optimizer.variables)
+    )
+    unchanged = all(
+        np.array_equal(_replica_values(v)[0], b)
+        for v, b in zip(model.variables, before, strict=True)
+    )
+    print(
+        json.dumps(
+            {
+                "replicas": strategy.num_replicas_in_sync,
+                "skipped": int(state.skipped_steps.numpy()),
+                "scale": float(state.loss_scale.value.numpy()),
+                "iterations": int(state.optimizer.iterations.numpy()),
+                "identical_across_replicas": identical,
+                "unchanged": unchanged,
+            }
+        )
+    )
+
+
+def matches_single_device():
+    mirrored = distribute.create_strategy("mirrored", 2)  # before any op starts the runtime
+    images, labels, halves = _batches(1)
+    _, model, _ = _run(mirrored, _dense_model, "float32", halves)
+    mirrored_weights = [_replica_values(v) for v in model.variables]
+    _, single, _ = _run(tf.distribute.get_strategy(), _dense_model, "float32", [(images, labels)])
+    max_diff = max(
+        float(np.max(np.abs(reps[0] - v.numpy())))
+        for reps, v in zip(mirrored_weights, single.variables, strict=True)
+    )
+    spread = max(float(np.max(np.abs(r - reps[0]))) for reps in mirrored_weights for r in reps)
+    changed = any(
+        not np.array_equal(a, b)
+        for a, b in zip(
+            [w[0] for w in mirrored_weights],
+            [v.numpy() for v in _dense_model("float32").variables],
+            strict=True,
+        )
+    )
+    print(json.dumps({"max_diff": max_diff, "replica_spread": spread, "changed": changed}))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "skip_agreement":
+        skip_agreement(int(sys.argv[2]))
+    else:
+        matches_single_device()

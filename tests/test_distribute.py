@@ -1,0 +1,153 @@
+"""Several replicas and several workers: one decision to skip, one set of weights.
+
+Each check runs in a fresh process: logical CPU devices and a multi-worker
+cluster can only be set up before TensorFlow starts its runtime.
+"""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+TINY = [
+    "--model=tiny",
+    "--image_size=16",
+    "--batch_size=16",
+    "--train_examples=128",
+    "--eval_examples=64",
+    "--eval_batch_size=32",
+    "--steps_per_loop=3",
+]
+
+
+def _check(*args):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", "mirrored_checks.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("poisoned", [0, 1])
+def test_one_replica_nonfinite_both_replicas_skip_and_back_off_once(poisoned):
+    # Replica 1 matters too: Keras' LossScaleOptimizer decides on replica 0's own
+    # gradients and applies nan there (measured, see BUILD_NOTES.md).
+    result = _check("skip_agreement", str(poisoned))
+    assert result["replicas"] == 2
+    assert result["skipped"] == 1
+    assert result["scale"] == 2.0**14  # 2^15 halved once, not once per replica
+    assert result["iterations"] == 0
+    assert result["identical_across_replicas"] and result["unchanged"]
+
+
+def test_two_replicas_match_one_device_on_the_concatenated_batch():
+    result = _check("matches_single_device")
+    assert result["changed"]  # the step did update the weights
+    assert result["replica_spread"] == 0.0  # replicas bit-identical
+    assert result["max_diff"] < 1e-6
+
+
+def _main(args, env=None, timeout=300):
+    return subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "main.py"), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_mixed_xla_trains_end_to_end_under_mirrored(tmp_path):
+    proc = _main(
+        [
+            *TINY,
+            "--strategy=mirrored",
+            "--precision=mixed",
+            "--xla",
+            "--train_steps=6",
+            f"--model_dir={tmp_path}",
+        ]
+    )
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Using MirroredStrategy with devices" in stderr
+    assert "done: 6 steps" in stderr
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_two_workers_end_identical_and_only_the_chief_writes(tmp_path):
+    cluster = {"worker": [f"localhost:{p}" for p in _free_ports(2)]}
+    model_dir = tmp_path / "run"
+    procs = []
+    for index in range(2):
+        env = dict(
+            os.environ,
+            TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+        )
+        args = [
+            *TINY,
+            "--strategy=multi_worker",
+            "--precision=mixed",
+            "--train_steps=6",
+            "--inject_nonfinite=2",
+            f"--model_dir={model_dir}",
+        ]
+        procs.append(_main(args, env=env))
+    logs = []
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=300)[1])
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, log in zip(procs, logs, strict=True):
+        assert proc.returncode == 0, log[-3000:]
+    done = [
+        re.search(r"done: 6 steps \((\d+) skipped\).*loss scale (\S+), weights (\w+)", log)
+        for log in logs
+    ]
+    assert all(done), logs[0][-2000:]
+    assert done[0].groups() == done[1].groups()  # same skips, scale and weights
+    assert int(done[0].group(1)) >= 1  # the injected step was skipped
+    # Only the chief (worker 0) wrote summaries and checkpoints, into model_dir.
+    assert len(list(model_dir.glob("events.out.tfevents.*"))) == 1
+    assert list((model_dir / "checkpoints").glob("ckpt-6.index"))
+    temp = re.search(r"writing to temporary (\S+),", logs[1])
+    assert temp and not os.path.exists(temp.group(1))
+
+
+@pytest.mark.parametrize(
+    "tf_config, message",
+    [
+        (None, "needs the TF_CONFIG environment variable"),
+        ("{not json", "TF_CONFIG is not a valid cluster spec"),
+    ],
+)
+def test_multi_worker_without_a_cluster_is_one_line(tmp_path, tf_config, message):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    if tf_config:
+        env["TF_CONFIG"] = tf_config
+    proc = _main([*TINY, "--strategy=multi_worker", f"--model_dir={tmp_path}"], env=env)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in stderr
