@@ -118,8 +118,39 @@ def matches_single_device():
     print(json.dumps({"max_diff": max_diff, "replica_spread": spread, "changed": changed}))
 
 
+def keras_loss_scale_optimizer(poison):
+    """Keras' own LossScaleOptimizer, same situation: replica `poison`'s gradients are nan."""
+    strategy = distribute.create_strategy("mirrored", 2)
+    with strategy.scope():
+        var = keras.Variable(np.ones(2, np.float32))
+        optimizer = keras.optimizers.LossScaleOptimizer(
+            keras.optimizers.SGD(0.1), initial_scale=1024.0
+        )
+        optimizer.build([var])
+
+    def gradients(ctx):
+        g = tf.constant([1.0, 1.0])
+        return g * float("nan") if ctx.replica_id_in_sync_group == poison else g
+
+    @tf.function
+    def step(grads):
+        strategy.run(lambda g: optimizer.apply([g], [var]), args=(grads,))
+
+    step(strategy.experimental_distribute_values_from_function(gradients))
+    print(
+        json.dumps(
+            {
+                "weights": [_replica_values(var)[i].tolist() for i in range(2)],
+                "scale": [float(s) for s in _replica_values(optimizer.dynamic_scale)],
+            }
+        )
+    )
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "skip_agreement":
         skip_agreement(int(sys.argv[2]))
+    elif sys.argv[1] == "keras_loss_scale_optimizer":
+        keras_loss_scale_optimizer(int(sys.argv[2]))
     else:
         matches_single_device()

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import ROOT
 
@@ -47,6 +48,16 @@ def test_one_replica_nonfinite_both_replicas_skip_and_back_off_once(poisoned):
     assert result["scale"] == 2.0**14  # 2^15 halved once, not once per replica
     assert result["iterations"] == 0
     assert result["identical_across_replicas"] and result["unchanged"]
+
+
+def test_documented_difference_keras_decides_on_replica_0_alone():
+    # Pins what BUILD_NOTES.md reports of Keras 3's LossScaleOptimizer: if this
+    # starts failing, Keras changed and the notes must change with it.
+    bad_first = _check("keras_loss_scale_optimizer", "0")
+    assert bad_first["weights"] == [[1.0, 1.0], [1.0, 1.0]] and bad_first["scale"] == [512.0] * 2
+    bad_second = _check("keras_loss_scale_optimizer", "1")
+    assert all(np.isnan(w).all() for w in bad_second["weights"])  # applied nan everywhere
+    assert bad_second["scale"] == [1024.0] * 2  # and never backed off
 
 
 def test_two_replicas_match_one_device_on_the_concatenated_batch():
