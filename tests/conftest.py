@@ -1,6 +1,7 @@
 """Shared test setup: quiet TensorFlow, and small helpers for the engine's tests."""
 
 import os
+import subprocess
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -9,8 +10,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
-def read_scalars(logdir):
-    """{tag: [(step, value), ...]} from the TF2 summary event files under `logdir`."""
+def _tensor_summaries(logdir, keep):
+    """{tag: [(step, proto), ...]} of the summaries under `logdir` whose first proto `keep`s."""
     from tensorboard.backend.event_processing import event_accumulator
 
     acc = event_accumulator.EventAccumulator(str(logdir), size_guidance={"tensors": 0})
@@ -18,27 +19,41 @@ def read_scalars(logdir):
     out = {}
     for tag in acc.Tags()["tensors"]:
         events = acc.Tensors(tag)
-        proto = events[0].tensor_proto if events else None
-        # Scalars only: text (DT_STRING = 7), histograms and images have a shape.
-        if proto is not None and proto.dtype != 7 and not proto.tensor_shape.dim:
-            out[tag] = [(e.step, float(tf_make_ndarray(e.tensor_proto))) for e in events]
+        if events and keep(events[0].tensor_proto):
+            out[tag] = [(e.step, e.tensor_proto) for e in events]
     return out
+
+
+def read_scalars(logdir):
+    """{tag: [(step, value), ...]} from the TF2 summary event files under `logdir`."""
+    # Scalars only: text (DT_STRING = 7), histograms and images have a shape.
+    found = _tensor_summaries(logdir, lambda p: p.dtype != 7 and not p.tensor_shape.dim)
+    return {
+        tag: [(step, float(tf_make_ndarray(p))) for step, p in events]
+        for tag, events in found.items()
+    }
 
 
 def read_texts(logdir):
     """{tag: [(step, text), ...]} of the text summaries under `logdir`."""
-    from tensorboard.backend.event_processing import event_accumulator
+    # Text is a scalar string; images are strings too, but a vector of them.
+    found = _tensor_summaries(logdir, lambda p: p.dtype == 7 and not p.tensor_shape.dim)
+    return {
+        tag: [(step, tf_make_ndarray(p).item().decode()) for step, p in events]
+        for tag, events in found.items()
+    }
 
-    acc = event_accumulator.EventAccumulator(str(logdir), size_guidance={"tensors": 0})
-    acc.Reload()
-    out = {}
-    for tag in acc.Tags()["tensors"]:
-        events = acc.Tensors(tag)
-        proto = events[0].tensor_proto if events else None
-        # Text is a scalar string; images are strings too, but a vector of them.
-        if proto is not None and proto.dtype == 7 and not proto.tensor_shape.dim:
-            out[tag] = [(e.step, tf_make_ndarray(e.tensor_proto).item().decode()) for e in events]
-    return out
+
+def run_main(*args, timeout=300, **kwargs):
+    """Runs `python main.py ARGS` in a fresh process; returns the CompletedProcess."""
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "main.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        **kwargs,
+    )
 
 
 def tf_make_ndarray(proto):

@@ -1,23 +1,13 @@
 """The command line: bad flags are one line and a non-zero exit, before TensorFlow loads."""
 
-import os
-import subprocess
-import sys
-
 import pytest
-from conftest import ROOT
+from conftest import run_main
 
 from engine.config import MODELS, Config, ConfigError
 
 
 def _main(*args, timeout=120):
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "main.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
+    return run_main(*args, timeout=timeout)
 
 
 @pytest.mark.parametrize(

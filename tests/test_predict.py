@@ -2,14 +2,12 @@
 
 import csv
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import ROOT, tiny_config
+from conftest import run_main, tiny_config
 from image_trees import make_ships_tree, write_csv
 
 from engine import loop, predict
@@ -20,13 +18,7 @@ from models import create_model
 
 
 def _main(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "main.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
+    return run_main(*args, timeout=timeout)
 
 
 def _one_line_error(proc):
