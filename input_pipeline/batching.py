@@ -1,0 +1,124 @@
+"""Sharding, batching and the index-based training stream shared by every data set.
+
+Training is index-based so that a checkpoint of the training iterator stays
+tiny: the examples live in memory OUTSIDE the iterator (tensors captured by the
+map function), and the iterator itself is only a counter,
+
+  counter -> position p -> example index = index_shuffle(p mod n, seed, epoch)
+          -> example_fn(index, p) -> batch (static shape) -> prefetch
+
+`index_shuffle` is a stateless permutation of [0, n), new every epoch, so there
+is no shuffle buffer, and with tf.data's symbolic checkpointing the map and
+prefetch buffers are not saved either: they are recomputed on restore, which is
+exact because `example_fn` is a pure function of (index, position). A cache or
+shuffle buffer before the shuffle would put the whole data set in every
+checkpoint (see tests/test_checkpoint_size.py).
+"""
+
+import numpy as np
+import tensorflow as tf
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def shard(ds, input_context):
+    """Each input pipeline keeps every k-th element from its id: its own shard."""
+    if input_context is not None and input_context.num_input_pipelines > 1:
+        ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    return ds
+
+
+def shard_indices(num_examples, input_context):
+    """The example indices `shard` keeps for this input pipeline, as numpy int64."""
+    indices = np.arange(num_examples, dtype=np.int64)
+    if input_context is not None and input_context.num_input_pipelines > 1:
+        k, i = input_context.num_input_pipelines, input_context.input_pipeline_id
+        indices = indices[i::k]
+    return indices
+
+
+def per_replica_batch_size(batch_size, input_context):
+    if input_context is None:
+        return batch_size
+    return input_context.get_per_replica_batch_size(batch_size)
+
+
+def once_per_pipeline(load):
+    """Memoises `load(input_context)` per input pipeline.
+
+    The engine builds the training dataset more than once (the run-start image
+    batch, then the training iterator): the examples are decoded or rendered once.
+    """
+    loaded = {}
+
+    def wrapped(input_context=None):
+        key = (1, 0)
+        if input_context is not None:
+            key = (input_context.num_input_pipelines, input_context.input_pipeline_id)
+        if key not in loaded:
+            loaded[key] = load(input_context)
+        return loaded[key]
+
+    return wrapped
+
+
+def gather_all(ds, num_examples):
+    """Every element of a finite dataset of at most `num_examples`, stacked into tensors."""
+    return ds.batch(max(num_examples, 1)).get_single_element()
+
+
+def train_batches(num_examples, example_fn, batch_size, seed, input_context, deterministic):
+    """Infinite, shuffled batches of static shape whose iterator state is a counter.
+
+    Args:
+      num_examples: examples of this input pipeline (already sharded).
+      example_fn: (index, position) -> example; `index` int64 in
+        [0, num_examples), `position` the int64 place in this pipeline's
+        stream (a seed for augmentation). Must be a pure function of both.
+      batch_size: the global batch size; each pipeline batches its share.
+      seed: the run's seed; the permutation of epoch e depends on (seed, e).
+      input_context: a `tf.distribute.InputContext`, or None.
+      deterministic: keep the parallel map's order (same batches every run).
+    """
+    n = tf.constant(max(num_examples, 1), tf.int64)
+    seed = tf.constant(seed, tf.int64)
+
+    def example_at(position):
+        order = tf.stack([seed, position // n])  # a new permutation each epoch
+        index = tf.random.experimental.index_shuffle(position % n, order, n - 1)
+        return example_fn(index, position)
+
+    ds = tf.data.Dataset.counter().map(example_at, num_parallel_calls=AUTOTUNE)
+    ds = ds.batch(per_replica_batch_size(batch_size, input_context), drop_remainder=True)
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    # The map and prefetch buffers are recomputed from the counter on restore
+    # instead of being written to every checkpoint.
+    options.experimental_symbolic_checkpoint = True
+    return ds.prefetch(AUTOTUNE).with_options(options)
+
+
+def gather_train_batches(tensors, batch_size, seed, input_context, deterministic, finish=None):
+    """`train_batches` over in-memory `tensors` (sharded already), gathered by index.
+
+    `finish(example, position)`, if given, turns the gathered example into the
+    training example (augmentation seeded by position, normalisation).
+    """
+    num_examples = int(tf.nest.flatten(tensors)[0].shape[0])
+
+    def example_fn(index, position):
+        example = tf.nest.map_structure(lambda t: tf.gather(t, index), tensors)
+        return finish(example, position) if finish else example
+
+    return train_batches(num_examples, example_fn, batch_size, seed, input_context, deterministic)
+
+
+def eval_batches(ds, batch_size, input_context=None, cache=True):
+    """One pass: shards, optionally caches, batches (keeping the remainder), prefetches.
+
+    Eval iterators are never checkpointed, so a cache here costs no checkpoint space.
+    """
+    ds = shard(ds, input_context)
+    if cache:
+        ds = ds.cache()
+    return ds.batch(per_replica_batch_size(batch_size, input_context)).prefetch(AUTOTUNE)
