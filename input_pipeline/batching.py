@@ -4,8 +4,10 @@ Training is index-based so that a checkpoint of the training iterator stays
 tiny: the examples live in memory OUTSIDE the iterator (tensors captured by the
 map function), and the iterator itself is only a counter,
 
-  counter -> position p -> example index = index_shuffle(p mod n, seed, epoch)
+  counter -> position p -> example index = index_shuffle(p mod n, (seed, epoch))
           -> example_fn(index, p) -> batch (static shape) -> prefetch
+
+(or, for a plain gather, the positions are batched first and gathered at once).
 
 `index_shuffle` is a stateless permutation of [0, n), new every epoch, so there
 is no shuffle buffer, and with tf.data's symbolic checkpointing the map and
@@ -19,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 AUTOTUNE = tf.data.AUTOTUNE
+_PAD_SEED = 498247692  # what index_shuffle prepends to a [2] seed
 
 
 def shard(ds, input_context):
@@ -67,7 +70,24 @@ def gather_all(ds, num_examples):
     return ds.batch(max(num_examples, 1)).get_single_element()
 
 
-def train_batches(num_examples, example_fn, batch_size, seed, input_context, deterministic):
+def _shuffled(positions, num_examples, seed):
+    """Example index at each stream position: epoch e is permutation (seed, e) of [0, n).
+
+    The raw op, because `tf.random.experimental.index_shuffle` pads a batch of
+    [n, 2] seeds along the wrong axis; the 3-wide seed is the one it builds for
+    a single [2] seed, so a batch gets the same indices as its examples one by one.
+    """
+    epochs = positions // num_examples
+    pad, seed = (tf.fill(tf.shape(positions), tf.constant(v, tf.int64)) for v in (_PAD_SEED, seed))
+    seeds = tf.stack([pad, seed, epochs], -1)
+    return tf.raw_ops.RandomIndexShuffle(
+        index=positions % num_examples, seed=seeds, max_index=num_examples - 1, rounds=4
+    )
+
+
+def train_batches(
+    num_examples, example_fn, batch_size, seed, input_context, deterministic, batched=False
+):
     """Infinite, shuffled batches of static shape whose iterator state is a counter.
 
     Args:
@@ -79,19 +99,28 @@ def train_batches(num_examples, example_fn, batch_size, seed, input_context, det
       seed: the run's seed; the permutation of epoch e depends on (seed, e).
       input_context: a `tf.distribute.InputContext`, or None.
       deterministic: keep the parallel map's order (same batches every run).
+      batched: `example_fn` takes a batch of indices and positions and returns
+        a batch (one gather per batch instead of one map call per example:
+        less input work on CPUs shared with the training step).
     """
     n = tf.constant(max(num_examples, 1), tf.int64)
     seed = tf.constant(seed, tf.int64)
+    per_replica = per_replica_batch_size(batch_size, input_context)
 
-    def example_at(position):
-        order = tf.stack([seed, position // n])  # a new permutation each epoch
-        index = tf.random.experimental.index_shuffle(position % n, order, n - 1)
-        return example_fn(index, position)
+    def at(positions):
+        return example_fn(_shuffled(positions, n, seed), positions)
 
-    ds = tf.data.Dataset.counter().map(example_at, num_parallel_calls=AUTOTUNE)
-    ds = ds.batch(per_replica_batch_size(batch_size, input_context), drop_remainder=True)
+    # Symbolic checkpointing (below) does not support a parallel map on its own:
+    # one gather per batch needs no parallelism, and a per-example parallel map
+    # is fused with its batch into MapAndBatch, which supports it.
+    ds = tf.data.Dataset.counter()
+    if batched:
+        ds = ds.batch(per_replica, drop_remainder=True).map(at)
+    else:
+        ds = ds.map(at, num_parallel_calls=AUTOTUNE).batch(per_replica, drop_remainder=True)
     options = tf.data.Options()
     options.deterministic = deterministic
+    options.experimental_optimization.map_and_batch_fusion = True
     # The map and prefetch buffers are recomputed from the counter on restore
     # instead of being written to every checkpoint.
     options.experimental_symbolic_checkpoint = True
@@ -101,8 +130,9 @@ def train_batches(num_examples, example_fn, batch_size, seed, input_context, det
 def gather_train_batches(tensors, batch_size, seed, input_context, deterministic, finish=None):
     """`train_batches` over in-memory `tensors` (sharded already), gathered by index.
 
-    `finish(example, position)`, if given, turns the gathered example into the
-    training example (augmentation seeded by position, normalisation).
+    `finish(example, position)`, if given, turns each gathered example into the
+    training example (augmentation seeded by position, normalisation); without
+    it whole batches are gathered at once.
     """
     num_examples = int(tf.nest.flatten(tensors)[0].shape[0])
 
@@ -110,7 +140,15 @@ def gather_train_batches(tensors, batch_size, seed, input_context, deterministic
         example = tf.nest.map_structure(lambda t: tf.gather(t, index), tensors)
         return finish(example, position) if finish else example
 
-    return train_batches(num_examples, example_fn, batch_size, seed, input_context, deterministic)
+    return train_batches(
+        num_examples,
+        example_fn,
+        batch_size,
+        seed,
+        input_context,
+        deterministic,
+        batched=finish is None,
+    )
 
 
 def eval_batches(ds, batch_size, input_context=None, cache=True):

@@ -71,3 +71,21 @@ def test_each_epoch_is_a_new_permutation_of_every_example():
     assert len(set(first)) == 48  # every example once in epoch 1...
     assert sorted(first) == sorted(second)  # ...and again in epoch 2,
     assert first != second  # in another order.
+
+
+def test_file_cache_is_written_at_start_up_and_gives_the_memory_cache_batches(tmp_path):
+    root = make_folder_tree(tmp_path / "data", per_class=4)
+    prefix = tmp_path / "cache" / "imgs"
+    prefix.parent.mkdir()
+    config = tiny_config(dataset=f"folder:{root}", batch_size=8, deterministic=True)
+
+    def batches(cache):
+        train_fn = create_data(config.replace(cache=cache)).train_fn
+        return [x.numpy() for x, _ in train_fn().take(4)]
+
+    from_file = batches(str(prefix))
+    assert len(list(prefix.parent.glob("imgs-*.index"))) == 1  # the train split's cache
+    for a, b in zip(batches(str(prefix)), batches("memory"), strict=True):  # read back
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(from_file, batches("memory"), strict=True):
+        np.testing.assert_array_equal(a, b)
