@@ -5,8 +5,9 @@ plus `config.json`, the configuration of the run that wrote the first checkpoint
 The root object has these children, so any of them can be restored alone
 (`tf.train.Checkpoint(model=model).restore(path).expect_partial()`):
   model, optimizer, loss_scale, step, skipped_steps, consecutive_skips, iterator.
-`iterator` is the training `tf.data` iterator: its position, shuffle buffer and
-shuffle seed state, so a resumed run sees exactly the batches it would have seen.
+`iterator` is the training `tf.data` iterator: its stream position and the few batches
+in flight (the pipelines are index-based, see `input_pipeline/batching.py`: the data
+itself is not in it), so a resumed run sees exactly the batches it would have seen.
 TensorFlow 2.21 cannot save the iterator of a multi-device strategy
 (`DistributedIterator` is not trackable): there the input restarts from the
 beginning of its shuffled stream on resume, and the run says so.

@@ -5,7 +5,7 @@ in one run, for the same model, batch and image size:
 
   pipeline        images/s of the training pipeline alone, every image decoded
                   from JPEG, resized, cropped, flipped and normalised (cache off)
-  pipeline+cache  the same after the first epoch with `--cache=memory` (the default)
+  pipeline+cache  the same with `--cache=memory` (the default: decoded once at start-up)
   train step      images/s of the training loop on one batch repeated (no input cost)
   end to end      images/s of the training loop fed by the default pipeline
 
@@ -112,7 +112,7 @@ def main(argv):
         data = create_data(config)
         batch = config.batch_size
         decode = pipeline_images_per_second(uncached.train_fn(), FLAGS.pipeline_batches, batch)
-        # Untimed: one epoch and a bit, so the memory cache is complete.
+        # Untimed: one epoch and a bit, so any warm-up is over.
         warmup = data.train_size // batch + 2
         cached = pipeline_images_per_second(data.train_fn(), FLAGS.pipeline_batches, batch, warmup)
         one_batch = lambda ctx: data.train_fn(ctx).take(1).cache().repeat()
@@ -125,7 +125,7 @@ def main(argv):
         f"{os.cpu_count()} CPU cores"
     )
     print(f"pipeline (decode+augment, no cache): {decode:9.1f} images/s")
-    print(f"pipeline (memory cache, epoch 2+):    {cached:9.1f} images/s")
+    print(f"pipeline (memory cache):              {cached:9.1f} images/s")
     print(f"train step alone (one batch):         {step:9.1f} images/s")
     print(f"end to end (default pipeline):        {end_to_end:9.1f} images/s")
     ratio = f"{decode / step:.1f}x without cache, {cached / step:.1f}x cached"

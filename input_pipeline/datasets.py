@@ -4,8 +4,10 @@
 `ships:PATH` list their examples (modules of the same names) and share
 `preprocessing`'s decode/augment pipeline.
 
-Train: cached, shuffled, repeated forever, batched with `drop_remainder=True` so
-every batch has the same static shape (XLA compiles once), prefetched.
+Train: index-based (see `batching`): the examples are generated or decoded once
+into memory outside the iterator, an epoch-wise permutation of their indices picks
+them, batched with `drop_remainder=True` so every batch has the same static shape
+(XLA compiles once), prefetched; the checkpointed iterator state is a counter.
 Eval: one pass, batched, the last partial batch kept so every example counts.
 Both are functions of a `tf.distribute.InputContext`, ready for
 `strategy.distribute_datasets_from_function`: each input pipeline reads its own
@@ -18,7 +20,7 @@ from collections.abc import Callable
 import tensorflow as tf
 from absl import logging
 
-from input_pipeline import folder, preprocessing, shapes, ships, synthetic
+from input_pipeline import batching, folder, preprocessing, shapes, ships, synthetic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,32 +37,6 @@ class DataSpec:
     skipped_images: int = 0  # undecodable images dropped by --skip_bad_images
 
 
-def _shard(ds, input_context):
-    if input_context is not None and input_context.num_input_pipelines > 1:
-        ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-    return ds
-
-
-def _per_replica(batch_size, input_context):
-    if input_context is None:
-        return batch_size
-    return input_context.get_per_replica_batch_size(batch_size)
-
-
-def finish_train(ds, batch_size, seed, shuffle_buffer, input_context=None):
-    """Shards, caches, shuffles, repeats, batches (static shape) and prefetches."""
-    ds = _shard(ds, input_context).cache()
-    ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-    ds = ds.batch(_per_replica(batch_size, input_context), drop_remainder=True)
-    return ds.prefetch(tf.data.AUTOTUNE)
-
-
-def finish_eval(ds, batch_size, input_context=None):
-    """Shards, caches, batches (keeping the remainder) and prefetches."""
-    ds = _shard(ds, input_context).cache()
-    return ds.batch(_per_replica(batch_size, input_context)).prefetch(tf.data.AUTOTUNE)
-
-
 def create_data(config):
     """Returns the `DataSpec` for `config.dataset`.
 
@@ -70,14 +46,28 @@ def create_data(config):
     name = config.dataset
     if name == "shapes":
 
-        def make(split, n):
-            return shapes.create_dataset(split, n, config.image_size, config.seed)
+        def train_arrays(indices):
+            return shapes.render_examples(config.seed, "train", indices, config.image_size)
+
+        def make_eval():
+            return shapes.create_dataset(
+                "eval", config.eval_examples, config.image_size, config.seed
+            )
 
         num_classes, class_names = len(shapes.CLASS_NAMES), shapes.CLASS_NAMES
     elif name == "synthetic":
 
-        def make(split, n):
-            return synthetic.create_dataset(n, config.image_size, config.seed + (split == "eval"))
+        def train_arrays(indices):
+            images, labels = synthetic.create_arrays(
+                config.train_examples, config.image_size, config.seed
+            )
+            return tf.gather(images, indices), tf.gather(labels, indices)
+
+        def make_eval():
+            arrays = synthetic.create_arrays(
+                config.eval_examples, config.image_size, config.seed + 1
+            )
+            return tf.data.Dataset.from_tensor_slices(arrays)
 
         num_classes = synthetic.NUM_CLASSES
         class_names = tuple(str(i) for i in range(num_classes))
@@ -91,16 +81,18 @@ def create_data(config):
     else:
         raise ValueError(f"--dataset={name!r} is not available in this build")
 
+    @batching.once_per_pipeline
+    def load(input_context):
+        # Each input pipeline's shard only, held in memory outside the iterator.
+        return train_arrays(batching.shard_indices(config.train_examples, input_context))
+
     def train_fn(input_context=None):
-        ds = make("train", config.train_examples)
-        return finish_train(
-            ds, config.batch_size, config.seed, config.train_examples, input_context
+        return batching.gather_train_batches(
+            load(input_context), config.batch_size, config.seed, input_context, config.deterministic
         )
 
     def eval_fn(input_context=None):
-        return finish_eval(
-            make("eval", config.eval_examples), config.eval_batch_size, input_context
-        )
+        return batching.eval_batches(make_eval(), config.eval_batch_size, input_context)
 
     return DataSpec(
         train_fn, eval_fn, num_classes, class_names, config.train_examples, config.eval_examples
@@ -155,15 +147,13 @@ def create_file_data(config, class_names, train, evals, what):
         splits.append((paths, labels))
     (train_paths, train_labels), (eval_paths, eval_labels) = splits
 
-    def train_fn(input_context=None):
-        return preprocessing.create_train_dataset(
-            preprocessing.file_examples(train_paths, train_labels),
-            config,
-            len(train_paths),
-            (train_paths, train_labels.tolist()),
-            input_context,
-            read=tf.io.read_file,
-        )
+    train_fn = preprocessing.create_train_fn(
+        preprocessing.file_examples(train_paths, train_labels),
+        config,
+        len(train_paths),
+        (train_paths, train_labels.tolist()),
+        read=tf.io.read_file,
+    )
 
     def eval_fn(input_context=None):
         return preprocessing.create_eval_dataset(
@@ -191,10 +181,9 @@ def _tfds_data(config, name):
             raise preprocessing.DataError(f"--dataset=tfds:{name}: split {split!r} is empty")
     key = (name, config.data_dir)
 
-    def train_fn(input_context=None):
-        return preprocessing.create_train_dataset(
-            train_ds, config, int(train_labels.size), (*key, config.train_split), input_context
-        )
+    train_fn = preprocessing.create_train_fn(
+        train_ds, config, int(train_labels.size), (*key, config.train_split)
+    )
 
     def eval_fn(input_context=None):
         return preprocessing.create_eval_dataset(

@@ -4,12 +4,16 @@ Each source yields `(path or encoded image bytes, int32 label)`; from there on a
 sources share this module:
 
   decode (JPEG/PNG; grayscale and RGBA become RGB) -> resize to the cached size
-  -> cache (uint8) -> [train: shuffle, repeat, random crop + flip] or
+  -> cache (uint8) -> [train: pick by shuffled index, random crop + flip] or
   [eval: centre crop] -> normalise to [-1, 1] -> batch -> prefetch.
+
+Training is index-based (`batching.train_batches`): the decoded uint8 images are
+held in memory outside the iterator, so a checkpoint of the train iterator does
+not contain them.
 
 With `--augment` the cached size is `image_size * 9/8`, so training crops a
 random `image_size` window and eval crops the centre one: both see the same
-scale. Augmentation uses stateless random ops seeded by (seed, element index),
+scale. Augmentation uses stateless random ops seeded by (seed, stream position),
 so a batch is a pure function of the seed and its position: `--deterministic`
 then only has to keep tf.data's parallel map in order.
 """
@@ -21,9 +25,10 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from input_pipeline import batching
+
 AUTOTUNE = tf.data.AUTOTUNE
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-MAX_SHUFFLE_BUFFER = 16384
 
 
 class DataError(ValueError):
@@ -72,19 +77,6 @@ def _identity(x):
     return x
 
 
-def shard(ds, input_context):
-    """Each input pipeline reads its own shard, before anything is decoded."""
-    if input_context is not None and input_context.num_input_pipelines > 1:
-        ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-    return ds
-
-
-def per_replica_batch_size(batch_size, input_context):
-    if input_context is None:
-        return batch_size
-    return input_context.get_per_replica_batch_size(batch_size)
-
-
 def _cache(ds, cache, key):
     """`cache` is "" (off), "memory", or a file-path prefix.
 
@@ -99,47 +91,69 @@ def _cache(ds, cache, key):
     return ds.cache(f"{cache}-{digest}")
 
 
-def _options(deterministic):
-    options = tf.data.Options()
-    options.deterministic = deterministic
-    return options
+def _decoded_arrays(ds, config, num_examples, key, read):
+    """Decodes this pipeline's images once into memory: (uint8 [n, s, s, 3], labels).
+
+    With a file `--cache` the decoded images are read back from the cache file
+    (written by the first run) instead of being decoded again.
+    """
+    size = source_size(config.image_size, config.augment)
+    ds = ds.map(lambda x, y: (decode_and_resize(read(x), size), y), num_parallel_calls=AUTOTUNE)
+    if config.cache != "memory":
+        ds = _cache(ds, config.cache, key)
+    return batching.gather_all(ds, num_examples)
 
 
-def create_train_dataset(
-    examples, config, num_examples, cache_key, input_context=None, read=_identity
-):
-    """Infinite, shuffled, augmented, normalised batches of static shape.
+def create_train_fn(examples, config, num_examples, cache_key, read=_identity):
+    """A `train_fn(input_context=None)`: infinite, shuffled, augmented, normalised batches.
+
+    The iterator state is a counter (see `batching`): with `--cache=memory` or
+    a file cache, each input pipeline's images are decoded once (on its first
+    call) into a uint8 tensor held outside the iterator and gathered by index;
+    with `--cache=""` only the `x`s are held and each step reads and decodes
+    its images again.
 
     Args:
       examples: unbatched dataset of `(x, int32 label)`, where `read(x)` gives
         the encoded image bytes (x is a path for files, the bytes for tfds).
       config: the run's `Config` (image_size, augment, cache, batch_size,
         seed, deterministic).
-      num_examples: examples in `examples` (sizes the shuffle buffer).
+      num_examples: examples in `examples`.
       cache_key: anything identifying the examples, for the cache file name.
-      input_context: a `tf.distribute.InputContext`, or None.
       read: maps an element's `x` to encoded bytes (`tf.io.read_file` for paths).
     """
     size = source_size(config.image_size, config.augment)
-    ds = shard(examples, input_context)  # before reading: each pipeline reads only its files
-    ds = ds.map(lambda x, y: (decode_and_resize(read(x), size), y), num_parallel_calls=AUTOTUNE)
-    ds = _cache(ds, config.cache, ("train", size, cache_key))
-    # The cached images are small uint8 squares, so the buffer holds a whole
-    # contest-sized split; capped so a large TFDS set does not fill the memory.
-    buffer = min(max(num_examples, 1), MAX_SHUFFLE_BUFFER)
-    ds = ds.shuffle(buffer, seed=config.seed, reshuffle_each_iteration=True)
-    ds = ds.repeat().enumerate()
 
-    def finish(index, example):
-        image, label = example
+    @batching.once_per_pipeline
+    def load(input_context):
+        shard = batching.shard(examples, input_context)  # each pipeline reads only its files
+        if config.cache:
+            return _decoded_arrays(shard, config, num_examples, ("train", size, cache_key), read)
+        # Paths (or tfds' encoded bytes) only; read and decoded again at every step.
+        return batching.gather_all(shard, num_examples)
+
+    def decode(x):
+        return x if config.cache else decode_and_resize(read(x), size)
+
+    def finish(example, position):
+        x, label = example
+        image = decode(x)
         if config.augment:
-            seed = tf.stack([tf.cast(config.seed, tf.int64), index])
+            seed = tf.stack([tf.cast(config.seed, tf.int64), position])
             image = augment(image, config.image_size, seed)
         return normalise(image), label
 
-    ds = ds.map(finish, num_parallel_calls=AUTOTUNE)
-    ds = ds.batch(per_replica_batch_size(config.batch_size, input_context), drop_remainder=True)
-    return ds.prefetch(AUTOTUNE).with_options(_options(config.deterministic))
+    def train_fn(input_context=None):
+        return batching.gather_train_batches(
+            load(input_context),
+            config.batch_size,
+            config.seed,
+            input_context,
+            config.deterministic,
+            finish,
+        )
+
+    return train_fn
 
 
 def create_eval_dataset(
@@ -147,14 +161,14 @@ def create_eval_dataset(
 ):
     """One pass of centre-cropped, normalised batches; the last partial batch is kept."""
     size = source_size(config.image_size, config.augment)
-    ds = shard(examples, input_context)
+    ds = batching.shard(examples, input_context)
     ds = ds.map(lambda x, y: (decode_and_resize(read(x), size), y), num_parallel_calls=AUTOTUNE)
     ds = _cache(ds, config.cache, ("eval", size, cache_key))
     ds = ds.map(
         lambda x, y: (normalise(centre_crop(x, config.image_size)), y),
         num_parallel_calls=AUTOTUNE,
     )
-    ds = ds.batch(per_replica_batch_size(batch_size, input_context))
+    ds = ds.batch(batching.per_replica_batch_size(batch_size, input_context))
     # Eval keeps its order whatever --deterministic says: predictions are matched to rows.
     return ds.prefetch(AUTOTUNE)
 

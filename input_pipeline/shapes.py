@@ -57,3 +57,13 @@ def create_dataset(split, num_examples, image_size, seed):
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
+
+
+def render_examples(seed, split, indices, image_size):
+    """(images [n, H, W, 3], labels [n]) for example `indices` of `split`, rendered in parallel."""
+    ds = tf.data.Dataset.from_tensor_slices(tf.constant(indices, tf.int64)).map(
+        lambda i: render_example(seed, split, i, image_size),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    return ds.batch(max(len(indices), 1)).get_single_element()
