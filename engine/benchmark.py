@@ -277,12 +277,14 @@ def run_worker(config, graph_rewrite, repeats, steps):
             noop_t.append(noop_run(steps))
     runner = "graph_rewrite" if graph_rewrite else "engine"
     engine_row = _row(runner, config, engine_t, steps, engine_first, engine_rss, flops)
+    engine_row["graph_rewrite"] = graph_rewrite
     engine_row["vs_fit"] = statistics.median(f / e for e, f in zip(engine_t, fit_t, strict=True))
     if noop_t:
         engine_row["loss_scale_overhead"] = statistics.median(
             (d - n) / d for d, n in zip(engine_t, noop_t, strict=True)
         )
     fit_row = _row("keras_fit", config, fit_t, steps, fit_first, _peak_rss_mb(), flops)
+    fit_row["graph_rewrite"] = graph_rewrite
     return [engine_row, fit_row]
 
 
@@ -390,7 +392,7 @@ def _add_derived(rows, peaks):
     }
     for row in rows:
         dtype = {"fp32": "float32", "mixed": "float16", "mixed_bf16": "bfloat16"}[row["precision"]]
-        if row["runner"] == "graph_rewrite":
+        if row.get("graph_rewrite"):  # grappler rewrote the fp32 graph to bfloat16 (CPU)
             dtype = "bfloat16"
         gflops = row["examples_per_sec"] * row["train_gflop_per_example"]
         row["mfu"] = gflops / peaks[dtype]
@@ -407,8 +409,11 @@ def format_table(rows, skipped=()):
     ]
     for r in rows:
         vs_fit = f"{r['vs_fit']:.2f}" if "vs_fit" in r else ""
+        runner = r["runner"]
+        if r.get("graph_rewrite") and runner == "keras_fit":
+            runner += " (rewrite)"
         lines.append(
-            f"| {r['runner']} | {r['model']} {r['image_size']}px b{r['batch_size']} | "
+            f"| {runner} | {r['model']} {r['image_size']}px b{r['batch_size']} | "
             f"{r['precision']} | {'on' if r['xla'] else 'off'} | "
             f"{r['examples_per_sec']:.1f} ({r['examples_per_sec_min']:.1f}-"
             f"{r['examples_per_sec_max']:.1f}) | {r['step_ms']:.1f} | "
