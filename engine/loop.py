@@ -93,14 +93,16 @@ def create_train_loop(strategy, train_step, state, stats, jit_compile, monitor=N
     each replica's step that holds no collective (`TrainStep.compute`).
     """
     sum_ = tf.distribute.ReduceOp.SUM
+    # autograph=False: the step has no Python control flow on tensors, and not
+    # converting it (and everything it calls) cuts tracing time.
     if strategy.num_replicas_in_sync == 1 or not isinstance(train_step, TrainStep):
-        step_fn = tf.function(train_step, jit_compile=jit_compile)
+        step_fn = tf.function(train_step, jit_compile=jit_compile, autograph=False)
 
         def run_step(images, labels, number):
             return strategy.run(step_fn, args=(images, labels, number))
 
     else:
-        compute = tf.function(train_step.compute, jit_compile=jit_compile)
+        compute = tf.function(train_step.compute, jit_compile=jit_compile, autograph=False)
 
         def run_step(images, labels, number):
             out = strategy.run(train_step.replica_step, args=(images, labels, number, compute))
@@ -141,7 +143,7 @@ def create_train_loop(strategy, train_step, state, stats, jit_compile, monitor=N
 
 def create_eval_loop(strategy, eval_step, jit_compile):
     """Returns `eval_loop(dist_dataset) -> (mean loss, accuracy)` as one `tf.function`."""
-    compiled = tf.function(eval_step, jit_compile=jit_compile)
+    compiled = tf.function(eval_step, jit_compile=jit_compile, autograph=False)
 
     def step_fn(images, labels):
         # Called from a plain replica function: a compiled function handed to

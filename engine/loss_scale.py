@@ -59,9 +59,12 @@ class StaticLossScale(NoOpLossScale):
         return loss * tf.cast(self._scale, loss.dtype)
 
     def unscale(self, grads):
-        # Division, not multiplication by a reciprocal, so the result is exactly
-        # what the scale implies for every scale, not only powers of two.
-        return [None if g is None else tf.cast(g, tf.float32) / self._scale for g in grads]
+        # Multiply by the reciprocal, computed once in float32: exact for a
+        # power-of-two scale (the dynamic scale always is when it starts as one),
+        # and dividing every gradient instead made ResNet50's XLA step ~20% slower
+        # on a CPU (BUILD_NOTES.md).
+        inverse = 1.0 / self._scale
+        return [None if g is None else tf.cast(g, tf.float32) * inverse for g in grads]
 
 
 class DynamicLossScale(StaticLossScale):

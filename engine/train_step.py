@@ -246,14 +246,20 @@ class TrainStep:
         else:
             micro_images = tf.reshape(images, [k, -1, *images.shape[1:]])
             micro_labels = tf.reshape(labels, [k, -1])
-            grads = [tf.zeros_like(v.value) for v in self.trainable]
-            loss, correct = tf.constant(0.0), tf.constant(0)
-            for i in tf.range(k):
+
+            def accumulate(i, grads, loss, correct):
                 part_grads, part_loss, part_correct = self._gradients(
                     micro_images[i], micro_labels[i], number
                 )
                 grads = [a + b for a, b in zip(grads, part_grads, strict=True)]
-                loss, correct = loss + part_loss, correct + part_correct
+                return i + 1, grads, loss + part_loss, correct + part_correct
+
+            zeros = [tf.zeros_like(v.value) for v in self.trainable]
+            _, grads, loss, correct = tf.while_loop(
+                lambda i, *_: i < k,
+                accumulate,
+                (tf.constant(0), zeros, tf.constant(0.0), tf.constant(0)),
+            )
         out = {"loss": loss, "correct": correct, "grads": grads, "saved_state": saved_state}
         if self.precision_diagnostics:
             # Measured against the scale this step used, on this replica's
