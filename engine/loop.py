@@ -257,14 +257,6 @@ def _loop_values(state, s, seconds, batch_size):
     }
 
 
-def _train_fn(data, config):
-    if not config.deterministic:
-        return data.train_fn
-    options = tf.data.Options()
-    options.deterministic = True
-    return lambda input_context=None: data.train_fn(input_context).with_options(options)
-
-
 def _loop_size(config, step, total, per_epoch, first):
     """Steps in the next loop: it ends at epoch, checkpoint and summary boundaries."""
     # The first call runs one step, so tracing and compilation are timed alone.
@@ -322,7 +314,7 @@ def train_and_evaluate(config, model_dir):
     )
     train_loop = create_train_loop(strategy, train_step, state, stats, config.xla, monitor)
     eval_loop = create_eval_loop(strategy, create_eval_step(state.model), config.xla)
-    iterator = iter(strategy.distribute_datasets_from_function(_train_fn(data, config)))
+    iterator = iter(strategy.distribute_datasets_from_function(data.train_fn))
     eval_data = strategy.distribute_datasets_from_function(data.eval_fn)
     checkpoint = checkpointing.create_checkpoint(state, iterator)
     manager = checkpointing.create_manager(checkpoint, write_dir.path, config.keep_checkpoints)
