@@ -32,7 +32,7 @@ import keras
 import tensorflow as tf
 
 from engine import config as config_lib
-from engine import diagnostics
+from engine import diagnostics, fused_update
 
 
 def _sum_over_replicas(grads):
@@ -54,11 +54,19 @@ def check_and_clip(grads, clip_norm=0.0):
       a bool scalar, the float32 global norm before clipping, and a bool vector
       with one entry per gradient (False where it holds an inf or a nan).
     """
-    # Per-tensor `is_finite`, not "is the global norm finite": a sum of squares
-    # can overflow float32 for large but finite gradients and skip a good step.
-    finite_per_variable = tf.stack([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+    # One pass over the gradients: half the sum of squares of each tensor (one
+    # fused `L2Loss` kernel apiece). Any inf or nan makes the total inf or nan,
+    # so a finite total proves every gradient finite. An infinite total can also
+    # come from large but finite gradients overflowing float32: only then are the
+    # tensors checked one by one, so such a step is still applied.
+    half_squares = tf.add_n([tf.nn.l2_loss(g) for g in grads])
+    finite_per_variable = tf.cond(
+        tf.math.is_finite(half_squares),
+        lambda: tf.ones([len(grads)], tf.bool),
+        lambda: tf.stack([tf.reduce_all(tf.math.is_finite(g)) for g in grads]),
+    )
     finite = tf.reduce_all(finite_per_variable)
-    grad_norm = tf.linalg.global_norm(grads)
+    grad_norm = tf.sqrt(2.0 * half_squares)
     if clip_norm > 0:
         # Clip the true (unscaled) gradients: clipping scaled ones would make
         # the threshold depend on the current loss scale.
@@ -73,7 +81,7 @@ def apply_or_skip(optimizer, loss_scale, grads, variables, finite, on_skip=None)
         if on_skip is not None:
             on_skip()
 
-    tf.cond(finite, lambda: optimizer.apply(grads, variables), skip_update)
+    tf.cond(finite, lambda: fused_update.apply_gradients(optimizer, grads, variables), skip_update)
     loss_scale.update(finite)
 
 

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from engine.loss_scale import DynamicLossScale, create_loss_scale
 from engine.precision import get_policy
-from engine.train_step import apply_scaled_gradients, create_train_step
+from engine.train_step import apply_scaled_gradients, check_and_clip, create_train_step
 from models import create_model
 
 
@@ -87,6 +87,21 @@ def test_per_variable_flags_name_the_nonfinite_gradient():
     )
     assert not bool(finite)
     assert per_var.numpy().tolist() == [True, False]
+
+
+@pytest.mark.parametrize("xla", [False, True], ids=["no_xla", "xla"])
+def test_huge_finite_gradients_are_applied_although_their_squares_overflow(xla):
+    # 1e20 squared overflows float32: the fast check (a finite sum of squares)
+    # fails and the per-tensor check must still find every gradient finite.
+    check = tf.function(check_and_clip, jit_compile=xla)
+    grads = [tf.constant([1e20, -1e20]), tf.constant([3.0])]
+    _, finite, norm, per_var = check(grads)
+    assert bool(finite) and per_var.numpy().tolist() == [True, True]
+    assert np.isinf(float(norm))
+    _, finite, _, per_var = check([grads[0], tf.constant([np.nan])])
+    assert not bool(finite) and per_var.numpy().tolist() == [True, False]
+    _, finite, norm, per_var = check([tf.constant([3.0, 0.0]), tf.constant([4.0])])
+    assert bool(finite) and float(norm) == pytest.approx(5.0)
 
 
 def test_clipping_acts_on_unscaled_gradients():
