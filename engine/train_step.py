@@ -22,10 +22,11 @@ What a skipped step does to the counters (and is tested):
     learning-rate schedule (a function of it) and Adam's bias correction never
     move on a step that changed nothing.
 
-One replica runs steps 1-8 as one function (compiled whole by XLA). Several
-replicas run 1-6 in each replica and 7-8 once, in cross-replica context: a
-`tf.cond` around the optimizer is not allowed inside a replica under
-strategies that synchronise with `merge_call` (every strategy on a CPU).
+One replica runs steps 1-8 as one function. Several replicas run 1-6 in each
+replica and 7-8 once, in cross-replica context: a `tf.cond` around the
+optimizer is not allowed inside a replica under strategies that synchronise
+with `merge_call` (every strategy on a CPU). With XLA, steps 1-4
+(`TrainStep.compute`) are compiled in both cases; see `loop.create_train_loop`.
 """
 
 import keras
@@ -191,8 +192,8 @@ class TrainStep:
         # skipped step must put them back (a nan batch would otherwise poison them).
         self.stateful = model.non_trainable_variables
 
-    def __call__(self, images, labels, number=None):
-        out = self.replica_step(images, labels, number)
+    def __call__(self, images, labels, number=None, compute=None):
+        out = self.replica_step(images, labels, number, compute)
         grads, saved_state = out.pop("grads"), out.pop("saved_state")
         apply_or_skip(
             self.optimizer,
