@@ -1,8 +1,8 @@
 """The inner loop (many steps per `tf.function` call) and the host-side outer loop.
 
 Three layers, as in Orbit:
-  * the step (`engine.train_step`): one replica, TensorFlow ops only; its
-    forward and backward pass optionally compiled by XLA;
+  * the step (`engine.train_step`): one replica, TensorFlow ops only, optionally
+    compiled by XLA;
   * the inner loop (`create_train_loop`): `num_steps` steps inside one
     `tf.function`, accumulating statistics in variables. No host sync inside:
     nothing is read back until the call returns;
@@ -89,19 +89,13 @@ def create_train_loop(strategy, train_step, state, stats, jit_compile, monitor=N
     """Returns `train_loop(iterator, num_steps)`, one `tf.function` running many steps.
 
     `monitor` (a `diagnostics.StepMonitor`) records non-finite steps in the graph.
-    With `jit_compile`, XLA compiles `TrainStep.compute`: the forward and backward
-    pass, where fusing the elementwise ops around each convolution pays. The
-    finiteness check, the update (TensorFlow's fused optimizer kernels, one per
-    variable: nothing left for XLA to fuse) and the loss-scale update run as
-    ordinary kernels. Compiling those too made the small model's first step
-    0.7 s slower (1.95 s against 1.22 s to compile) and its steps no faster.
-    The same split serves several replicas, whose update must run in
-    cross-replica context anyway.
+    With one replica XLA compiles the whole step; with several, the part of
+    each replica's step that holds no collective (`TrainStep.compute`).
     """
     sum_ = tf.distribute.ReduceOp.SUM
     # autograph=False: the step has no Python control flow on tensors, and not
     # converting it (and everything it calls) cuts tracing time.
-    if not isinstance(train_step, TrainStep):  # a plain step function (tests)
+    if strategy.num_replicas_in_sync == 1 or not isinstance(train_step, TrainStep):
         step_fn = tf.function(train_step, jit_compile=jit_compile, autograph=False)
 
         def run_step(images, labels, number):
@@ -109,14 +103,11 @@ def create_train_loop(strategy, train_step, state, stats, jit_compile, monitor=N
 
     else:
         compute = tf.function(train_step.compute, jit_compile=jit_compile, autograph=False)
-
-        def one_replica(images, labels, number):
-            return train_step(images, labels, number, compute=compute)
+        # `strategy.run` would otherwise autograph-convert the step and all it calls.
+        replica_step = tf.autograph.experimental.do_not_convert(train_step.replica_step)
 
         def run_step(images, labels, number):
-            if strategy.num_replicas_in_sync == 1:
-                return strategy.run(one_replica, args=(images, labels, number))
-            out = strategy.run(train_step.replica_step, args=(images, labels, number, compute))
+            out = strategy.run(replica_step, args=(images, labels, number, compute))
             train_step.cross_replica_update(strategy, out)
             return {k: v for k, v in out.items() if k not in ("grads", "saved_state")}
 

@@ -22,11 +22,10 @@ What a skipped step does to the counters (and is tested):
     learning-rate schedule (a function of it) and Adam's bias correction never
     move on a step that changed nothing.
 
-One replica runs steps 1-8 as one function. Several replicas run 1-6 in each
-replica and 7-8 once, in cross-replica context: a `tf.cond` around the
-optimizer is not allowed inside a replica under strategies that synchronise
-with `merge_call` (every strategy on a CPU). With XLA, steps 1-4
-(`TrainStep.compute`) are compiled in both cases; see `loop.create_train_loop`.
+One replica runs steps 1-8 as one function (compiled whole by XLA). Several
+replicas run 1-6 in each replica and 7-8 once, in cross-replica context: a
+`tf.cond` around the optimizer is not allowed inside a replica under
+strategies that synchronise with `merge_call` (every strategy on a CPU).
 """
 
 import keras
@@ -53,21 +52,28 @@ def check_and_clip(grads, clip_norm=0.0):
     Returns:
       (grads, finite, grad_norm, finite_per_variable): the (clipped) gradients,
       a bool scalar, the float32 global norm before clipping, and a bool vector
-      with one entry per gradient (False where it holds an inf or a nan).
+      with one entry per gradient (see below).
     """
     # One pass over the gradients: half the sum of squares of each tensor (one
-    # fused `L2Loss` kernel apiece). Any inf or nan makes the total inf or nan,
-    # so a finite total proves every gradient finite. An infinite total can also
-    # come from large but finite gradients overflowing float32: only then are the
-    # tensors checked one by one, so such a step is still applied.
-    half_squares = tf.add_n([tf.nn.l2_loss(g) for g in grads])
-    finite_per_variable = tf.cond(
-        tf.math.is_finite(half_squares),
-        lambda: tf.ones([len(grads)], tf.bool),
-        lambda: tf.stack([tf.reduce_all(tf.math.is_finite(g)) for g in grads]),
+    # fused `L2Loss` kernel apiece), which the norm needs anyway. Any inf or nan
+    # makes its tensor's sum, and the total, inf or nan, so a finite total proves
+    # every gradient finite. A total that is not finite can also come from large
+    # but finite gradients overflowing float32, so only then (on a step about to
+    # be skipped, or with such gradients) is every element checked, in one
+    # reduction over all of them: a huge but finite step is still applied.
+    half_squares = tf.stack([tf.nn.l2_loss(g) for g in grads])
+    total = tf.reduce_sum(half_squares)
+    finite = tf.cond(
+        tf.math.is_finite(total),
+        lambda: tf.constant(True),
+        lambda: tf.reduce_all(
+            tf.math.is_finite(tf.concat([tf.reshape(g, [-1]) for g in grads], 0))
+        ),
     )
-    finite = tf.reduce_all(finite_per_variable)
-    grad_norm = tf.sqrt(2.0 * half_squares)
+    # Per tensor: False where the sum of squares is not finite (an inf or a nan,
+    # or values beyond ~1e19), and all True when the step is applied.
+    finite_per_variable = tf.math.is_finite(half_squares) | finite
+    grad_norm = tf.sqrt(2.0 * total)
     if clip_norm > 0:
         # Clip the true (unscaled) gradients: clipping scaled ones would make
         # the threshold depend on the current loss scale.
@@ -192,8 +198,8 @@ class TrainStep:
         # skipped step must put them back (a nan batch would otherwise poison them).
         self.stateful = model.non_trainable_variables
 
-    def __call__(self, images, labels, number=None, compute=None):
-        out = self.replica_step(images, labels, number, compute)
+    def __call__(self, images, labels, number=None):
+        out = self.replica_step(images, labels, number)
         grads, saved_state = out.pop("grads"), out.pop("saved_state")
         apply_or_skip(
             self.optimizer,

@@ -1,5 +1,7 @@
 """Speed tooling: FLOP counting, the profile trace, no retracing, the benchmark worker."""
 
+import math
+
 import keras
 import pytest
 import tensorflow as tf
@@ -63,7 +65,9 @@ def test_worker_measures_engine_and_fit_rows():
         assert row["examples_per_sec"] > 0 and row["step_ms"] > 0 and row["peak_rss_mb"] > 0
         assert row["examples_per_sec_min"] <= row["examples_per_sec"] <= row["examples_per_sec_max"]
     assert engine["vs_fit"] > 0
-    assert -1.0 < engine["loss_scale_overhead"] < 1.0
+    # (dynamic - no-op) / dynamic: below 1 as long as the no-op run took any
+    # time; on a tiny model timing noise alone can make it very negative.
+    assert math.isfinite(engine["loss_scale_overhead"]) and engine["loss_scale_overhead"] < 1.0
     benchmark._add_derived(rows, {"float32": 100.0, "float16": 50.0, "bfloat16": 100.0})
     assert engine["mfu"] > 0
     table = benchmark.format_table(rows)

@@ -98,8 +98,9 @@ def test_huge_finite_gradients_are_applied_although_their_squares_overflow(xla):
     _, finite, norm, per_var = check(grads)
     assert bool(finite) and per_var.numpy().tolist() == [True, True]
     assert np.isinf(float(norm))
-    _, finite, _, per_var = check([grads[0], tf.constant([np.nan])])
-    assert not bool(finite) and per_var.numpy().tolist() == [True, False]
+    # Per tensor, the flag is the sum of squares': the huge tensor is named too.
+    _, finite, _, per_var = check([grads[0], tf.constant([np.nan]), tf.constant([1.0])])
+    assert not bool(finite) and per_var.numpy().tolist() == [False, False, True]
     _, finite, norm, per_var = check([tf.constant([3.0, 0.0]), tf.constant([4.0])])
     assert bool(finite) and float(norm) == pytest.approx(5.0)
 
