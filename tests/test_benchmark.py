@@ -72,3 +72,25 @@ def test_worker_measures_engine_and_fit_rows():
     assert engine["mfu"] > 0
     table = benchmark.format_table(rows)
     assert "| engine |" in table and "| keras_fit |" in table
+
+
+def test_table_says_which_rows_ran_on_a_reduced_budget():
+    row = {
+        "runner": "engine",
+        "model": "tiny",
+        "image_size": 16,
+        "batch_size": 8,
+        "precision": "mixed",
+        "xla": False,
+        "examples_per_sec": 10.0,
+        "examples_per_sec_min": 10.0,
+        "examples_per_sec_max": 10.0,
+        "step_ms": 800.0,
+        "speedup_vs_fp32": 0.2,
+        "first_step_s": 1.0,
+        "peak_rss_mb": 100.0,
+        "mfu": 0.01,
+    }
+    assert "reduced" not in benchmark.format_table([row])
+    table = benchmark.format_table([dict(row, reduced_budget="1 repeat, reduced")])
+    assert table.splitlines()[-1] == "mixed: 1 repeat, reduced"
