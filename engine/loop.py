@@ -111,10 +111,12 @@ def create_train_loop(strategy, train_step, state, stats, jit_compile, monitor=N
             train_step.cross_replica_update(strategy, out)
             return {k: v for k, v in out.items() if k not in ("grads", "saved_state")}
 
-    @tf.function
+    # An explicit `tf.while_loop`, not autograph's `for ... in tf.range`: the
+    # same graph, without converting this function's source on every trace.
+    @tf.function(autograph=False)
     def train_loop(iterator, num_steps):
-        for _ in tf.range(num_steps):
-            images, labels = next(iterator)
+        def one_step(i):
+            images, labels = iterator.get_next()
             # `number` is the global step once this step is done (the first is 1).
             out = run_step(images, labels, state.step + 1)
             # Every replica took the same decision on the same reduced gradients.
@@ -139,6 +141,9 @@ def create_train_loop(strategy, train_step, state, stats, jit_compile, monitor=N
             )
             stats.finite_steps.assign_add(tf.cast(finite, tf.int64))
             stats.grad_norm.assign_add(tf.where(finite, grad_norm, 0.0))
+            return (i + 1,)
+
+        tf.while_loop(lambda i: i < num_steps, one_step, (tf.constant(0, num_steps.dtype),))
 
     return train_loop
 
