@@ -113,12 +113,12 @@ flags.DEFINE_string(
 flags.DEFINE_integer(
     "benchmark_repeats",
     C.benchmark_repeats,
-    "--mode=benchmark: interleaved engine/fit repeats per configuration.",
+    "--mode=benchmark: interleaved fit/engine timed windows per configuration.",
 )
 flags.DEFINE_integer(
     "benchmark_steps",
     C.benchmark_steps,
-    "--mode=benchmark: steps per repeat, first loop untimed (0 = 3 x --steps_per_loop).",
+    "--mode=benchmark: steps per timed window (0 = one loop of --steps_per_loop).",
 )
 flags.DEFINE_string("benchmark_json", C.benchmark_json, "--mode=benchmark: write results here.")
 flags.DEFINE_string(

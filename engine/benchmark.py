@@ -4,8 +4,9 @@ Each configuration (precision x XLA, plus TensorFlow's graph-rewrite mixed
 precision) runs in a fresh process, so no policy, XLA or grappler setting leaks
 from one row into the next. Inside that process the engine and Keras
 `model.fit` train the same model on the same data with the same optimizer, and
-their timed repeats are interleaved (engine, fit, engine, fit, ...) so machine
-drift hits both alike; `vs_fit` is the median of the paired ratios.
+their timed windows are interleaved (fit, engine, fit, engine, ...: one `fit`
+call whose callback runs the engine between its windows) so machine drift hits
+both alike; `vs_fit` is the median of the paired ratios.
 
 Run as `python main.py --mode=benchmark [--model=... --image_size=... --batch_size=...]`.
 """
@@ -113,7 +114,7 @@ def _all_layers(model):
 
 
 def _engine_runner(config, data, loss_scale_override=None):
-    """Returns (run(n_steps) -> seconds, first-call seconds, model)."""
+    """Returns (window(steps) -> seconds, first-call seconds, model)."""
     import tensorflow as tf
 
     from engine import loop
@@ -123,6 +124,9 @@ def _engine_runner(config, data, loss_scale_override=None):
     state = loop.build_state(config, data, strategy)
     if loss_scale_override is not None:
         state.loss_scale = loss_scale_override
+    # Timed from here, like fit's first call: the step, the loop and the
+    # iterator are built, traced and compiled, and the first loop runs.
+    start = time.perf_counter()
     stats = loop.LoopStats()
     step = create_train_step(
         state.model, state.optimizer, state.loss_scale, config.batch_size, config.clip_norm
@@ -131,21 +135,25 @@ def _engine_runner(config, data, loss_scale_override=None):
     iterator = iter(strategy.distribute_datasets_from_function(data.train_fn))
     n = tf.constant(config.steps_per_loop, tf.int32)
 
-    def run(steps):
-        # Steady state: timed from the end of the first loop call to the end of
-        # the last, the same window the fit callback below measures.
-        ends = []
+    def window(steps):
+        t0 = time.perf_counter()
         for _ in range(steps // config.steps_per_loop):
             train_loop(iterator, n)
-            state.step.numpy()  # wait for the loop to finish
-            ends.append(time.perf_counter())
-        return ends
+        state.step.numpy()  # wait for the last loop to finish
+        return time.perf_counter() - t0
 
-    return (*_timed(run, config.steps_per_loop), state.model)
+    window(config.steps_per_loop)
+    return window, time.perf_counter() - start, state.model
 
 
-def _fit_runner(config, data):
-    """Keras `fit` on the same model, data, optimizer and policy. Returns like `_engine_runner`."""
+def _fit_interleaved(config, data, repeats, steps, between_windows):
+    """Keras `fit` on the same model, data, optimizer and policy, in one `fit` call.
+
+    A callback closes a timed window of `fit` every `steps` steps and then calls
+    `between_windows()`, which runs the engine's windows: the runners alternate
+    A B A B at the granularity of one window, with no `fit` start-up in any
+    window. Returns (fit's window seconds, first-call seconds, model).
+    """
     import keras
 
     from engine import optimizers
@@ -168,50 +176,39 @@ def _fit_runner(config, data):
         jit_compile=config.xla,
         steps_per_execution=config.steps_per_loop,
     )
-    dataset = data.train_fn()
-    epoch = [0]
+    loops_per_window = steps // config.steps_per_loop
+    windows, first = [], []
 
-    class _Ends(keras.callbacks.Callback):
+    class _Interleave(keras.callbacks.Callback):
         # With steps_per_execution, a batch-end callback fires once per execution.
+        def on_train_begin(self, logs=None):
+            self.executions = 0
+
         def on_train_batch_end(self, batch, logs=None):
-            ends.append(time.perf_counter())
+            now = time.perf_counter()
+            self.executions += 1
+            if self.executions == 1:
+                first.append(now - start)  # fit's start-up, tracing and compilation
+            elif (self.executions - 1) % loops_per_window:
+                return
+            else:
+                windows.append(now - self.window_start)
+            if len(windows) < repeats:
+                between_windows()
+            self.window_start = time.perf_counter()
 
-    ends = []
-
-    def run(steps):
-        ends.clear()
-        model.fit(
-            dataset,
-            initial_epoch=epoch[0],
-            epochs=epoch[0] + 1,
-            steps_per_epoch=steps,
-            shuffle=False,
-            verbose=0,
-            callbacks=[_Ends()],
-        )
-        epoch[0] += 1
-        return list(ends)
-
-    return (*_timed(run, config.steps_per_loop), model)
-
-
-def _timed(run_ends, steps_per_loop):
-    """Wraps `run_ends(steps) -> [end time of each loop]` as `run(steps) -> seconds`.
-
-    The first loop of each repeat is left out of the window: it holds the
-    per-call start-up (fit builds callbacks and an iterator on every call), and
-    what we compare is the training throughput itself. Also returns the seconds of
-    the very first call, which holds tracing and compilation.
-    """
-    t0 = time.perf_counter()
-    run_ends(steps_per_loop)
-    first_call_s = time.perf_counter() - t0
-
-    def run(steps):
-        ends = run_ends(steps)
-        return ends[-1] - ends[0]
-
-    return run, first_call_s
+    start = time.perf_counter()
+    model.fit(
+        data.train_fn(),
+        epochs=1,
+        steps_per_epoch=config.steps_per_loop * (1 + repeats * loops_per_window),
+        shuffle=False,
+        verbose=0,
+        callbacks=[_Interleave()],
+    )
+    if len(windows) != repeats:
+        raise RuntimeError(f"fit stopped after {len(windows)} of {repeats} timed windows")
+    return windows, first[0], model
 
 
 def _warm_up(config, data):
@@ -249,7 +246,13 @@ def _peak_rss_mb():
 
 
 def run_worker(config, graph_rewrite, repeats, steps):
-    """Measures one configuration in this process; returns a list of row dicts."""
+    """Measures one configuration in this process; returns a list of row dicts.
+
+    The engine's first call (tracing and compilation) runs before `fit` starts;
+    then `fit` trains and, between each of its timed windows, the engine (and,
+    for mixed + XLA, its no-op-scale twin) runs one window of the same length.
+    `vs_fit` is the median of the per-window ratios fit/engine.
+    """
     import keras
     import tensorflow as tf
 
@@ -266,19 +269,20 @@ def run_worker(config, graph_rewrite, repeats, steps):
     keras.utils.set_random_seed(config.seed)
     data = create_data(config)
     _warm_up(config, data)
-    engine_run, engine_first, model = _engine_runner(config, data)
+    engine_window, engine_first, model = _engine_runner(config, data)
     engine_rss = _peak_rss_mb()
     flops = count_train_flops_per_example(model)
-    fit_run, fit_first, _ = _fit_runner(config, data)
-    noop_run = None
+    noop_window = None
     if config.precision == "mixed" and config.xla:
-        noop_run, _, _ = _engine_runner(config, data, loss_scale_override=NoOpLossScale())
-    engine_t, fit_t, noop_t = [], [], []
-    for _ in range(repeats):  # interleaved: engine, fit, (no-op scale), engine, fit, ...
-        engine_t.append(engine_run(steps))
-        fit_t.append(fit_run(steps))
-        if noop_run:
-            noop_t.append(noop_run(steps))
+        noop_window, _, _ = _engine_runner(config, data, loss_scale_override=NoOpLossScale())
+    engine_t, noop_t = [], []
+
+    def between_windows():
+        engine_t.append(engine_window(steps))
+        if noop_window:
+            noop_t.append(noop_window(steps))
+
+    fit_t, fit_first, _ = _fit_interleaved(config, data, repeats, steps, between_windows)
     runner = "graph_rewrite" if graph_rewrite else "engine"
     engine_row = _row(runner, config, engine_t, steps, engine_first, engine_rss, flops)
     engine_row["graph_rewrite"] = graph_rewrite
@@ -293,9 +297,8 @@ def run_worker(config, graph_rewrite, repeats, steps):
 
 
 def _row(runner, config, times, steps, first_call_s, rss_mb, flops_per_example):
-    timed_steps = steps - config.steps_per_loop  # the first loop is outside the window
-    rates = [timed_steps * config.batch_size / t for t in times]
-    step_s = statistics.median(times) / timed_steps
+    rates = [steps * config.batch_size / t for t in times]
+    step_s = statistics.median(times) / steps
     # The first call ran steps_per_loop steps: take the steady ones away.
     first_step_s = max(first_call_s - (config.steps_per_loop - 1) * step_s, 0.0)
     return {
@@ -306,8 +309,8 @@ def _row(runner, config, times, steps, first_call_s, rss_mb, flops_per_example):
         "batch_size": config.batch_size,
         "image_size": config.image_size,
         "steps_per_loop": config.steps_per_loop,
-        "repeats": len(times),
-        "timed_steps": timed_steps,
+        "windows": len(times),
+        "steps_per_window": steps,
         "examples_per_sec": statistics.median(rates),
         "examples_per_sec_min": min(rates),
         "examples_per_sec_max": max(rates),
@@ -347,16 +350,16 @@ def run_benchmark(config):
     logging.info("measured matmul peak GFLOP/s: %s", {k: round(v, 1) for k, v in peaks.items()})
     rows, skipped = [], []
     repeats = config.benchmark_repeats
-    steps = config.benchmark_steps or 3 * config.steps_per_loop
+    steps = config.benchmark_steps or config.steps_per_loop
     for runner, precision, xla, rewrite in CONFIGURATIONS:
         cfg = config.replace(precision=precision, xla=xla, mode="train")
         r, s = repeats, steps
         slow = _is_pathological(precision, xla, on_gpu)
         if slow:
-            # float16 kernels without XLA on a CPU take up to seconds a step: one
-            # repeat of three one-step loops (two timed), for both runners.
+            # float16 kernels without XLA on a CPU take up to seconds a step:
+            # two windows of one one-step loop, for both runners.
             cfg = cfg.replace(steps_per_loop=1)
-            r, s = 1, 3
+            r, s = 2, 1
         label = f"{runner} {precision}{' +xla' if xla else ''}"
         logging.info("benchmarking %s (%d x %d steps)", label, r, s)
         try:
@@ -380,8 +383,7 @@ def run_benchmark(config):
         if slow:
             for row in measured:
                 row["reduced_budget"] = (
-                    "too slow on this device for the full budget: 1 repeat of 3 one-step "
-                    "loops (2 timed)"
+                    "too slow on this device for the full budget: 2 windows of one one-step loop"
                 )
         rows.extend(measured)
     _add_derived(rows, peaks)

@@ -1,6 +1,7 @@
 """Speed tooling: FLOP counting, the profile trace, no retracing, the benchmark worker."""
 
 import math
+import time
 
 import keras
 import pytest
@@ -58,10 +59,11 @@ def test_bad_profile_steps_are_rejected(spec):
 
 def test_worker_measures_engine_and_fit_rows():
     config = tiny_config(precision="mixed", xla=True, steps_per_loop=2, train_steps=100)
-    rows = benchmark.run_worker(config, graph_rewrite=False, repeats=2, steps=6)
+    rows = benchmark.run_worker(config, graph_rewrite=False, repeats=3, steps=4)
     engine, fit = rows
     assert engine["runner"] == "engine" and fit["runner"] == "keras_fit"
     for row in rows:
+        assert row["windows"] == 3 and row["steps_per_window"] == 4
         assert row["examples_per_sec"] > 0 and row["step_ms"] > 0 and row["peak_rss_mb"] > 0
         assert row["examples_per_sec_min"] <= row["examples_per_sec"] <= row["examples_per_sec_max"]
     assert engine["vs_fit"] > 0
@@ -72,6 +74,28 @@ def test_worker_measures_engine_and_fit_rows():
     assert engine["mfu"] > 0
     table = benchmark.format_table(rows)
     assert "| engine |" in table and "| keras_fit |" in table
+
+
+def test_fit_and_engine_windows_alternate():
+    config = tiny_config(steps_per_loop=2, train_steps=100)
+    calls = []
+
+    def engine_window():
+        calls.append(time.perf_counter())
+        time.sleep(0.2)
+
+    windows, first, _ = benchmark._fit_interleaved(config, create_data(config), 3, 4, engine_window)
+    assert len(windows) == 3 and len(calls) == 3 and first > 0
+    for i in range(2):
+        # fit's window i ran between engine windows i and i+1, and excludes them.
+        gap = calls[i + 1] - calls[i]
+        assert 0 < windows[i] <= gap - 0.2
+
+
+@pytest.mark.parametrize("steps", [3, -2])
+def test_bad_benchmark_steps_are_rejected(steps):
+    with pytest.raises(ConfigError, match="--benchmark_steps"):
+        tiny_config(steps_per_loop=2, benchmark_steps=steps)
 
 
 def test_table_says_which_rows_ran_on_a_reduced_budget():
