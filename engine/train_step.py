@@ -60,26 +60,20 @@ def check_and_clip(grads, clip_norm=0.0):
     # every gradient finite. A total that is not finite can also come from large
     # but finite gradients overflowing float32, so only then (on a step about to
     # be skipped, or with such gradients) is every element checked, in one
-    # reduction over all of them, and the norm recomputed without overflow: a
-    # huge but finite step is still applied, clipped if asked.
+    # reduction over all of them: a huge but finite step is still applied.
     half_squares = tf.stack([tf.nn.l2_loss(g) for g in grads])
     total = tf.reduce_sum(half_squares)
-
-    def check_every_element():
-        flat = tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
-        all_finite = tf.reduce_all(tf.math.is_finite(flat))
-        biggest = tf.reduce_max(tf.abs(flat))
-        rescaled = biggest * tf.norm(flat / biggest)  # every |element| / biggest <= 1
-        return all_finite, tf.where(all_finite, rescaled, tf.sqrt(2.0 * total))
-
-    finite, grad_norm = tf.cond(
+    finite = tf.cond(
         tf.math.is_finite(total),
-        lambda: (tf.constant(True), tf.sqrt(2.0 * total)),
-        check_every_element,
+        lambda: tf.constant(True),
+        lambda: tf.reduce_all(
+            tf.math.is_finite(tf.concat([tf.reshape(g, [-1]) for g in grads], 0))
+        ),
     )
+    grad_norm = tf.sqrt(2.0 * total)
     if clip_norm > 0:
-        # A norm beyond float32 even rescaled (elements near 3e38) cannot be
-        # clipped to anything but nan: skip such a step.
+        # Clipping by an infinite norm gives nan (`tf.clip_by_global_norm` says
+        # so on purpose): a step whose norm overflows float32 is skipped instead.
         finite = finite & tf.math.is_finite(grad_norm)
     # Per tensor: False where the sum of squares is not finite (an inf or a nan,
     # or values beyond ~1e19), and all True when the step is applied.
