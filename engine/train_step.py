@@ -75,13 +75,12 @@ def check_and_clip(grads, clip_norm=0.0):
         # Clipping by an infinite norm gives nan (`tf.clip_by_global_norm` says
         # so on purpose): a step whose norm overflows float32 is skipped instead.
         finite = finite & tf.math.is_finite(grad_norm)
-    # Per tensor: False where the sum of squares is not finite (an inf or a nan,
-    # or values beyond ~1e19), and all True when the step is applied.
-    finite_per_variable = tf.math.is_finite(half_squares) | finite
-    if clip_norm > 0:
         # Clip the true (unscaled) gradients: clipping scaled ones would make
         # the threshold depend on the current loss scale.
         grads, _ = tf.clip_by_global_norm(grads, clip_norm, use_norm=grad_norm)
+    # Per tensor: False where the sum of squares is not finite (an inf or a nan,
+    # or values beyond ~1e19), and all True when the step is applied.
+    finite_per_variable = tf.math.is_finite(half_squares) | finite
     return grads, finite, grad_norm, finite_per_variable
 
 
