@@ -354,12 +354,15 @@ def run_benchmark(config):
     for runner, precision, xla, rewrite in CONFIGURATIONS:
         cfg = config.replace(precision=precision, xla=xla, mode="train")
         r, s = repeats, steps
-        slow = _is_pathological(precision, xla, on_gpu)
-        if slow:
+        reduced_budget = None
+        if _is_pathological(precision, xla, on_gpu):
             # float16 kernels without XLA on a CPU take up to seconds a step:
             # two windows of one one-step loop, for both runners.
             cfg = cfg.replace(steps_per_loop=1)
             r, s = 2, 1
+            reduced_budget = (
+                f"too slow on this device for the full budget: {r} windows of one {s}-step loop"
+            )
         label = f"{runner} {precision}{' +xla' if xla else ''}"
         logging.info("benchmarking %s (%d x %d steps)", label, r, s)
         try:
@@ -380,11 +383,9 @@ def run_benchmark(config):
             skipped.append({"configuration": label, "reason": tail[0]})
             continue
         measured = json.loads(proc.stdout.strip().splitlines()[-1])
-        if slow:
+        if reduced_budget:
             for row in measured:
-                row["reduced_budget"] = (
-                    "too slow on this device for the full budget: 2 windows of one one-step loop"
-                )
+                row["reduced_budget"] = reduced_budget
         rows.extend(measured)
     _add_derived(rows, peaks)
     print(format_table(rows, skipped))
