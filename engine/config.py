@@ -127,10 +127,19 @@ class Config:
             )
         if self.profile_steps:
             parse_profile_steps(self.profile_steps)
-        if not self.learning_rate > 0:
-            raise ConfigError(f"--learning_rate must be positive, got {self.learning_rate}")
-        if self.clip_norm < 0 or self.weight_decay < 0:
-            raise ConfigError("--clip_norm and --weight_decay must be >= 0")
+        # Comparisons with nan are false, so these reject nan as well as inf: an
+        # infinite clip norm or rate would turn every update into nan while the
+        # step, checked before clipping, still counted as finite.
+        if not 0 < self.learning_rate < float("inf"):
+            raise ConfigError(
+                f"--learning_rate must be a positive finite number, got {self.learning_rate}"
+            )
+        for name in ("clip_norm", "weight_decay"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ConfigError(
+                    f"--{name} must be a finite number >= 0 (0 turns it off), "
+                    f"got {getattr(self, name)}"
+                )
         if self.loss_scale != "dynamic":
             try:
                 value = float(self.loss_scale)

@@ -22,6 +22,10 @@ def _main(*args, timeout=120):
         ("--epochs=0", "set --epochs or --train_steps"),
         ("--grad_accum_steps=3", "must be a multiple of --grad_accum_steps (3)"),
         ("--strategy=tpu", "default|one_device|mirrored|multi_worker"),
+        ("--clip_norm=inf", "--clip_norm must be a finite number >= 0 (0 turns it off), got inf"),
+        ("--weight_decay=nan", "--weight_decay must be a finite number >= 0"),
+        ("--learning_rate=inf", "--learning_rate must be a positive finite number, got inf"),
+        ("--clip_norm=-1", "--clip_norm must be a finite number >= 0"),
     ],
 )
 def test_bad_flag_is_one_line_and_nonzero_exit(flag, expected):
