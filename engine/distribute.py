@@ -63,6 +63,18 @@ def create_strategy(name, num_cpu_devices=1):
     raise ConfigError(f"--strategy={name!r} is not one of: {', '.join(STRATEGIES)}")
 
 
+def replicated(strategy):
+    """True for strategies whose variables are mirrored and updated via `merge_call`.
+
+    Decided by the strategy's kind, not its replica count: a `MirroredStrategy` on
+    one GPU, or a one-worker `MultiWorkerMirroredStrategy`, still mirrors its
+    variables, and their updates cannot run inside the compiled one-replica step.
+    """
+    return isinstance(
+        strategy, (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)
+    )
+
+
 def check_tf_config():
     """Raises ConfigError unless TF_CONFIG describes a cluster with this task in it."""
     raw = os.environ.get("TF_CONFIG")

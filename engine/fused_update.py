@@ -31,6 +31,8 @@ gradient accumulation, variable constraints, several replicas) goes through
 import keras
 import tensorflow as tf
 
+from engine import distribute
+
 
 def fusable(optimizer, grads, variables):
     """Whether `apply_gradients` can use the fused kernels for this update."""
@@ -55,9 +57,7 @@ def fusable(optimizer, grads, variables):
     # Mirrored variables are updated per replica through the strategy: leave
     # that to Keras.
     strategy = tf.distribute.get_strategy()
-    return strategy.num_replicas_in_sync == 1 and not isinstance(
-        strategy, tf.distribute.MirroredStrategy
-    )
+    return strategy.num_replicas_in_sync == 1 and not distribute.replicated(strategy)
 
 
 def apply_gradients(optimizer, grads, variables):

@@ -89,13 +89,14 @@ def create_train_loop(strategy, train_step, state, stats, jit_compile, monitor=N
     """Returns `train_loop(iterator, num_steps)`, one `tf.function` running many steps.
 
     `monitor` (a `diagnostics.StepMonitor`) records non-finite steps in the graph.
-    With one replica XLA compiles the whole step; with several, the part of
-    each replica's step that holds no collective (`TrainStep.compute`).
+    Without mirrored variables XLA compiles the whole step; with them (even one
+    replica's worth), the part of each replica's step that holds no collective
+    (`TrainStep.compute`).
     """
     sum_ = tf.distribute.ReduceOp.SUM
     # autograph=False: the step has no Python control flow on tensors, and not
     # converting it (and everything it calls) cuts tracing time.
-    if strategy.num_replicas_in_sync == 1 or not isinstance(train_step, TrainStep):
+    if not distribute.replicated(strategy) or not isinstance(train_step, TrainStep):
         step_fn = tf.function(train_step, jit_compile=jit_compile, autograph=False)
 
         def run_step(images, labels, number):

@@ -78,11 +78,15 @@ def _main(args, env=None, timeout=300):
     )
 
 
-def test_mixed_xla_trains_end_to_end_under_mirrored(tmp_path):
+@pytest.mark.parametrize("devices", [2, 1])
+def test_mixed_xla_trains_end_to_end_under_mirrored(tmp_path, devices):
+    # One replica too (MirroredStrategy on a one-GPU machine): its variables are
+    # still mirrored, so its updates must not run inside the compiled step.
     proc = _main(
         [
             *TINY,
             "--strategy=mirrored",
+            f"--num_cpu_devices={devices}",
             "--precision=mixed",
             "--xla",
             "--train_steps=6",
@@ -144,6 +148,21 @@ def test_two_workers_end_identical_and_only_the_chief_writes(tmp_path):
     assert list((model_dir / "checkpoints").glob("ckpt-6.index"))
     temp = re.search(r"writing to temporary (\S+),", logs[1])
     assert temp and not os.path.exists(temp.group(1))
+
+
+def test_a_one_worker_cluster_trains(tmp_path):
+    # One worker means one replica, but MultiWorkerMirroredStrategy still mirrors
+    # its variables: the update must go through the strategy, as with several.
+    cluster = {"worker": [f"localhost:{_free_ports(1)[0]}"]}
+    env = dict(
+        os.environ,
+        TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}}),
+    )
+    args = [*TINY, "--strategy=multi_worker", "--optimizer=adamw", "--weight_decay=0.01"]
+    proc = _main([*args, "--train_steps=6", f"--model_dir={tmp_path}"], env=env)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "done: 6 steps (0 skipped)" in stderr
 
 
 @pytest.mark.parametrize(
