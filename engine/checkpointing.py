@@ -37,7 +37,20 @@ RESUME_FIELDS = (
     "batch_size",
     "train_examples",
     "seed",
+    # Which examples are training data: a different split would resume the input
+    # stream at the right position in the wrong data, and could train on eval.
+    "train_split",
+    "eval_split",
+    "eval_fraction",
+    "skip_bad_images",
+    "augment",
+    # A constant rate is an optimizer variable, a schedule is not: they differ
+    # in what the optimizer checkpoints.
+    "lr_schedule",
 )
+# The root checkpoint's children besides `iterator`, which a multi-device run
+# cannot save (see the module docstring).
+STATE_CHILDREN = ("model", "optimizer", "loss_scale", "step", "skipped_steps", "consecutive_skips")
 
 
 class DamagedCheckpoints(Exception):
@@ -50,14 +63,7 @@ def checkpoint_dir(model_dir):
 
 def create_checkpoint(state, iterator=None):
     """The root `tf.train.Checkpoint` for a `loop.TrainState` and the train iterator."""
-    children = dict(
-        model=state.model,
-        optimizer=state.optimizer,
-        loss_scale=state.loss_scale,
-        step=state.step,
-        skipped_steps=state.skipped_steps,
-        consecutive_skips=state.consecutive_skips,
-    )
+    children = {name: getattr(state, name) for name in STATE_CHILDREN}
     if isinstance(iterator, tf.__internal__.tracking.Trackable):
         children["iterator"] = iterator
     elif iterator is not None:
@@ -108,9 +114,15 @@ def prepare_model_dir(config, model_dir):
     if has_checkpoints(model_dir):
         check_compatible(config, directory)
         return True
-    tf.io.gfile.makedirs(directory)
-    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-        json.dump(dataclasses.asdict(config), f, indent=2, sort_keys=True)
+    try:
+        tf.io.gfile.makedirs(directory)
+        with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+            json.dump(dataclasses.asdict(config), f, indent=2, sort_keys=True)
+    except (OSError, tf.errors.OpError) as e:
+        raise ConfigError(
+            f"--model_dir={model_dir}: cannot create {directory} ({_first_line(e)}); "
+            "choose a folder you can write to"
+        ) from None
     return False
 
 
@@ -120,8 +132,16 @@ def check_compatible(config, directory):
     if not os.path.exists(path):
         logging.warning("%s is missing; cannot check the flags against the checkpoints", path)
         return
-    with open(path) as f:
-        saved = json.load(f)
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"{path} is unreadable ({_first_line(e)}); it records the flags the checkpoints "
+            "were written with: restore it, or delete it to resume without this check"
+        ) from None
     for name in RESUME_FIELDS:
         new = getattr(config, name)
         if name in saved and saved[name] != new:
@@ -136,30 +156,58 @@ def restore_latest(checkpoint, manager):
     """Restores the newest readable checkpoint; returns its path.
 
     A damaged checkpoint (truncated or missing file) is reported and the one
-    before it is tried: a run never silently restarts from scratch.
+    before it is tried: a run never silently restarts from scratch. A checkpoint
+    saved without the input iterator (by a multi-device run) restores everything
+    else, and the input stream restarts.
 
     Raises:
       DamagedCheckpoints: checkpoints exist but none can be restored.
     """
-    failures = []
+    failures, mismatches = [], 0
     for path in reversed(manager.checkpoints):
         try:
-            checkpoint.restore(path).assert_existing_objects_matched()
+            _restore(checkpoint, path)
         # A truncated file fails wherever the reader runs out of bytes (DataLossError,
         # IndexError, ...), so any error counts; each one is logged with its reason.
         except Exception as e:
+            # Objects left unbound, or a tensor of another shape: the file is whole
+            # but was written by a run built differently.
+            mismatch = isinstance(e, AssertionError) or "shape" in _first_line(e)
+            mismatches += mismatch
             reason = f"{type(e).__name__}: {_first_line(e)}"
-            logging.error("checkpoint %s is damaged or unreadable: %s", path, reason)
+            what = (
+                "does not match how this run is built" if mismatch else "is damaged or unreadable"
+            )
+            logging.error("checkpoint %s %s: %s", path, what, reason)
             failures.append(f"{os.path.basename(path)}: {reason}")
             continue
         if failures:
             logging.warning("fell back to %s, the newest checkpoint that could be read", path)
         return path
     directory = manager.directory
+    if failures and mismatches == len(failures):
+        # Good files, another configuration: never advise deleting them.
+        raise DamagedCheckpoints(
+            f"the checkpoints in {directory} were written by a differently built run "
+            f"({failures[0]}); resume with the flags in {os.path.join(directory, CONFIG_FILE)}, "
+            "or train in another --model_dir"
+        )
     raise DamagedCheckpoints(
         f"no checkpoint in {directory} can be restored ({'; '.join(failures) or 'none listed'}); "
         "repair or move them away, or start again with --fresh --overwrite"
     )
+
+
+def _restore(checkpoint, path):
+    saved = {name.split("/")[0] for name, _ in tf.train.list_variables(path)}
+    if hasattr(checkpoint, "iterator") and "iterator" not in saved:
+        logging.warning(
+            "%s was saved without the input iterator (by a multi-device run): the input "
+            "stream restarts from its beginning",
+            path,
+        )
+        checkpoint = tf.train.Checkpoint(**{n: getattr(checkpoint, n) for n in STATE_CHILDREN})
+    checkpoint.restore(path).assert_existing_objects_matched()
 
 
 def _first_line(error):

@@ -281,9 +281,15 @@ def parse_inject_nonfinite(spec):
 
 
 def to_flagfile(config):
-    """The flags that rebuild `config` exactly, one per line (for `--flagfile`)."""
+    """The flags that rebuild `config`, one per line (for `--flagfile`).
+
+    All but `--fresh` and `--overwrite`: replaying a run's flags must never delete
+    its checkpoints.
+    """
     lines = []
     for field in dataclasses.fields(config):
+        if field.name in ("fresh", "overwrite"):
+            continue  # actions on the model_dir, not configuration
         value = getattr(config, field.name)
         if isinstance(value, bool):
             lines.append(f"--{field.name}" if value else f"--no{field.name}")

@@ -133,7 +133,14 @@ def test_existing_checkpoints_mean_resume(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "change", [dict(precision="mixed"), dict(model="small_resnet"), dict(batch_size=32)]
+    "change",
+    [
+        dict(precision="mixed"),
+        dict(model="small_resnet"),
+        dict(batch_size=32),
+        dict(eval_fraction=0.5),  # which examples are training data
+        dict(lr_schedule="constant"),  # what the optimizer checkpoints
+    ],
 )
 def test_resuming_with_an_incompatible_flag_is_a_clear_error(tmp_path, change):
     _fake_checkpoint(tmp_path, tiny_config())
@@ -149,3 +156,59 @@ def test_config_json_is_written_next_to_the_checkpoints(tmp_path):
     checkpointing.prepare_model_dir(tiny_config(seed=7), str(tmp_path))
     assert '"seed": 7' in (tmp_path / "checkpoints" / "config.json").read_text()
     assert os.listdir(tmp_path / "checkpoints") == ["config.json"]
+
+
+def test_an_unreadable_config_json_is_a_clear_error(tmp_path):
+    _fake_checkpoint(tmp_path, tiny_config())
+    (tmp_path / "checkpoints" / "config.json").write_text('{"model": "tin')
+    with pytest.raises(ConfigError, match=r"config.json is unreadable \(.*\); it records"):
+        checkpointing.prepare_model_dir(tiny_config(), str(tmp_path))
+    assert (tmp_path / "checkpoints" / "ckpt-5.index").exists()
+
+
+def test_a_model_dir_that_is_a_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "afile"
+    path.write_text("mine")
+    with pytest.raises(ConfigError, match=r"--model_dir=.*afile: cannot create"):
+        checkpointing.prepare_model_dir(tiny_config(), str(path))
+    assert path.read_text() == "mine"
+
+
+def test_the_flagfile_never_replays_fresh_or_overwrite():
+    from engine.config import to_flagfile
+
+    text = to_flagfile(tiny_config(fresh=True, overwrite=True))
+    assert "fresh" not in text and "overwrite" not in text
+    assert "--model=tiny" in text
+
+
+def test_a_checkpoint_without_the_iterator_restores_the_rest(tmp_path, caplog):
+    # What a multi-device run saves; resuming it on one device must not count it
+    # as damaged and silently fall back to an older checkpoint.
+    config = tiny_config()
+    state, _ = _state_and_iterator(config)
+    state.step.assign(9)
+    checkpointing.create_manager(checkpointing.create_checkpoint(state), str(tmp_path)).save(9)
+    fresh, iterator = _state_and_iterator(config)
+    checkpoint = checkpointing.create_checkpoint(fresh, iterator)
+    manager = checkpointing.create_manager(checkpoint, str(tmp_path))
+    with caplog.at_level(logging.WARNING):
+        assert checkpointing.restore_latest(checkpoint, manager).endswith("ckpt-9")
+    assert int(fresh.step) == 9
+    for a, b in zip(state.model.weights, fresh.model.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert any("saved without the input iterator" in r.getMessage() for r in caplog.records)
+
+
+def test_checkpoints_of_a_differently_built_run_are_not_called_damaged(tmp_path):
+    state, iterator = _state_and_iterator(tiny_config())
+    checkpointing.create_manager(
+        checkpointing.create_checkpoint(state, iterator), str(tmp_path)
+    ).save(3)
+    other, other_iterator = _state_and_iterator(tiny_config(model="small_resnet"))
+    checkpoint = checkpointing.create_checkpoint(other, other_iterator)
+    manager = checkpointing.create_manager(checkpoint, str(tmp_path))
+    with pytest.raises(checkpointing.DamagedCheckpoints) as e:
+        checkpointing.restore_latest(checkpoint, manager)
+    assert "written by a differently built run" in str(e.value)
+    assert "--fresh --overwrite" not in str(e.value)  # never advise deleting good files
