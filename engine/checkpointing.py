@@ -120,7 +120,7 @@ def prepare_model_dir(config, model_dir):
             json.dump(dataclasses.asdict(config), f, indent=2, sort_keys=True)
     except (OSError, tf.errors.OpError) as e:
         raise ConfigError(
-            f"--model_dir={model_dir}: cannot create {directory} ({_first_line(e)}); "
+            f"--model_dir={model_dir}: cannot create {directory} ({first_line(e)}); "
             "choose a folder you can write to"
         ) from None
     return False
@@ -139,7 +139,7 @@ def check_compatible(config, directory):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
         raise ConfigError(
-            f"{path} is unreadable ({_first_line(e)}); it records the flags the checkpoints "
+            f"{path} is unreadable ({first_line(e)}); it records the flags the checkpoints "
             "were written with: restore it, or delete it to resume without this check"
         ) from None
     for name in RESUME_FIELDS:
@@ -172,9 +172,9 @@ def restore_latest(checkpoint, manager):
         except Exception as e:
             # Objects left unbound, or a tensor of another shape: the file is whole
             # but was written by a run built differently.
-            mismatch = isinstance(e, AssertionError) or "shape" in _first_line(e)
+            mismatch = isinstance(e, AssertionError) or "shape" in first_line(e)
             mismatches += mismatch
-            reason = f"{type(e).__name__}: {_first_line(e)}"
+            reason = f"{type(e).__name__}: {first_line(e)}"
             what = (
                 "does not match how this run is built" if mismatch else "is damaged or unreadable"
             )
@@ -210,6 +210,6 @@ def _restore(checkpoint, path):
     checkpoint.restore(path).assert_existing_objects_matched()
 
 
-def _first_line(error):
+def first_line(error):
     message = getattr(error, "message", None) or str(error)
     return message.strip().splitlines()[0] if message.strip() else type(error).__name__

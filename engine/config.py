@@ -155,6 +155,7 @@ class Config:
                 f"{self.min_scale}, {self.initial_scale}, {self.max_scale}"
             )
         self._check_real_data()
+        self._check_output_paths()
         self._validate_checkpointing()
         self._check_distribution()
         self._check_tensorboard_fields()
@@ -183,6 +184,25 @@ class Config:
                 )
             if not self.model_dir:
                 raise ConfigError("--mode=predict needs --model_dir of a trained run")
+
+    def _check_output_paths(self):
+        # Checked before anything runs: a benchmark or a training run must not
+        # end by failing to write its result.
+        for name in ("benchmark_json", "predictions_csv"):
+            path = getattr(self, name)
+            if not path or "://" in path:
+                continue
+            if os.path.isdir(path):
+                raise ConfigError(f"--{name}={path} is a folder; give a file path")
+            parent = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(parent):
+                raise ConfigError(f"--{name}={path}: folder {parent} does not exist; create it")
+        if (
+            self.export_dir
+            and os.path.exists(self.export_dir)
+            and not os.path.isdir(self.export_dir)
+        ):
+            raise ConfigError(f"--export_dir={self.export_dir} is a file; give a folder path")
 
     def _check_tensorboard_fields(self):
         for name in ("summary_every", "histogram_every"):

@@ -27,25 +27,39 @@ def restore_model(config, model_dir, num_classes):
     Raises:
       ConfigError: no checkpoint, or one that does not fit `--model`/`--image_size`.
     """
-    latest = tf.train.latest_checkpoint(checkpointing.checkpoint_dir(model_dir))
-    if latest is None:
+    directory = checkpointing.checkpoint_dir(model_dir)
+    listed = tf.train.get_checkpoint_state(directory)
+    paths = list(reversed(listed.all_model_checkpoint_paths)) if listed else []
+    if not paths:
         raise ConfigError(
-            f"--model_dir={model_dir} has no checkpoint in "
-            f"{checkpointing.checkpoint_dir(model_dir)}; train first with --mode=train"
+            f"--model_dir={model_dir} has no checkpoint in {directory}; "
+            "train first with --mode=train"
         )
     policy = get_policy(config.precision)
     model = create_model(config.model, num_classes, config.image_size, policy.keras_policy)
-    try:
-        status = tf.train.Checkpoint(model=model).restore(latest).expect_partial()
-        # Every weight of the rebuilt model must come from the checkpoint: a
-        # different --model would otherwise predict with random weights.
-        status.assert_existing_objects_matched()
-    except (AssertionError, ValueError, tf.errors.InvalidArgumentError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(
-            f"checkpoint {latest} does not fit --model={config.model} "
-            f"--image_size={config.image_size}; use the training run's flags ({first_line})"
-        ) from None
+    failures = []
+    for latest in paths:
+        try:
+            status = tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+            # Every weight of the rebuilt model must come from the checkpoint: a
+            # different --model would otherwise predict with random weights.
+            status.assert_existing_objects_matched()
+        except (AssertionError, ValueError, tf.errors.InvalidArgumentError) as e:
+            raise ConfigError(
+                f"checkpoint {latest} does not fit --model={config.model} "
+                f"--image_size={config.image_size}; use the training run's flags "
+                f"({checkpointing.first_line(e)})"
+            ) from None
+        # A truncated file fails wherever its reader runs out of bytes: as in
+        # training, a damaged checkpoint is reported and the one before it is used.
+        except Exception as e:
+            reason = f"{type(e).__name__}: {checkpointing.first_line(e)}"
+            logging.error("checkpoint %s is damaged or unreadable: %s", latest, reason)
+            failures.append(f"{os.path.basename(latest)}: {reason}")
+            continue
+        break
+    else:
+        raise ConfigError(f"no checkpoint in {directory} can be read ({'; '.join(failures)})")
     logging.info("restored %s", latest)
     return model
 

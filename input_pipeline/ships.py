@@ -11,6 +11,7 @@ the CSV line, never a skipped or mislabelled example.
 """
 
 import csv
+import io
 import os
 
 from input_pipeline import preprocessing
@@ -34,18 +35,25 @@ def _read_rows(csv_path, columns):
         raise DataError(
             f"{csv_path} does not exist; expected a CSV with columns {','.join(columns)}"
         )
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        header = [c.strip() for c in reader.fieldnames or []]
-        missing = [c for c in columns if c not in header]
-        if missing:
-            raise DataError(
-                f"{csv_path} lacks column(s) {', '.join(missing)}; its header must include "
-                f"{','.join(columns)} (found {','.join(header) or 'no header'})"
-            )
-        reader.fieldnames = header
-        for row in reader:
-            yield reader.line_num, row
+    try:
+        # Read whole first: a decoding error is then one message, not a half-read split.
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{csv_path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 CSV"
+        ) from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = [c.strip() for c in reader.fieldnames or []]
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise DataError(
+            f"{csv_path} lacks column(s) {', '.join(missing)}; its header must include "
+            f"{','.join(columns)} (found {','.join(header) or 'no header'})"
+        )
+    reader.fieldnames = header
+    for row in reader:
+        yield reader.line_num, row
 
 
 def resolve_image(csv_path, line, name, root):

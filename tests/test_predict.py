@@ -87,6 +87,34 @@ def test_predict_with_another_model_is_a_config_error(tmp_path):
     assert not os.path.exists(os.path.join(run_dir, "predictions.csv"))
 
 
+def test_predict_falls_back_from_a_damaged_checkpoint(tmp_path, caplog):
+    root, _ = make_ships_tree(tmp_path / "ships", num_test=3)
+    run_dir = str(tmp_path / "run")
+    train = tiny_config(
+        dataset=f"ships:{root}", batch_size=8, train_steps=2, eval_batch_size=8, checkpoint_every=1
+    )
+    loop.train_and_evaluate(train, run_dir)
+    data_file = tmp_path / "run" / "checkpoints" / "ckpt-2.data-00000-of-00001"
+    data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
+    config = train.replace(mode="predict", predict_csv=f"{root}/test.csv", model_dir=run_dir)
+    with caplog.at_level("INFO"):
+        path = predict.predict(config, run_dir)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("ckpt-2 is damaged or unreadable" in m for m in messages), messages
+    assert any(m.startswith("restored") and m.endswith("ckpt-1") for m in messages), messages
+    with open(path, newline="") as f:
+        assert len(list(csv.reader(f))) == 4  # header and three predictions
+
+
+def test_a_csv_that_is_not_utf8_is_a_clear_error(tmp_path):
+    root, _ = make_ships_tree(tmp_path / "ships")
+    (tmp_path / "ships" / "train" / "train.csv").write_bytes(b"image,category\n\xe9t\xe9.jpg,1\n")
+    run_dir = tmp_path / "run"
+    line = _one_line_error(_main(*SMALL, f"--dataset=ships:{root}", f"--model_dir={run_dir}"))
+    assert "train.csv is not UTF-8 text" in line and "save it as UTF-8 CSV" in line
+    assert not run_dir.exists()
+
+
 @pytest.mark.parametrize(
     "changes, expected",
     [
