@@ -289,7 +289,8 @@ def parse_inject_nonfinite(spec):
             first, colon, last = item.strip().partition(":")
             start = int(first)
             stop = (int(last) if last else None) if colon else start + 1
-            if start < 1 or (stop is not None and stop <= start):
+            # Bounded so the step numbers fit the graph's int64 step counter.
+            if not 1 <= start < 2**62 or (stop is not None and not start < stop < 2**62):
                 raise ValueError(item)
             ranges.append((start, stop))
     except ValueError:

@@ -88,7 +88,17 @@ def _cache(ds, cache, key):
     if cache == "memory":
         return ds.cache()
     digest = hashlib.sha1(repr(key).encode()).hexdigest()[:12]
-    return ds.cache(f"{cache}-{digest}")
+    path = f"{cache}-{digest}"
+    # TF refuses a cache with a lock next to it (another writer, or one killed
+    # mid-write); say so before the run starts instead of failing inside it.
+    locks = tf.io.gfile.glob(f"{path}_*.lockfile")
+    if locks:
+        raise DataError(
+            f"--cache={cache}: {locks[0]} locks its cache file; a run killed while writing the "
+            f"cache leaves one. If no other run is writing it, delete {path}* (the lock and the "
+            "partial cache), or use another --cache"
+        )
+    return ds.cache(path)
 
 
 def _decoded_arrays(ds, config, num_examples, key, read):
@@ -99,9 +109,16 @@ def _decoded_arrays(ds, config, num_examples, key, read):
     """
     size = source_size(config.image_size, config.augment)
     ds = ds.map(lambda x, y: (decode_and_resize(read(x), size), y), num_parallel_calls=AUTOTUNE)
-    if config.cache != "memory":
-        ds = _cache(ds, config.cache, key)
-    return batching.gather_all(ds, num_examples)
+    if config.cache in ("", "memory"):
+        return batching.gather_all(ds, num_examples)
+    ds = _cache(ds, config.cache, key)
+    try:
+        return batching.gather_all(ds, num_examples)
+    except (tf.errors.DataLossError, tf.errors.InternalError, tf.errors.OutOfRangeError) as e:
+        raise DataError(
+            f"--cache={config.cache}: the cache files are damaged ({type(e).__name__}); delete "
+            f"{config.cache}-* to rebuild them, or use --cache=memory"
+        ) from None
 
 
 def create_train_fn(examples, config, num_examples, cache_key, read=_identity):

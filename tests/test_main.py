@@ -26,6 +26,7 @@ def _main(*args, timeout=120):
         ("--weight_decay=nan", "--weight_decay must be a finite number >= 0"),
         ("--learning_rate=inf", "--learning_rate must be a positive finite number, got inf"),
         ("--clip_norm=-1", "--clip_norm must be a finite number >= 0"),
+        ("--inject_nonfinite=99999999999999999999", "--inject_nonfinite='99999999999999999999'"),
         ("--benchmark_json=/nonexistent/x.json", "folder /nonexistent does not exist; create it"),
         ("--predictions_csv=/tmp", "--predictions_csv=/tmp is a folder; give a file path"),
         ("--export_dir=main.py", "--export_dir=main.py is a file; give a folder path"),

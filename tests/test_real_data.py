@@ -130,6 +130,28 @@ def test_file_cache_is_written_under_the_given_prefix(tmp_path):
     assert [p.name for p in prefix.parent.glob("imgs-*.index")]
 
 
+@pytest.mark.parametrize("damage", ["stale_lock", "truncated"])
+def test_a_locked_or_damaged_file_cache_is_a_clear_error(tmp_path, damage):
+    root = make_folder_tree(tmp_path / "data", per_class=4)
+    prefix = tmp_path / "cache" / "imgs"
+    prefix.parent.mkdir()
+    config = _real_config(f"folder:{root}", cache=str(prefix))
+    create_data(config).train_fn()  # writes the training images' cache
+    (index,) = prefix.parent.glob("imgs-*.index")
+    stem = index.name[: -len(".index")]
+    if damage == "stale_lock":  # what a run killed while writing the cache leaves
+        for f in prefix.parent.glob(f"{stem}*"):
+            f.unlink()
+        (prefix.parent / f"{stem}_0.lockfile").write_text("")
+        expected = rf"--cache=.*imgs: .*{stem}_0.lockfile locks its cache file"
+    else:
+        for f in prefix.parent.glob(f"{stem}.data-*"):
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+        expected = r"--cache=.*imgs: the cache files are damaged"
+    with pytest.raises(DataError, match=expected):
+        create_data(config).train_fn()
+
+
 def test_empty_class_folder_is_an_error_naming_it(tmp_path):
     root = make_folder_tree(tmp_path, per_class=3)
     os.makedirs(tmp_path / "train" / "blue")
