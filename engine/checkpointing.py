@@ -126,8 +126,8 @@ def prepare_model_dir(config, model_dir):
     return False
 
 
-def check_compatible(config, directory):
-    """Raises ConfigError naming the first `RESUME_FIELDS` flag that differs from config.json."""
+def check_compatible(config, directory, fields=RESUME_FIELDS):
+    """Raises ConfigError naming the first of `fields` that differs from config.json."""
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.exists(path):
         logging.warning("%s is missing; cannot check the flags against the checkpoints", path)
@@ -142,7 +142,7 @@ def check_compatible(config, directory):
             f"{path} is unreadable ({first_line(e)}); it records the flags the checkpoints "
             "were written with: restore it, or delete it to resume without this check"
         ) from None
-    for name in RESUME_FIELDS:
+    for name in fields:
         new = getattr(config, name)
         if name in saved and saved[name] != new:
             raise ConfigError(

@@ -28,6 +28,8 @@ def restore_model(config, model_dir, num_classes):
       ConfigError: no checkpoint, or one that does not fit `--model`/`--image_size`.
     """
     directory = checkpointing.checkpoint_dir(model_dir)
+    # A model at another resolution would restore and predict without a word.
+    checkpointing.check_compatible(config, directory, fields=("model", "image_size"))
     listed = tf.train.get_checkpoint_state(directory)
     paths = list(reversed(listed.all_model_checkpoint_paths)) if listed else []
     if not paths:

@@ -82,6 +82,12 @@ def test_predict_with_another_model_is_a_config_error(tmp_path):
     config = train.replace(
         mode="predict", predict_csv=f"{root}/test.csv", model_dir=run_dir, model="small_resnet"
     )
+    with pytest.raises(ConfigError, match="--model=small_resnet does not match the checkpoints"):
+        predict.predict(config, run_dir)
+    # At another resolution the weights would restore: config.json catches it.
+    with pytest.raises(ConfigError, match="--image_size=24 does not match the checkpoints"):
+        predict.predict(config.replace(model=train.model, image_size=24), run_dir)
+    os.remove(os.path.join(run_dir, "checkpoints", "config.json"))  # the restore still checks
     with pytest.raises(ConfigError, match="does not fit --model=small_resnet"):
         predict.predict(config, run_dir)
     assert not os.path.exists(os.path.join(run_dir, "predictions.csv"))
