@@ -445,7 +445,10 @@ def train_and_evaluate(config, model_dir):
             )
             if not stop:
                 _log_done(result)
-                summaries.write_final_metrics(writer, step, result)
+                # A run resumed when already finished trains nothing: its zero
+                # timings must not replace the finished run's in HParams.
+                if step > start_step:
+                    summaries.write_final_metrics(writer, step, result)
         finally:
             profiler.stop()
             writer.close()

@@ -212,3 +212,13 @@ def test_checkpoints_of_a_differently_built_run_are_not_called_damaged(tmp_path)
         checkpointing.restore_latest(checkpoint, manager)
     assert "written by a differently built run" in str(e.value)
     assert "--fresh --overwrite" not in str(e.value)  # never advise deleting good files
+
+
+def test_resuming_a_finished_run_keeps_its_final_metrics(tmp_path):
+    from conftest import read_scalars
+
+    _train(tmp_path, train_steps=2)
+    again = _train(tmp_path, train_steps=2)  # nothing left to train
+    assert again.steps == 2
+    speeds = read_scalars(tmp_path)["final/examples_per_sec"]
+    assert len(speeds) == 1 and speeds[0][1] > 0, speeds  # not overwritten by a zero
