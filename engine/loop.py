@@ -297,9 +297,7 @@ def train_and_evaluate(config, model_dir):
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
     data = create_data(config)  # before model_dir: bad data must leave no trace there
-    # Only the chief writes to model_dir; other workers write to a temporary folder.
-    write_dir = distribute.WriteDir(model_dir, strategy)
-    if write_dir.chief:
+    if distribute.is_chief(strategy):
         resume = checkpointing.prepare_model_dir(config, model_dir)
     else:
         resume = checkpointing.has_checkpoints(model_dir) and not config.fresh
@@ -325,12 +323,19 @@ def train_and_evaluate(config, model_dir):
     iterator = iter(strategy.distribute_datasets_from_function(data.train_fn))
     eval_data = strategy.distribute_datasets_from_function(data.eval_fn)
     checkpoint = checkpointing.create_checkpoint(state, iterator)
+    # Only the chief writes to model_dir; other workers write to a temporary
+    # folder, deleted at the end, and here if restoring fails.
+    write_dir = distribute.WriteDir(model_dir, strategy)
     manager = checkpointing.create_manager(checkpoint, write_dir.path, config.keep_checkpoints)
     last_good, saved_step = None, None  # the checkpoint a failure falls back to
     if resume:
         # Every worker restores the chief's checkpoint, which all of them can read.
         source = manager if write_dir.chief else checkpointing.create_manager(checkpoint, model_dir)
-        last_good = checkpointing.restore_latest(checkpoint, source)
+        try:
+            last_good = checkpointing.restore_latest(checkpoint, source)
+        except BaseException:
+            write_dir.cleanup()
+            raise
         saved_step = int(state.step.numpy())
         logging.info(
             "resuming from %s at step %d (loss scale %g)",

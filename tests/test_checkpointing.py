@@ -222,3 +222,21 @@ def test_resuming_a_finished_run_keeps_its_final_metrics(tmp_path):
     assert again.steps == 2
     speeds = read_scalars(tmp_path)["final/examples_per_sec"]
     assert len(speeds) == 1 and speeds[0][1] > 0, speeds  # not overwritten by a zero
+
+
+def test_a_worker_that_cannot_restore_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    import tempfile
+
+    from engine import distribute
+
+    run = tmp_path / "run"
+    _train(run, train_steps=2)
+    for f in (run / "checkpoints").glob("ckpt-*.data-*"):
+        f.unlink()
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    monkeypatch.setattr(distribute, "is_chief", lambda strategy: False)  # a non-chief worker
+    with pytest.raises(checkpointing.DamagedCheckpoints):
+        _train(run, train_steps=4)
+    assert list(temp.iterdir()) == []
