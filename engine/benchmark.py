@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -242,6 +243,15 @@ def _warm_up(config, data):
 
 
 def _peak_rss_mb():
+    # Linux keeps ru_maxrss across fork and exec, so a worker would report at
+    # least its parent's peak; VmHWM belongs to this process's own memory.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -344,11 +354,15 @@ def run_benchmark(config):
     """Runs every configuration, prints the markdown table, writes JSON if asked."""
     import tensorflow as tf
 
+    from input_pipeline import create_data
+
+    # Bad data is the user's one-line error here, not a skipped row per configuration.
+    create_data(config)
     on_gpu = bool(tf.config.list_physical_devices("GPU"))
     machine = _machine()
     peaks = {d: measure_peak_gflops(d) for d in ("float32", "bfloat16", "float16")}
     logging.info("measured matmul peak GFLOP/s: %s", {k: round(v, 1) for k, v in peaks.items()})
-    rows, skipped = [], []
+    rows, skipped, interrupted = [], [], False
     repeats = config.benchmark_repeats
     steps = config.benchmark_steps or config.steps_per_loop
     for runner, precision, xla, rewrite in CONFIGURATIONS:
@@ -371,16 +385,20 @@ def run_benchmark(config):
                 capture_output=True,
                 text=True,
                 timeout=_WORKER_TIMEOUT_S,
-                cwd=os.path.dirname(os.path.dirname(__file__)),
+                env=_worker_env(),  # the user's working folder: relative paths mean the same
             )
         except subprocess.TimeoutExpired:
             skipped.append(
                 {"configuration": label, "reason": f"timed out after {_WORKER_TIMEOUT_S} s"}
             )
             continue
+        except KeyboardInterrupt:
+            # The worker got the same Ctrl-C. Keep what was measured.
+            skipped.append({"configuration": label, "reason": "interrupted (Ctrl-C)"})
+            interrupted = True
+            break
         if proc.returncode != 0:
-            tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
-            skipped.append({"configuration": label, "reason": tail[0]})
+            skipped.append({"configuration": label, "reason": _failure_reason(proc)})
             continue
         measured = json.loads(proc.stdout.strip().splitlines()[-1])
         if reduced_budget:
@@ -400,8 +418,33 @@ def run_benchmark(config):
     }
     if config.benchmark_json:
         with open(config.benchmark_json, "w") as f:
-            json.dump(result, f, indent=2)
+            json.dump(result, f, indent=2, allow_nan=False)
+    if interrupted:
+        logging.error("interrupted: the table above holds the configurations measured so far")
+        raise SystemExit(130)
     return result
+
+
+def _worker_env():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=root + (os.pathsep + path if path else ""))
+
+
+def _failure_reason(proc):
+    """One line for a worker that failed: how it ended and its last own message."""
+    how = (
+        f"killed by signal {-proc.returncode}"
+        if proc.returncode < 0
+        else f"exited with status {proc.returncode}"
+    )
+    # TensorFlow's own log lines (I0000 ..., W1128 ...) say nothing about the failure.
+    own = [
+        line
+        for line in proc.stderr.strip().splitlines()
+        if line.strip() and not re.match(r"^([IWEF]\d{4} |WARNING: All log messages)", line)
+    ]
+    return f"worker {how}: {own[-1].strip()}" if own else f"worker {how}"
 
 
 def _add_derived(rows, peaks):
@@ -417,7 +460,9 @@ def _add_derived(rows, peaks):
         gflops = row["examples_per_sec"] * row["train_gflop_per_example"]
         row["mfu"] = gflops / peaks[dtype]
         row["mfu_vs_fp32_peak"] = gflops / peaks["float32"]
-        row["speedup_vs_fp32"] = row["examples_per_sec"] / base.get(row["model"], float("nan"))
+        # None (JSON null) when the fp32 baseline did not run: JSON has no NaN.
+        fp32 = base.get(row["model"])
+        row["speedup_vs_fp32"] = row["examples_per_sec"] / fp32 if fp32 else None
 
 
 def format_table(rows, skipped=()):
@@ -429,6 +474,7 @@ def format_table(rows, skipped=()):
     ]
     for r in rows:
         vs_fit = f"{r['vs_fit']:.2f}" if "vs_fit" in r else ""
+        speedup = "n/a" if r["speedup_vs_fp32"] is None else f"{r['speedup_vs_fp32']:.2f}x"
         runner = r["runner"]
         if r.get("graph_rewrite") and runner == "keras_fit":
             runner += " (rewrite)"
@@ -437,7 +483,7 @@ def format_table(rows, skipped=()):
             f"{r['precision']} | {'on' if r['xla'] else 'off'} | "
             f"{r['examples_per_sec']:.1f} ({r['examples_per_sec_min']:.1f}-"
             f"{r['examples_per_sec_max']:.1f}) | {r['step_ms']:.1f} | "
-            f"{r['speedup_vs_fp32']:.2f}x | {r['first_step_s']:.1f} | {r['peak_rss_mb']:.0f} | "
+            f"{speedup} | {r['first_step_s']:.1f} | {r['peak_rss_mb']:.0f} | "
             f"{100 * r['mfu']:.1f}% | {vs_fit} |"
         )
     for s in skipped:

@@ -49,7 +49,12 @@ def compare(config, model_dir):
     for precision, xla in config_lib.parse_compare(config.compare):
         name = run_name(precision, xla)
         run_config = config.replace(
-            mode="train", precision=precision, xla=xla, model_dir=os.path.join(model_dir, name)
+            mode="train",
+            precision=precision,
+            xla=xla,
+            model_dir=os.path.join(model_dir, name),
+            # One SavedModel per configuration: a shared folder kept only the last.
+            export_dir=os.path.join(config.export_dir, name) if config.export_dir else "",
         )
         results.append((name, loop.train_and_evaluate(run_config, run_config.model_dir)))
     table = summaries.markdown_table(HEADER, table_rows(results))

@@ -127,6 +127,11 @@ class Config:
             )
         if self.profile_steps:
             parse_profile_steps(self.profile_steps)
+            if self.mode not in ("train", "compare"):
+                raise ConfigError(
+                    f"--profile_steps traces training steps; use it with --mode=train, not "
+                    f"--mode={self.mode} (e.g. on the configuration a benchmark shows as slow)"
+                )
         # Comparisons with nan are false, so these reject nan as well as inf: an
         # infinite clip norm or rate would turn every update into nan while the
         # step, checked before clipping, still counted as finite.

@@ -56,7 +56,9 @@ class SummaryWriter:
                 hparams=[hp.HParam(name, _domain(name, value)) for name, value in values.items()],
                 metrics=[hp.Metric(tag, display_name=name) for tag, name in FINAL_METRICS],
             )
-            hp.hparams(values, trial_id=os.path.basename(os.path.normpath(self.logdir)))
+            # The whole path: compare runs in different parents share a base name
+            # (fp32, mixed-xla, ...), and HParams would merge them into one group.
+            hp.hparams(values, trial_id=os.path.abspath(self.logdir))
 
     def flush(self):
         self._writer.flush()

@@ -1,12 +1,16 @@
 """Speed tooling: FLOP counting, the profile trace, no retracing, the benchmark worker."""
 
+import json
 import math
+import subprocess
+import sys
 import time
 
 import keras
+import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
 
 from engine import benchmark, loop
 from engine.config import ConfigError
@@ -118,3 +122,46 @@ def test_table_says_which_rows_ran_on_a_reduced_budget():
     assert "reduced" not in benchmark.format_table([row])
     table = benchmark.format_table([dict(row, reduced_budget="1 repeat, reduced")])
     assert table.splitlines()[-1] == "mixed: 1 repeat, reduced"
+
+
+def test_a_worker_reports_its_own_peak_memory_not_its_parents():
+    # Linux keeps ru_maxrss across fork and exec: a worker started from a parent
+    # that once held 400 MB would report at least that.
+    held = np.ones(50_000_000)  # 400 MB, touched
+    code = "from engine.benchmark import _peak_rss_mb; print(_peak_rss_mb())"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert float(out.stdout) < 200, out.stdout
+    assert benchmark._peak_rss_mb() > 400
+    del held
+
+
+def test_a_failed_worker_is_named_with_how_it_ended():
+    tf_noise = "I0000 00:00:1.0 123 cudart_stub.cc:31] Could not find cuda drivers"
+    killed = subprocess.CompletedProcess([], -9, "", f"{tf_noise}\nValueError: bad shape\n")
+    assert benchmark._failure_reason(killed) == "worker killed by signal 9: ValueError: bad shape"
+    quiet = subprocess.CompletedProcess([], 1, "", tf_noise)
+    assert benchmark._failure_reason(quiet) == "worker exited with status 1"
+
+
+def test_rows_without_an_fp32_baseline_stay_valid_json():
+    row = {
+        "runner": "engine",
+        "model": "tiny",
+        "image_size": 16,
+        "batch_size": 8,
+        "precision": "mixed_bf16",
+        "xla": False,
+        "examples_per_sec": 10.0,
+        "examples_per_sec_min": 10.0,
+        "examples_per_sec_max": 10.0,
+        "step_ms": 800.0,
+        "first_step_s": 1.0,
+        "peak_rss_mb": 100.0,
+        "train_gflop_per_example": 1.0,
+    }
+    benchmark._add_derived([row], {"float32": 100.0, "float16": 50.0, "bfloat16": 100.0})
+    assert row["speedup_vs_fp32"] is None
+    json.dumps(row, allow_nan=False)  # NaN would make the file invalid JSON
+    assert "| n/a |" in benchmark.format_table([row])

@@ -27,6 +27,7 @@ def compared(tmp_path_factory):
             "--eval_examples=32",
             "--verbosity=-1",
             f"--model_dir={logdir}",
+            f"--export_dir={logdir}/export",
         ],
         capture_output=True,
         text=True,
@@ -42,6 +43,8 @@ def test_compare_trains_one_run_per_configuration_under_the_logdir(compared):
     for name in CONFIGURATIONS:
         assert list((logdir / name).glob("events.out.tfevents.*")), name
         assert "--mode=train" in (logdir / name / "flags.txt").read_text()
+        # Each configuration's SavedModel in its own folder, none overwritten.
+        assert (logdir / "export" / name / "saved_model.pb").exists(), name
 
 
 def test_compare_prints_and_writes_the_table(compared):

@@ -27,13 +27,14 @@ def _main(*args, timeout=120):
         ("--learning_rate=inf", "--learning_rate must be a positive finite number, got inf"),
         ("--clip_norm=-1", "--clip_norm must be a finite number >= 0"),
         ("--inject_nonfinite=99999999999999999999", "--inject_nonfinite='99999999999999999999'"),
+        ("--mode=benchmark --profile_steps=2,4", "use it with --mode=train, not --mode=benchmark"),
         ("--benchmark_json=/nonexistent/x.json", "folder /nonexistent does not exist; create it"),
         ("--predictions_csv=/tmp", "--predictions_csv=/tmp is a folder; give a file path"),
         ("--export_dir=main.py", "--export_dir=main.py is a file; give a folder path"),
     ],
 )
 def test_bad_flag_is_one_line_and_nonzero_exit(flag, expected):
-    proc = _main(flag)
+    proc = _main(*flag.split())
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
