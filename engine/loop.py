@@ -389,7 +389,9 @@ def train_and_evaluate(config, model_dir):
                 if message:
                     last = last_good or "none (no checkpoint was written)"
                     raise guards.TrainingDiverged(f"{message}; last good checkpoint: {last}")
-                if _summary_due(step, total, config.summary_every, first_loop):
+                # On a stop too: the skips recorded since the last write must reach
+                # TensorBoard before the run exits, not be lost with the process.
+                if stop or _summary_due(step, total, config.summary_every, first_loop):
                     values = _loop_values(state, interval, interval_seconds, config.batch_size)
                     readout = monitor.read_and_reset()
                     values.update(readout.scalars)

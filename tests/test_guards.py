@@ -113,3 +113,19 @@ def test_inject_nonfinite_poisons_the_named_steps_and_variables(spec, poisoned_a
 def test_inject_nonfinite_rejects_an_unknown_variable():
     with pytest.raises(ValueError, match="no trainable variable's path contains 'nope'"):
         inject_nonfinite([tf.constant(1.0)], [tf.Variable(1.0, name="a")], 1, parse("1@nope"))
+
+
+def test_a_stop_writes_the_skips_recorded_since_the_last_summary(tmp_path, monkeypatch):
+    from conftest import read_scalars, tiny_config
+
+    def after_loop(self, step):
+        if step == 3:  # a SIGTERM arrives after the third step
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(loop.StepProfiler, "after_loop", after_loop)
+    config = tiny_config(train_steps=50, steps_per_loop=1, summary_every=40, inject_nonfinite="2")
+    result = loop.train_and_evaluate(config, str(tmp_path))
+    assert result.stopped_by == "SIGTERM" and result.steps == 3
+    scalars = read_scalars(tmp_path)
+    assert scalars["train/nonfinite_events"] == [(2, 1.0)]  # at its true step
+    assert scalars["train/skipped_steps"][-1] == (3, 1.0)
