@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -178,6 +179,8 @@ def test_tensorboard_serves_the_runs_scalars_and_hparams(trained, tmp_path):
     assert {"precision", "xla", "model", "batch_size", "learning_rate"} <= columns
     (group,) = groups
     assert group["sessions"][0]["name"] == RUN
+    # Grouped by the run's whole path: compare runs in two parents share base names.
+    assert group["name"] == os.path.abspath(str(parent / RUN))
     assert group["hparams"]["precision"] == "mixed" and group["hparams"]["xla"] is True
     assert group["hparams"]["batch_size"] == 16
     metrics = {m["name"]["tag"]: m["value"] for m in group["metricValues"]}
