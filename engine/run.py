@@ -19,14 +19,11 @@ def run(config):
     `loop.RunResult`)], one per `--compare` entry; benchmark: the results dict.
     """
     model_dir = config.model_dir or config_lib.default_model_dir(config)
-    if config.mode == "benchmark":
-        from engine import benchmark
-
-        return benchmark.run_benchmark(config)
     entry_points = {
         "train": loop.train_and_evaluate,
         "predict": predict.predict,
         "compare": compare.compare,
+        "benchmark": lambda config, _: _benchmark(config),
     }
     try:
         return entry_points[config.mode](config, model_dir)
@@ -36,3 +33,9 @@ def run(config):
         if isinstance(e, (config_lib.ConfigError, DataError)):
             raise UserError(str(e)) from e
         raise
+
+
+def _benchmark(config):
+    from engine import benchmark  # only this mode needs it
+
+    return benchmark.run_benchmark(config)

@@ -83,3 +83,12 @@ def test_main_trains_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "done: 3 steps" in proc.stderr
     assert list(tmp_path.glob("events.out.tfevents.*"))
+
+
+def test_benchmark_on_missing_data_is_one_error_line_before_any_worker():
+    # Found after TensorFlow loads, so TF's start-up lines may precede it.
+    proc = _main("--mode=benchmark", "--dataset=folder:nonexistent")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "nonexistent/train is not a folder" in errors[0]
+    assert "Traceback" not in proc.stderr and "benchmarking" not in proc.stderr
