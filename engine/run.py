@@ -23,7 +23,7 @@ def run(config):
         "train": loop.train_and_evaluate,
         "predict": predict.predict,
         "compare": compare.compare,
-        "benchmark": lambda config, _: _benchmark(config),
+        "benchmark": _benchmark,
     }
     try:
         return entry_points[config.mode](config, model_dir)
@@ -35,7 +35,8 @@ def run(config):
         raise
 
 
-def _benchmark(config):
+def _benchmark(config, model_dir):
+    del model_dir  # each configuration runs in a worker and writes no run folder
     from engine import benchmark  # only this mode needs it
 
     return benchmark.run_benchmark(config)
