@@ -102,23 +102,25 @@ def test_bad_benchmark_steps_are_rejected(steps):
         tiny_config(steps_per_loop=2, benchmark_steps=steps)
 
 
+# One measured row, as a worker returns it (before `_add_derived`).
+_ROW = {
+    "runner": "engine",
+    "model": "tiny",
+    "image_size": 16,
+    "batch_size": 8,
+    "precision": "mixed",
+    "xla": False,
+    "examples_per_sec": 10.0,
+    "examples_per_sec_min": 10.0,
+    "examples_per_sec_max": 10.0,
+    "step_ms": 800.0,
+    "first_step_s": 1.0,
+    "peak_rss_mb": 100.0,
+}
+
+
 def test_table_says_which_rows_ran_on_a_reduced_budget():
-    row = {
-        "runner": "engine",
-        "model": "tiny",
-        "image_size": 16,
-        "batch_size": 8,
-        "precision": "mixed",
-        "xla": False,
-        "examples_per_sec": 10.0,
-        "examples_per_sec_min": 10.0,
-        "examples_per_sec_max": 10.0,
-        "step_ms": 800.0,
-        "speedup_vs_fp32": 0.2,
-        "first_step_s": 1.0,
-        "peak_rss_mb": 100.0,
-        "mfu": 0.01,
-    }
+    row = dict(_ROW, speedup_vs_fp32=0.2, mfu=0.01)
     assert "reduced" not in benchmark.format_table([row])
     table = benchmark.format_table([dict(row, reduced_budget="1 repeat, reduced")])
     assert table.splitlines()[-1] == "mixed: 1 repeat, reduced"
@@ -146,21 +148,7 @@ def test_a_failed_worker_is_named_with_how_it_ended():
 
 
 def test_rows_without_an_fp32_baseline_stay_valid_json():
-    row = {
-        "runner": "engine",
-        "model": "tiny",
-        "image_size": 16,
-        "batch_size": 8,
-        "precision": "mixed_bf16",
-        "xla": False,
-        "examples_per_sec": 10.0,
-        "examples_per_sec_min": 10.0,
-        "examples_per_sec_max": 10.0,
-        "step_ms": 800.0,
-        "first_step_s": 1.0,
-        "peak_rss_mb": 100.0,
-        "train_gflop_per_example": 1.0,
-    }
+    row = dict(_ROW, precision="mixed_bf16", train_gflop_per_example=1.0)
     benchmark._add_derived([row], {"float32": 100.0, "float16": 50.0, "bfloat16": 100.0})
     assert row["speedup_vs_fp32"] is None
     json.dumps(row, allow_nan=False)  # NaN would make the file invalid JSON
