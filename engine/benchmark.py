@@ -157,12 +157,11 @@ def _fit_interleaved(config, data, repeats, steps, between_windows):
     """
     import keras
 
-    from engine import optimizers
+    from engine import loop, optimizers
     from engine.precision import get_policy
-    from models import create_model
 
     policy = get_policy(config.precision)
-    model = create_model(config.model, data.num_classes, config.image_size, policy.keras_policy)
+    model = loop.create_model_for(config, data.num_classes)
     optimizer = optimizers.create_optimizer(config, config.train_steps or 10**6)
     if policy.loss_scaling:
         optimizer = keras.optimizers.LossScaleOptimizer(
@@ -222,11 +221,9 @@ def _warm_up(config, data):
     """
     import tensorflow as tf
 
-    from engine.precision import get_policy
-    from models import create_model
+    from engine import loop
 
-    policy = get_policy(config.precision)
-    model = create_model(config.model, data.num_classes, config.image_size, policy.keras_policy)
+    model = loop.create_model_for(config, data.num_classes)
     images, _ = next(iter(data.train_fn()))
 
     @tf.function

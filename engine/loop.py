@@ -208,12 +208,28 @@ def device_type():
     return "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
 
 
+def create_model_for(config, num_classes):
+    """The run's model under its precision's policy.
+
+    BatchNorm runs on TensorFlow's fused kernels unless XLA compiles the step
+    (see `models.batch_norm`: faster on TensorFlow's kernels, slower under XLA).
+    """
+    policy = get_policy(config.precision)
+    return create_model(
+        config.model,
+        num_classes,
+        config.image_size,
+        policy.keras_policy,
+        fused_batch_norm=not config.xla,
+    )
+
+
 def build_state(config, data, strategy):
     """Creates model, optimizer and loss scale under the strategy, all built."""
     policy = get_policy(config.precision)
     total_steps = total_train_steps(config, data)
     with strategy.scope():
-        model = create_model(config.model, data.num_classes, config.image_size, policy.keras_policy)
+        model = create_model_for(config, data.num_classes)
         optimizer = optimizers.create_optimizer(config, total_steps)
         optimizer.build(model.trainable_variables)
         loss_scale = create_loss_scale(

@@ -14,11 +14,9 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from engine import checkpointing
+from engine import checkpointing, loop
 from engine.config import ConfigError
-from engine.precision import get_policy
 from input_pipeline import preprocessing, ships
-from models import create_model
 
 
 def restore_model(config, model_dir, num_classes):
@@ -37,8 +35,7 @@ def restore_model(config, model_dir, num_classes):
             f"--model_dir={model_dir} has no checkpoint in {directory}; "
             "train first with --mode=train"
         )
-    policy = get_policy(config.precision)
-    model = create_model(config.model, num_classes, config.image_size, policy.keras_policy)
+    model = loop.create_model_for(config, num_classes)
     failures = []
     for latest in paths:
         try:

@@ -4,7 +4,7 @@ import contextlib
 
 import keras
 
-from models import resnet
+from models import batch_norm, resnet
 
 _CONSTRUCTORS = {
     "tiny": resnet.create_tiny,
@@ -25,7 +25,7 @@ def _dtype_policy(name):
         keras.config.set_dtype_policy(previous)
 
 
-def create_model(name, num_classes, image_size, dtype="float32"):
+def create_model(name, num_classes, image_size, dtype="float32", fused_batch_norm=True):
     """Builds model `name` for `image_size`² RGB inputs.
 
     Args:
@@ -33,6 +33,9 @@ def create_model(name, num_classes, image_size, dtype="float32"):
       num_classes: width of the logits.
       image_size: input height and width.
       dtype: a Keras dtype-policy name ("float32", "mixed_float16", "mixed_bfloat16").
+      fused_batch_norm: BatchNorm on TensorFlow's fused kernels (see
+        `batch_norm`): faster on TensorFlow's own kernels, slower under XLA, so
+        pass False for a model whose step XLA compiles.
 
     Returns:
       A built `keras.Model` mapping float32 images to float32 logits.
@@ -40,4 +43,5 @@ def create_model(name, num_classes, image_size, dtype="float32"):
     if name not in _CONSTRUCTORS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     with _dtype_policy(dtype):
-        return _CONSTRUCTORS[name](num_classes=num_classes, image_size=image_size)
+        model = _CONSTRUCTORS[name](num_classes=num_classes, image_size=image_size)
+    return batch_norm.fuse_batch_norm(model) if fused_batch_norm else model
