@@ -27,20 +27,33 @@ def run_name(precision, xla):
     return f"{precision}-xla" if xla else precision
 
 
+ALREADY_TRAINED = (
+    "—: already trained by an earlier run in this folder, so nothing was timed now; "
+    "its timings are in that run's TensorBoard HParams (final/*)"
+)
+
+
 def table_rows(results):
-    """One row per (name, `loop.RunResult`), formatted for `HEADER`."""
-    return [
-        (
-            name,
-            f"{r.train_seconds:.1f}",
-            f"{r.first_step_seconds:.1f}",
-            f"{r.examples_per_sec:.0f}",
-            r.skipped_steps,
-            f"{r.loss_scale:g}",
-            f"{r.eval_accuracy:.4f}",
+    """One row per (name, `loop.RunResult`), formatted for `HEADER`.
+
+    A run resumed already finished trained nothing in this call: its timing columns
+    show "—" instead of the zeros it measured; the rest is read from its checkpoint.
+    """
+    rows = []
+    for name, r in results:
+        timed = r.trained_steps > 0
+        rows.append(
+            (
+                name,
+                f"{r.train_seconds:.1f}" if timed else "—",
+                f"{r.first_step_seconds:.1f}" if timed else "—",
+                f"{r.examples_per_sec:.0f}" if timed else "—",
+                r.skipped_steps,
+                f"{r.loss_scale:g}",
+                f"{r.eval_accuracy:.4f}",
+            )
         )
-        for name, r in results
-    ]
+    return rows
 
 
 def compare(config, model_dir):
@@ -58,6 +71,8 @@ def compare(config, model_dir):
         )
         results.append((name, loop.train_and_evaluate(run_config, run_config.model_dir)))
     table = summaries.markdown_table(HEADER, table_rows(results))
+    if any(r.trained_steps == 0 for _, r in results):
+        table += "\n\n" + ALREADY_TRAINED
     # print, not logging: the table is the command's output, even at --verbosity=-1.
     print(f"comparison of {len(results)} configurations under {model_dir}:\n{table}", flush=True)
     writer = summaries.SummaryWriter(model_dir)

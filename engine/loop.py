@@ -192,6 +192,7 @@ class RunResult:
     first_step_seconds: float
     examples_per_sec: float
     stopped_by: str = ""  # the signal that stopped the run early, e.g. "SIGTERM"
+    trained_steps: int = 0  # steps this call trained: 0 when resumed already finished
     weights_digest: str = ""  # sha256 of every model variable and the loss scale
 
 
@@ -464,6 +465,7 @@ def train_and_evaluate(config, model_dir):
                     timed_steps * config.batch_size / train_seconds if train_seconds else 0.0
                 ),
                 stopped_by=stop.signal_name or "",
+                trained_steps=step - start_step,
                 weights_digest=weights_digest(state),
             )
             if not stop:

@@ -1,6 +1,7 @@
 """`--mode=compare` from the command line: one run per configuration, a table, quiet logs."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -65,3 +66,25 @@ def test_verbosity_minus_one_hides_progress_lines_but_not_warnings(compared):
     assert "step 4/4" not in proc.stderr and "done:" not in proc.stderr
     # mixed + XLA on a CPU warns that float16 is slow here: warnings still show.
     assert "float16 on a CPU is slower than fp32" in proc.stderr
+
+
+def test_compare_rerun_in_a_finished_folder_does_not_report_zero_timings(compared, tmp_path):
+    logdir, first = compared
+    copy = tmp_path / "compare"
+    shutil.copytree(logdir, copy)  # the other tests read the original
+    args = [
+        a.replace(str(logdir), str(copy)) if a.startswith(("--model_dir", "--export_dir")) else a
+        for a in first.args
+    ]
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    before = [line for line in first.stdout.splitlines() if line.startswith("|")][2:]
+    after = [line for line in again.stdout.splitlines() if line.startswith("|")][2:]
+    assert len(after) == len(CONFIGURATIONS)
+    for old, new in zip(before, after, strict=True):
+        old_cells, new_cells = old.split(" | "), new.split(" | ")
+        # Nothing trained now: timings are not measured, not zero...
+        assert new_cells[1:4] == ["—", "—", "—"], new
+        # ...and what the checkpoint holds is reported as before.
+        assert new_cells[4:] == old_cells[4:], (old, new)
+    assert "already trained by an earlier run" in again.stdout
