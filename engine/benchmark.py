@@ -11,15 +11,18 @@ both alike; `vs_fit` is the median of the paired ratios.
 Run as `python main.py --mode=benchmark [--model=... --image_size=... --batch_size=...]`.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
 import platform
 import re
 import resource
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 from absl import logging
@@ -359,7 +362,7 @@ def run_benchmark(config):
     machine = _machine()
     peaks = {d: measure_peak_gflops(d) for d in ("float32", "bfloat16", "float16")}
     logging.info("measured matmul peak GFLOP/s: %s", {k: round(v, 1) for k, v in peaks.items()})
-    rows, skipped, interrupted = [], [], False
+    rows, skipped, interrupted = [], [], 0
     repeats = config.benchmark_repeats
     steps = config.benchmark_steps or config.steps_per_loop
     for runner, precision, xla, rewrite in CONFIGURATIONS:
@@ -377,22 +380,25 @@ def run_benchmark(config):
         label = f"{runner} {precision}{' +xla' if xla else ''}"
         logging.info("benchmarking %s (%d x %d steps)", label, r, s)
         try:
-            proc = subprocess.run(
-                _worker_command(cfg, rewrite, r, s),
-                capture_output=True,
-                text=True,
-                timeout=_WORKER_TIMEOUT_S,
-                env=_worker_env(),  # the user's working folder: relative paths mean the same
-            )
+            with _terminate_as_interrupt():
+                proc = subprocess.run(
+                    _worker_command(cfg, rewrite, r, s),
+                    capture_output=True,
+                    text=True,
+                    timeout=_WORKER_TIMEOUT_S,
+                    env=_worker_env(),  # the user's working folder: relative paths mean the same
+                )
         except subprocess.TimeoutExpired:
             skipped.append(
                 {"configuration": label, "reason": f"timed out after {_WORKER_TIMEOUT_S} s"}
             )
             continue
-        except KeyboardInterrupt:
-            # The worker got the same Ctrl-C. Keep what was measured.
-            skipped.append({"configuration": label, "reason": "interrupted (Ctrl-C)"})
-            interrupted = True
+        except (KeyboardInterrupt, _Terminated) as e:
+            # `subprocess.run` has killed the worker (a Ctrl-C reached it too).
+            # Keep what was measured.
+            interrupted = 143 if isinstance(e, _Terminated) else 130
+            reason = "stopped by SIGTERM" if interrupted == 143 else "interrupted (Ctrl-C)"
+            skipped.append({"configuration": label, "reason": reason})
             break
         if proc.returncode != 0:
             skipped.append({"configuration": label, "reason": _failure_reason(proc)})
@@ -418,8 +424,34 @@ def run_benchmark(config):
             json.dump(result, f, indent=2, allow_nan=False)
     if interrupted:
         logging.error("interrupted: the table above holds the configurations measured so far")
-        raise SystemExit(130)
+        raise SystemExit(interrupted)  # 128 + the signal's number, as a shell reports it
     return result
+
+
+class _Terminated(Exception):
+    """SIGTERM reached the benchmark's parent while a worker ran."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """While a worker runs, SIGTERM raises `_Terminated` so the worker is killed too.
+
+    Without it SIGTERM ends the parent at once and leaves the worker measuring
+    for nobody, for up to `_WORKER_TIMEOUT_S`.
+    """
+
+    def handler(signum, frame):
+        del signum, frame
+        raise _Terminated()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers can only be installed from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _worker_env():

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -153,3 +154,48 @@ def test_rows_without_an_fp32_baseline_stay_valid_json():
     assert row["speedup_vs_fp32"] is None
     json.dumps(row, allow_nan=False)  # NaN would make the file invalid JSON
     assert "| n/a |" in benchmark.format_table([row])
+
+
+_STOPPED_BENCHMARK = """
+import os, sys
+from engine import benchmark, config as config_lib
+benchmark.measure_peak_gflops = lambda dtype: 1.0  # not what this test is about
+pid_file = sys.argv[1]
+worker = "import os, time; open(%r, 'w').write(str(os.getpid())); time.sleep(120)" % pid_file
+benchmark._worker_command = lambda *args: [sys.executable, "-c", worker]
+config = config_lib.Config(
+    mode="benchmark", model="tiny", dataset="synthetic", image_size=16,
+    train_examples=64, eval_examples=32, benchmark_json=sys.argv[2],
+)
+benchmark.run_benchmark(config)
+"""
+
+
+def test_sigterm_to_the_benchmark_stops_its_worker_and_keeps_the_table(tmp_path):
+    pid_file, result = tmp_path / "worker.pid", tmp_path / "bench.json"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _STOPPED_BENCHMARK, str(pid_file), str(result)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (pid_file.exists() and pid_file.read_text()):
+            assert parent.poll() is None, parent.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "the worker never started"
+            time.sleep(0.2)
+        worker = int(pid_file.read_text())
+        parent.terminate()  # SIGTERM, as a scheduler or `kill` sends it
+        _, err = parent.communicate(timeout=60)
+    finally:
+        parent.kill()
+    assert parent.returncode == 143, err[-2000:]
+    # The worker went with it, instead of measuring for nobody.
+    with pytest.raises(ProcessLookupError):
+        for _ in range(50):
+            os.kill(worker, 0)
+            time.sleep(0.1)
+    written = json.loads(result.read_text())
+    assert written["skipped"] == [{"configuration": "engine fp32", "reason": "stopped by SIGTERM"}]
