@@ -17,8 +17,9 @@ that XLA compiles keep Keras' layer (`registry.create_model(fused_batch_norm=)`)
 The layer is Keras' own with only `call` replaced: the same weights, names,
 config and checkpoints, and the same moving-statistics update (the biased batch
 variance, as Keras uses). Anything the fused kernel does not cover (masks,
-renormalisation, synchronised statistics, inputs that are not 4-D channels-last)
-goes through Keras' code unchanged.
+renormalisation, synchronised statistics; anything but 4-D channels-last
+float32, float16 or bfloat16 activations with float32 weights) goes through
+Keras' code unchanged.
 """
 
 import keras
@@ -31,9 +32,16 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
 
     def call(self, inputs, training=None, mask=None):
         rank = len(inputs.shape)
-        if mask is not None or self.renorm or self.synchronized or rank != 4:
-            return super().call(inputs, training=training, mask=mask)
-        if self.axis % rank != rank - 1:
+        if (
+            mask is not None
+            or self.renorm
+            or self.synchronized
+            or rank != 4
+            or self.axis % rank != rank - 1
+            # The kernel takes float32 statistics and float32/half activations.
+            or self.variable_dtype != "float32"
+            or inputs.dtype not in (tf.float32, tf.float16, tf.bfloat16)
+        ):
             return super().call(inputs, training=training, mask=mask)
         channels = inputs.shape[-1]
         gamma = tf.cast(self.gamma, tf.float32) if self.scale else tf.ones([channels])
@@ -65,21 +73,23 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
 
 
 def fuse_batch_norm(model):
-    """A copy of `model` whose `BatchNormalization` layers run on the fused kernels.
+    """Switches every `BatchNormalization` layer of `model` (nested ones too) to
+    `FusedBatchNormalization`, in place, and returns `model`.
 
-    Every other layer (and its weights) is shared with `model`, not copied; each
-    new BatchNorm layer gets the old one's config and weights.
+    The subclass adds no state and replaces only `call`, so changing a built
+    layer's class keeps its weights, variable paths, config and place in the
+    graph; a functional model calls each layer's `call` anew on every run. (A
+    `clone_model` would rebuild the model outside its dtype policy and leave the
+    shared layers pointing into the discarded graph.)
     """
-    originals = {}
+    for layer in _all_layers(model):
+        if type(layer) is keras.layers.BatchNormalization:
+            layer.__class__ = FusedBatchNormalization
+    return model
 
-    def replace(layer):
-        if type(layer) is not keras.layers.BatchNormalization:
-            return layer
-        originals[layer.name] = layer
-        return FusedBatchNormalization.from_config(layer.get_config())
 
-    fused = keras.models.clone_model(model, clone_function=replace)
-    for layer in fused.layers:
-        if layer.name in originals:
-            layer.set_weights(originals[layer.name].get_weights())
-    return fused
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from _all_layers(layer)

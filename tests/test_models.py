@@ -49,9 +49,16 @@ def _keras_and_fused(name, size, policy):
 
     from models.batch_norm import fuse_batch_norm
 
-    keras.utils.set_random_seed(0)
-    plain = create_model(name, num_classes=5, image_size=size, dtype=policy, fused_batch_norm=False)
-    return plain, fuse_batch_norm(plain)
+    def build():
+        keras.utils.set_random_seed(0)  # the same initial weights for both
+        return create_model(
+            name, num_classes=5, image_size=size, dtype=policy, fused_batch_norm=False
+        )
+
+    plain, fused = build(), fuse_batch_norm(build())
+    for a, b in zip(plain.weights, fused.weights, strict=True):
+        np.testing.assert_array_equal(a, b)
+    return plain, fused
 
 
 def _batch_norms(model):
@@ -155,3 +162,37 @@ def test_a_run_fuses_batch_norm_unless_xla_compiles_its_step():
         config = config_lib.Config(model="tiny", image_size=16, xla=xla)
         norms = _batch_norms(create_model_for(config, num_classes=3))
         assert norms and all(isinstance(n, FusedBatchNormalization) != xla for n in norms)
+
+
+def test_fusing_keeps_the_model_policy_and_its_graph():
+    import keras
+
+    model = create_model("small_resnet", 5, 16, "mixed_float16")
+    # Keras' compile() adds loss scaling from the model's own policy.
+    assert model.dtype_policy.name == "mixed_float16"
+    # Layers still belong to this model's graph: a feature extractor builds from it.
+    features = keras.Model(model.input, model.get_layer("stage1_conv1_bn").output)
+    assert features(tf.zeros([1, 16, 16, 3])).shape == (1, 8, 8, 64)
+
+
+def test_fusing_reaches_nested_models_and_leaves_uncovered_dtypes_to_keras():
+    import keras
+
+    from models.batch_norm import FusedBatchNormalization, fuse_batch_norm
+
+    inner = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.BatchNormalization()])
+    outer = fuse_batch_norm(keras.Sequential([keras.Input((4, 4, 3)), inner]))
+    assert type(inner.layers[0]) is FusedBatchNormalization
+    x = tf.random.stateless_normal([2, 4, 4, 3], [5, 6])
+    assert outer(x, training=True).shape == (2, 4, 4, 3)
+    # float64 (and pure float16/bfloat16 weights) are not what the kernel takes.
+    for dtype in ("float64", "float16"):
+        plain = keras.layers.BatchNormalization(dtype=dtype)
+        fused = FusedBatchNormalization(dtype=dtype)
+        for training in (True, False):
+            np.testing.assert_allclose(
+                np.asarray(fused(tf.cast(x, dtype), training=training), np.float64),
+                np.asarray(plain(tf.cast(x, dtype), training=training), np.float64),
+                rtol=1e-3,
+                atol=1e-3,
+            )
