@@ -9,11 +9,14 @@ time and final accuracy is printed and written as a text summary in
 
 import os
 
+from absl import logging
+
 from engine import config as config_lib
 from engine import loop, summaries
 
 HEADER = (
     "configuration",
+    "steps",
     "train time (s)",
     "first step (s)",
     "examples/s",
@@ -22,22 +25,34 @@ HEADER = (
     "eval accuracy",
 )
 
+STEPS_NOTE = (
+    "steps: those this call trained, which the timings cover; `a-b`: resumed from "
+    "a checkpoint at step a-1; `(trained before)`: finished by an earlier call, "
+    "nothing timed now (its own timings are in its HParams `final/*`); "
+    "`(stopped by SIG...)`: stopped early, eval accuracy is from its last eval"
+)
+
 
 def run_name(precision, xla):
     return f"{precision}-xla" if xla else precision
 
 
-ALREADY_TRAINED = (
-    "—: already trained by an earlier run in this folder, so nothing was timed now; "
-    "its timings are in that run's TensorBoard HParams (final/*)"
-)
+def _steps_cell(r):
+    start = r.steps - r.trained_steps
+    if r.trained_steps == 0:
+        cell = f"{r.steps}" if r.stopped_by else f"{r.steps} (trained before)"
+    elif start > 0:
+        cell = f"{start + 1}-{r.steps}"
+    else:
+        cell = f"{r.steps}"
+    return f"{cell} (stopped by {r.stopped_by})" if r.stopped_by else cell
 
 
 def table_rows(results):
     """One row per (name, `loop.RunResult`), formatted for `HEADER`.
 
-    A run resumed already finished trained nothing in this call: its timing columns
-    show "—" instead of the zeros it measured; the rest is read from its checkpoint.
+    Timings cover the steps this call trained (see `STEPS_NOTE`): "—" where
+    nothing was timed, never a zero that reads as a measurement.
     """
     rows = []
     for name, r in results:
@@ -45,9 +60,11 @@ def table_rows(results):
         rows.append(
             (
                 name,
+                _steps_cell(r),
                 f"{r.train_seconds:.1f}" if timed else "—",
                 f"{r.first_step_seconds:.1f}" if timed else "—",
-                f"{r.examples_per_sec:.0f}" if timed else "—",
+                # The first step is timed apart: one step alone gives no rate.
+                f"{r.examples_per_sec:.0f}" if r.examples_per_sec else "—",
                 r.skipped_steps,
                 f"{r.loss_scale:g}",
                 f"{r.eval_accuracy:.4f}",
@@ -69,10 +86,16 @@ def compare(config, model_dir):
             # One SavedModel per configuration: a shared folder kept only the last.
             export_dir=os.path.join(config.export_dir, name) if config.export_dir else "",
         )
-        results.append((name, loop.train_and_evaluate(run_config, run_config.model_dir)))
-    table = summaries.markdown_table(HEADER, table_rows(results))
-    if any(r.trained_steps == 0 for _, r in results):
-        table += "\n\n" + ALREADY_TRAINED
+        result = loop.train_and_evaluate(run_config, run_config.model_dir)
+        results.append((name, result))
+        if result.stopped_by:
+            # The signal was for the whole comparison, not one configuration.
+            logging.info(
+                "%s: stopped; rerun the same command to resume it and train the rest",
+                result.stopped_by,
+            )
+            break
+    table = summaries.markdown_table(HEADER, table_rows(results)) + "\n\n" + STEPS_NOTE
     # print, not logging: the table is the command's output, even at --verbosity=-1.
     print(f"comparison of {len(results)} configurations under {model_dir}:\n{table}", flush=True)
     writer = summaries.SummaryWriter(model_dir)

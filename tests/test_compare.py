@@ -8,6 +8,9 @@ import sys
 import pytest
 from conftest import ROOT, read_texts
 
+from engine import compare, loop
+from engine.config import Config
+
 CONFIGURATIONS = ("fp32", "mixed-xla", "mixed_bf16")
 
 
@@ -51,14 +54,17 @@ def test_compare_trains_one_run_per_configuration_under_the_logdir(compared):
 def test_compare_prints_and_writes_the_table(compared):
     logdir, proc = compared
     table = [line for line in proc.stdout.splitlines() if line.startswith("|")]
-    assert table[0].startswith("| configuration | train time (s) |")
+    assert table[0].startswith("| configuration | steps | train time (s) |")
     rows = table[2:]  # after the header and the |---| line
     assert [r.split(" | ")[0].strip("| ") for r in rows] == list(CONFIGURATIONS)
     for row in rows:
-        accuracy = float(row.rstrip(" |").rsplit("| ", 1)[1])
-        assert 0.0 <= accuracy <= 1.0
+        cells = row.strip("| ").split(" | ")
+        assert cells[1] == "4"  # every step trained by this call, so timed
+        assert float(cells[2]) > 0 and float(cells[4]) > 0
+        assert 0.0 <= float(cells[-1]) <= 1.0
     (written,) = read_texts(logdir)["compare/table"]
-    assert written[1].splitlines() == table
+    assert [line for line in written[1].splitlines() if line.startswith("|")] == table
+    assert compare.STEPS_NOTE in written[1] and compare.STEPS_NOTE in proc.stdout
 
 
 def test_verbosity_minus_one_hides_progress_lines_but_not_warnings(compared):
@@ -84,7 +90,54 @@ def test_compare_rerun_in_a_finished_folder_does_not_report_zero_timings(compare
     for old, new in zip(before, after, strict=True):
         old_cells, new_cells = old.split(" | "), new.split(" | ")
         # Nothing trained now: timings are not measured, not zero...
-        assert new_cells[1:4] == ["—", "—", "—"], new
+        assert new_cells[1] == "4 (trained before)", new
+        assert new_cells[2:5] == ["—", "—", "—"], new
         # ...and what the checkpoint holds is reported as before.
-        assert new_cells[4:] == old_cells[4:], (old, new)
-    assert "already trained by an earlier run" in again.stdout
+        assert new_cells[5:] == old_cells[5:], (old, new)
+
+
+def _result(steps, trained, stopped_by=""):
+    return loop.RunResult(
+        model_dir="",
+        steps=steps,
+        skipped_steps=0,
+        loss_scale=1.0,
+        train_loss=0.5,
+        eval_loss=0.5,
+        eval_accuracy=0.5,
+        train_seconds=3.0 if trained else 0.1,
+        first_step_seconds=1.0 if trained else 0.0,
+        examples_per_sec=100.0 if trained > 1 else 0.0,
+        stopped_by=stopped_by,
+        trained_steps=trained,
+    )
+
+
+def test_the_table_says_which_steps_its_timings_cover():
+    cases = {
+        "full": (_result(400, 400), "400", "3.0"),
+        "resumed": (_result(400, 300), "101-400", "3.0"),
+        "finished before": (_result(400, 0), "400 (trained before)", "—"),
+        "stopped": (_result(100, 100, "SIGTERM"), "100 (stopped by SIGTERM)", "3.0"),
+        "stopped at start-up": (_result(0, 0, "SIGTERM"), "0 (stopped by SIGTERM)", "—"),
+    }
+    rows = compare.table_rows([(name, r) for name, (r, _, _) in cases.items()])
+    for row, (steps, seconds) in zip(rows, [c[1:] for c in cases.values()], strict=True):
+        assert (row[1], row[2]) == (steps, seconds), row
+    # One trained step is timed apart as the first step: no rate, not a rate of 0.
+    (row,) = compare.table_rows([("one step", _result(1, 1))])
+    assert row[4] == "—"
+
+
+def test_a_stopped_configuration_stops_the_comparison(tmp_path, monkeypatch):
+    trained = []
+
+    def fake_train(config, model_dir):
+        trained.append(config.precision)
+        return _result(50, 50, "SIGTERM")
+
+    monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
+    config = Config(mode="compare", compare="fp32,mixed_bf16", model="tiny")
+    results = compare.compare(config, str(tmp_path))
+    # One SIGTERM stops the whole comparison, not just the configuration it hit.
+    assert trained == ["fp32"] and [name for name, _ in results] == ["fp32"]
