@@ -365,51 +365,55 @@ def run_benchmark(config):
     rows, skipped, interrupted = [], [], 0
     repeats = config.benchmark_repeats
     steps = config.benchmark_steps or config.steps_per_loop
-    for runner, precision, xla, rewrite in CONFIGURATIONS:
-        cfg = config.replace(precision=precision, xla=xla, mode="train")
-        r, s = repeats, steps
-        reduced_budget = None
-        if _is_pathological(precision, xla, on_gpu):
-            # float16 kernels without XLA on a CPU take up to seconds a step:
-            # two windows of one one-step loop, for both runners.
-            cfg = cfg.replace(steps_per_loop=1)
-            r, s = 2, 1
-            reduced_budget = (
-                f"too slow on this device for the full budget: {r} windows of one {s}-step loop"
-            )
-        label = f"{runner} {precision}{' +xla' if xla else ''}"
-        logging.info("benchmarking %s (%d x %d steps)", label, r, s)
+    label = None  # the configuration being measured
+    # From the first worker to the last, SIGTERM is handled like Ctrl-C: the
+    # running worker is killed and the rows measured so far are kept.
+    with _terminate_as_interrupt():
         try:
-            with _terminate_as_interrupt():
-                proc = subprocess.run(
-                    _worker_command(cfg, rewrite, r, s),
-                    capture_output=True,
-                    text=True,
-                    timeout=_WORKER_TIMEOUT_S,
-                    env=_worker_env(),  # the user's working folder: relative paths mean the same
-                )
-        except subprocess.TimeoutExpired:
-            skipped.append(
-                {"configuration": label, "reason": f"timed out after {_WORKER_TIMEOUT_S} s"}
-            )
-            continue
+            for runner, precision, xla, rewrite in CONFIGURATIONS:
+                cfg = config.replace(precision=precision, xla=xla, mode="train")
+                r, s = repeats, steps
+                reduced_budget = None
+                if _is_pathological(precision, xla, on_gpu):
+                    # float16 kernels without XLA on a CPU take up to seconds a step:
+                    # two windows of one one-step loop, for both runners.
+                    cfg = cfg.replace(steps_per_loop=1)
+                    r, s = 2, 1
+                    reduced_budget = (
+                        f"too slow on this device for the full budget: "
+                        f"{r} windows of one {s}-step loop"
+                    )
+                label = f"{runner} {precision}{' +xla' if xla else ''}"
+                logging.info("benchmarking %s (%d x %d steps)", label, r, s)
+                try:
+                    proc = subprocess.run(
+                        _worker_command(cfg, rewrite, r, s),
+                        capture_output=True,
+                        text=True,
+                        timeout=_WORKER_TIMEOUT_S,
+                        env=_worker_env(),  # the user's folder: relative paths mean the same
+                    )
+                except subprocess.TimeoutExpired:
+                    skipped.append(
+                        {"configuration": label, "reason": f"timed out after {_WORKER_TIMEOUT_S} s"}
+                    )
+                    label = None
+                    continue
+                if proc.returncode != 0:
+                    skipped.append({"configuration": label, "reason": _failure_reason(proc)})
+                else:
+                    measured = json.loads(proc.stdout.strip().splitlines()[-1])
+                    if reduced_budget:
+                        for row in measured:
+                            row["reduced_budget"] = reduced_budget
+                    rows.extend(measured)
+                label = None
         except (KeyboardInterrupt, _Terminated) as e:
-            # `subprocess.run` has killed the worker (a Ctrl-C reached it too).
-            # Keep what was measured.
+            # `subprocess.run` has killed a running worker (a Ctrl-C reached it too).
             interrupted = 143 if isinstance(e, _Terminated) else 130
-            reason = "stopped by SIGTERM" if interrupted == 143 else "interrupted (Ctrl-C)"
-            skipped.append({"configuration": label, "reason": reason})
-            break
-        if proc.returncode != 0:
-            skipped.append({"configuration": label, "reason": _failure_reason(proc)})
-            continue
-        measured = json.loads(proc.stdout.strip().splitlines()[-1])
-        if reduced_budget:
-            for row in measured:
-                row["reduced_budget"] = reduced_budget
-        rows.extend(measured)
-    _add_derived(rows, peaks)
-    print(format_table(rows, skipped))
+            if label:
+                reason = "stopped by SIGTERM" if interrupted == 143 else "interrupted (Ctrl-C)"
+                skipped.append({"configuration": label, "reason": reason})
     result = {
         "machine": machine,
         "peak_gflops": peaks,
@@ -419,25 +423,46 @@ def run_benchmark(config):
             (r["loss_scale_overhead"] for r in rows if "loss_scale_overhead" in r), None
         ),
     }
-    if config.benchmark_json:
-        with open(config.benchmark_json, "w") as f:
-            json.dump(result, f, indent=2, allow_nan=False)
+    with _signals_deferred():
+        _add_derived(rows, peaks)
+        if config.benchmark_json:
+            _write_json(config.benchmark_json, result)
+        print(format_table(rows, skipped), flush=True)
     if interrupted:
         logging.error("interrupted: the table above holds the configurations measured so far")
         raise SystemExit(interrupted)  # 128 + the signal's number, as a shell reports it
     return result
 
 
+def _write_json(path, result):
+    """Whole or not at all: a stop mid-write leaves the previous file as it was."""
+    partial = f"{path}.partial"
+    with open(partial, "w") as f:
+        json.dump(result, f, indent=2, allow_nan=False)
+    os.replace(partial, path)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Holds SIGTERM and SIGINT back while the results are printed and written."""
+    held = {signal.SIGTERM, signal.SIGINT}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class _Terminated(Exception):
-    """SIGTERM reached the benchmark's parent while a worker ran."""
+    """SIGTERM reached the benchmark's parent while it measured."""
 
 
 @contextlib.contextmanager
 def _terminate_as_interrupt():
-    """While a worker runs, SIGTERM raises `_Terminated` so the worker is killed too.
+    """SIGTERM raises `_Terminated`, so `subprocess.run` kills a running worker too.
 
-    Without it SIGTERM ends the parent at once and leaves the worker measuring
-    for nobody, for up to `_WORKER_TIMEOUT_S`.
+    Without it SIGTERM ends the parent at once, loses the rows measured so far
+    and leaves the worker measuring for nobody, for up to `_WORKER_TIMEOUT_S`.
     """
 
     def handler(signum, frame):

@@ -199,3 +199,52 @@ def test_sigterm_to_the_benchmark_stops_its_worker_and_keeps_the_table(tmp_path)
             time.sleep(0.1)
     written = json.loads(result.read_text())
     assert written["skipped"] == [{"configuration": "engine fp32", "reason": "stopped by SIGTERM"}]
+
+
+_STOPPED_BETWEEN_WORKERS = """
+import json, signal, sys
+from engine import benchmark, config as config_lib
+benchmark.measure_peak_gflops = lambda dtype: 1.0
+row = json.dumps([dict(json.loads(sys.argv[2]), precision="fp32", train_gflop_per_example=0.1)])
+benchmark._worker_command = lambda *a: [sys.executable, "-c", "import sys; print(sys.argv[1])", row]
+calls = []
+is_pathological = benchmark._is_pathological
+
+def between_workers(*args):  # asked in the parent before each worker starts
+    calls.append(args)
+    if len(calls) == 2:  # the first worker has returned its row
+        signal.raise_signal(signal.SIGTERM)
+    return is_pathological(*args)
+
+benchmark._is_pathological = between_workers
+config = config_lib.Config(
+    mode="benchmark", model="tiny", dataset="synthetic", image_size=16,
+    train_examples=64, eval_examples=32, benchmark_json=sys.argv[1],
+)
+benchmark.run_benchmark(config)
+"""
+
+
+def test_sigterm_between_workers_keeps_the_rows_measured_so_far(tmp_path):
+    result = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-c", _STOPPED_BETWEEN_WORKERS, str(result), json.dumps(_ROW)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    written = json.loads(result.read_text())
+    assert [r["precision"] for r in written["rows"]] == ["fp32"]
+    assert "| engine | tiny 16px b8 | fp32 |" in proc.stdout
+
+
+def test_the_json_file_is_replaced_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "bench.json"
+    path.write_text('{"rows": ["an earlier complete run"]}')
+    with pytest.raises(ValueError):  # NaN is not JSON: the write fails half-way
+        benchmark._write_json(str(path), {"rows": [1.0, float("nan")]})
+    assert json.loads(path.read_text()) == {"rows": ["an earlier complete run"]}
+    benchmark._write_json(str(path), {"rows": [1.0]})
+    assert json.loads(path.read_text()) == {"rows": [1.0]}
