@@ -152,13 +152,16 @@ def check_compatible(config, directory, fields=RESUME_FIELDS):
             )
 
 
-def restore_latest(checkpoint, manager):
+def restore_latest(checkpoint, manager, new_iterator=None):
     """Restores the newest readable checkpoint; returns its path.
 
     A damaged checkpoint (truncated or missing file) is reported and the one
     before it is tried: a run never silently restarts from scratch. A checkpoint
     saved without the input iterator (by a multi-device run) restores everything
-    else, and the input stream restarts.
+    else, and the input stream restarts. So does one whose iterator this input
+    pipeline cannot load (written by another version of it), if `new_iterator`
+    is given: a failed load leaves the iterator unusable, so `checkpoint.iterator`
+    is then replaced by `new_iterator()`, a fresh one the caller must train from.
 
     Raises:
       DamagedCheckpoints: checkpoints exist but none can be restored.
@@ -166,7 +169,7 @@ def restore_latest(checkpoint, manager):
     failures, mismatches = [], 0
     for path in reversed(manager.checkpoints):
         try:
-            _restore(checkpoint, path)
+            _restore(checkpoint, path, new_iterator)
         # A truncated file fails wherever the reader runs out of bytes (DataLossError,
         # IndexError, ...), so any error counts; each one is logged with its reason.
         except Exception as e:
@@ -198,16 +201,40 @@ def restore_latest(checkpoint, manager):
     )
 
 
-def _restore(checkpoint, path):
+def _restore(checkpoint, path, new_iterator=None):
     saved = {name.split("/")[0] for name, _ in tf.train.list_variables(path)}
-    if hasattr(checkpoint, "iterator") and "iterator" not in saved:
+    state_only = tf.train.Checkpoint(**{n: getattr(checkpoint, n) for n in STATE_CHILDREN})
+    if not hasattr(checkpoint, "iterator"):
+        checkpoint.restore(path).assert_existing_objects_matched()
+        return
+    if "iterator" not in saved:
         logging.warning(
             "%s was saved without the input iterator (by a multi-device run): the input "
             "stream restarts from its beginning",
             path,
         )
-        checkpoint = tf.train.Checkpoint(**{n: getattr(checkpoint, n) for n in STATE_CHILDREN})
-    checkpoint.restore(path).assert_existing_objects_matched()
+        state_only.restore(path).assert_existing_objects_matched()
+        return
+    try:
+        checkpoint.restore(path).assert_existing_objects_matched()
+    except Exception as e:
+        # If all but the iterator restores, only the input position is lost: an
+        # iterator saved by another input pipeline (e.g. another version of this
+        # one) cannot be loaded into this one. Otherwise the checkpoint is at fault.
+        if new_iterator is None:
+            raise
+        try:
+            state_only.restore(path).assert_existing_objects_matched()
+        except Exception:
+            raise e from None
+        checkpoint.iterator = new_iterator()
+        logging.warning(
+            "%s: the input position cannot be restored (%s): the checkpoint was written "
+            "by a different input pipeline; everything else is restored and the input "
+            "stream restarts from its beginning",
+            path,
+            first_line(e),
+        )
 
 
 def first_line(error):

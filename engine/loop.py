@@ -337,7 +337,11 @@ def train_and_evaluate(config, model_dir):
     )
     train_loop = create_train_loop(strategy, train_step, state, stats, config.xla, monitor)
     eval_loop = create_eval_loop(strategy, create_eval_step(state.model), config.xla)
-    iterator = iter(strategy.distribute_datasets_from_function(data.train_fn))
+
+    def new_iterator():
+        return iter(strategy.distribute_datasets_from_function(data.train_fn))
+
+    iterator = new_iterator()
     eval_data = strategy.distribute_datasets_from_function(data.eval_fn)
     checkpoint = checkpointing.create_checkpoint(state, iterator)
     # Only the chief writes to model_dir; other workers write to a temporary
@@ -349,10 +353,11 @@ def train_and_evaluate(config, model_dir):
         # Every worker restores the chief's checkpoint, which all of them can read.
         source = manager if write_dir.chief else checkpointing.create_manager(checkpoint, model_dir)
         try:
-            last_good = checkpointing.restore_latest(checkpoint, source)
+            last_good = checkpointing.restore_latest(checkpoint, source, new_iterator)
         except BaseException:
             write_dir.cleanup()
             raise
+        iterator = getattr(checkpoint, "iterator", iterator)  # replaced if it could not load
         saved_step = int(state.step.numpy())
         logging.info(
             "resuming from %s at step %d (loss scale %g)",

@@ -10,7 +10,7 @@ from conftest import tiny_config
 
 from engine import checkpointing, loop
 from engine.config import ConfigError
-from input_pipeline import create_data
+from input_pipeline import batching, create_data
 
 
 def _state_and_iterator(config):
@@ -200,6 +200,40 @@ def test_a_checkpoint_without_the_iterator_restores_the_rest(tmp_path, caplog):
     assert any("saved without the input iterator" in r.getMessage() for r in caplog.records)
 
 
+def test_an_iterator_from_another_input_pipeline_restores_the_rest(tmp_path, caplog, monkeypatch):
+    # Checkpoints written before the pipeline counted positions with
+    # `Dataset.range` hold a `Dataset.counter` iterator, which this one cannot load:
+    # the run must resume its weights and step, not call the files damaged.
+    config = tiny_config()
+    with monkeypatch.context() as patch:
+        patch.setattr(batching, "positions", tf.data.Dataset.counter)
+        state, iterator = _state_and_iterator(config)
+        next(iterator)
+    state.step.assign(9)
+    checkpoint = checkpointing.create_checkpoint(state, iterator)
+    checkpointing.create_manager(checkpoint, str(tmp_path)).save(9)
+    fresh, iterator = _state_and_iterator(config)
+    checkpoint = checkpointing.create_checkpoint(fresh, iterator)
+    manager = checkpointing.create_manager(checkpoint, str(tmp_path))
+    with pytest.raises(checkpointing.DamagedCheckpoints):
+        checkpointing.restore_latest(checkpoint, manager)  # no way to replace the iterator
+    fresh, iterator = _state_and_iterator(config)
+    checkpoint = checkpointing.create_checkpoint(fresh, iterator)
+    manager = checkpointing.create_manager(checkpoint, str(tmp_path))
+    replacement = _state_and_iterator(config)[1]
+    with caplog.at_level(logging.WARNING):
+        path = checkpointing.restore_latest(checkpoint, manager, lambda: replacement)
+    assert path.endswith("ckpt-9") and checkpoint.iterator is replacement
+    assert int(fresh.step) == 9
+    for a, b in zip(state.model.weights, fresh.model.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert any("input position cannot be restored" in r.getMessage() for r in caplog.records)
+    # The stream restarts: the first batch is position 0's.
+    images, _ = next(replacement)
+    first, _ = next(iter(create_data(config).train_fn()))
+    np.testing.assert_array_equal(images.numpy(), first.numpy())
+
+
 def test_checkpoints_of_a_differently_built_run_are_not_called_damaged(tmp_path):
     state, iterator = _state_and_iterator(tiny_config())
     checkpointing.create_manager(
@@ -240,3 +274,12 @@ def test_a_worker_that_cannot_restore_leaves_no_temporary_folder(tmp_path, monke
     with pytest.raises(checkpointing.DamagedCheckpoints):
         _train(run, train_steps=4)
     assert list(temp.iterdir()) == []
+
+
+def test_a_run_resumes_from_a_checkpoint_of_the_older_input_pipeline(tmp_path, monkeypatch):
+    with monkeypatch.context() as patch:
+        patch.setattr(batching, "positions", tf.data.Dataset.counter)
+        loop.train_and_evaluate(tiny_config(train_steps=4), str(tmp_path))
+    result = loop.train_and_evaluate(tiny_config(train_steps=6), str(tmp_path))
+    assert (result.steps, result.trained_steps) == (6, 2)
+    assert np.isfinite(result.train_loss)
