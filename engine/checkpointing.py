@@ -217,11 +217,12 @@ def _restore(checkpoint, path, new_iterator=None):
         return
     try:
         checkpoint.restore(path).assert_existing_objects_matched()
-    except Exception as e:
-        # If all but the iterator restores, only the input position is lost: an
-        # iterator saved by another input pipeline (e.g. another version of this
-        # one) cannot be loaded into this one. Otherwise the checkpoint is at fault.
-        if new_iterator is None:
+    except tf.errors.NotFoundError as e:
+        # The iterator's state was read whole but names datasets this pipeline
+        # does not have: it was saved by another input pipeline (e.g. an older
+        # version of this one). Damaged bytes fail differently (DataLossError...)
+        # and fall back to an older checkpoint, whose input position is exact.
+        if new_iterator is None or "DeserializeIterator" not in str(e):
             raise
         try:
             state_only.restore(path).assert_existing_objects_matched()
@@ -229,9 +230,8 @@ def _restore(checkpoint, path, new_iterator=None):
             raise e from None
         checkpoint.iterator = new_iterator()
         logging.warning(
-            "%s: the input position cannot be restored (%s): the checkpoint was written "
-            "by a different input pipeline; everything else is restored and the input "
-            "stream restarts from its beginning",
+            "%s: its input position does not fit this input pipeline (%s); everything "
+            "else is restored and the input stream restarts from its beginning",
             path,
             first_line(e),
         )
