@@ -94,8 +94,11 @@ def count_train_flops_per_example(model):
     """
     import keras
 
+    from models import all_layers
+
     forward = 0
-    for layer in _all_layers(model):
+    # Nested models are walked into; they are neither Conv2D nor Dense themselves.
+    for layer in all_layers(model):
         if isinstance(layer, keras.layers.Conv2D):
             out = layer.output.shape  # (None, H, W, C_out)
             k_h, k_w = layer.kernel_size
@@ -104,14 +107,6 @@ def count_train_flops_per_example(model):
         elif isinstance(layer, keras.layers.Dense):
             forward += 2 * layer.kernel.shape[0] * layer.kernel.shape[1]
     return 3 * forward
-
-
-def _all_layers(model):
-    for layer in model.layers:
-        if hasattr(layer, "layers"):
-            yield from _all_layers(layer)
-        else:
-            yield layer
 
 
 # --------------------------------------------------------------------------- worker

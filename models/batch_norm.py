@@ -25,6 +25,8 @@ Keras' code unchanged.
 import keras
 import tensorflow as tf
 
+from models.layers import all_layers
+
 
 @keras.saving.register_keras_serializable(package="models")
 class FusedBatchNormalization(keras.layers.BatchNormalization):
@@ -82,14 +84,7 @@ def fuse_batch_norm(model):
     `clone_model` would rebuild the model outside its dtype policy and leave the
     shared layers pointing into the discarded graph.)
     """
-    for layer in _all_layers(model):
+    for layer in all_layers(model):
         if type(layer) is keras.layers.BatchNormalization:
             layer.__class__ = FusedBatchNormalization
     return model
-
-
-def _all_layers(model):
-    for layer in model.layers:
-        yield layer
-        if hasattr(layer, "layers"):
-            yield from _all_layers(layer)
