@@ -380,28 +380,13 @@ def run_benchmark(config):
                     )
                 label = f"{runner} {precision}{' +xla' if xla else ''}"
                 logging.info("benchmarking %s (%d x %d steps)", label, r, s)
-                try:
-                    proc = subprocess.run(
-                        _worker_command(cfg, rewrite, r, s),
-                        capture_output=True,
-                        text=True,
-                        timeout=_WORKER_TIMEOUT_S,
-                        env=_worker_env(),  # the user's folder: relative paths mean the same
-                    )
-                except subprocess.TimeoutExpired:
-                    skipped.append(
-                        {"configuration": label, "reason": f"timed out after {_WORKER_TIMEOUT_S} s"}
-                    )
-                    label = None
-                    continue
-                if proc.returncode != 0:
-                    skipped.append({"configuration": label, "reason": _failure_reason(proc)})
-                else:
-                    measured = json.loads(proc.stdout.strip().splitlines()[-1])
+                measured, reason = _run_worker_process(cfg, rewrite, r, s)
+                if reason:
+                    skipped.append({"configuration": label, "reason": reason})
+                for row in measured:
                     if reduced_budget:
-                        for row in measured:
-                            row["reduced_budget"] = reduced_budget
-                    rows.extend(measured)
+                        row["reduced_budget"] = reduced_budget
+                rows.extend(measured)
                 label = None
         except (KeyboardInterrupt, _Terminated) as e:
             # `subprocess.run` has killed a running worker (a Ctrl-C reached it too).
@@ -427,6 +412,23 @@ def run_benchmark(config):
         logging.error("interrupted: the table above holds the configurations measured so far")
         raise SystemExit(interrupted)  # 128 + the signal's number, as a shell reports it
     return result
+
+
+def _run_worker_process(config, graph_rewrite, repeats, steps):
+    """One configuration in a fresh process: (its rows, None) or ([], why it has none)."""
+    try:
+        proc = subprocess.run(
+            _worker_command(config, graph_rewrite, repeats, steps),
+            capture_output=True,
+            text=True,
+            timeout=_WORKER_TIMEOUT_S,
+            env=_worker_env(),  # the user's folder: relative paths mean the same
+        )
+    except subprocess.TimeoutExpired:
+        return [], f"timed out after {_WORKER_TIMEOUT_S} s"
+    if proc.returncode != 0:
+        return [], _failure_reason(proc)
+    return json.loads(proc.stdout.strip().splitlines()[-1]), None
 
 
 def _write_json(path, result):
