@@ -202,11 +202,11 @@ def restore_latest(checkpoint, manager, new_iterator=None):
 
 
 def _restore(checkpoint, path, new_iterator=None):
-    saved = {name.split("/")[0] for name, _ in tf.train.list_variables(path)}
-    state_only = tf.train.Checkpoint(**{n: getattr(checkpoint, n) for n in STATE_CHILDREN})
     if not hasattr(checkpoint, "iterator"):
         checkpoint.restore(path).assert_existing_objects_matched()
         return
+    state_only = tf.train.Checkpoint(**{n: getattr(checkpoint, n) for n in STATE_CHILDREN})
+    saved = {name.split("/")[0] for name, _ in tf.train.list_variables(path)}
     if "iterator" not in saved:
         logging.warning(
             "%s was saved without the input iterator (by a multi-device run): the input "
