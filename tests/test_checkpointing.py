@@ -22,6 +22,13 @@ def _state_and_iterator(config):
     return state, iterator
 
 
+def _resumable(config, model_dir):
+    """A new run's state, its root checkpoint (iterator included) and a manager on model_dir."""
+    state, iterator = _state_and_iterator(config)
+    checkpoint = checkpointing.create_checkpoint(state, iterator)
+    return state, checkpoint, checkpointing.create_manager(checkpoint, str(model_dir))
+
+
 def test_loss_scale_and_counters_survive_a_save_restore_round_trip(tmp_path):
     config = tiny_config(precision="mixed", growth_interval=100)
     state, iterator = _state_and_iterator(config)
@@ -40,10 +47,8 @@ def test_loss_scale_and_counters_survive_a_save_restore_round_trip(tmp_path):
     path = manager.save(checkpoint_number=11)
     expected_batch = next(iterator)[0].numpy()
 
-    fresh, fresh_iterator = _state_and_iterator(config)
+    fresh, fresh_checkpoint, fresh_manager = _resumable(config, tmp_path)
     assert float(fresh.loss_scale.value) == 2.0**15  # the default, before restoring
-    fresh_checkpoint = checkpointing.create_checkpoint(fresh, fresh_iterator)
-    fresh_manager = checkpointing.create_manager(fresh_checkpoint, str(tmp_path))
     assert checkpointing.restore_latest(fresh_checkpoint, fresh_manager) == path
     assert float(fresh.loss_scale.value) == 1234.5
     assert int(fresh.loss_scale.good_steps) == 37
@@ -53,7 +58,7 @@ def test_loss_scale_and_counters_survive_a_save_restore_round_trip(tmp_path):
     np.testing.assert_array_equal(fresh.optimizer.variables[-1].numpy(), 0.25)
     for a, b in zip(state.model.weights, fresh.model.weights, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
-    np.testing.assert_array_equal(next(fresh_iterator)[0].numpy(), expected_batch)
+    np.testing.assert_array_equal(next(fresh_checkpoint.iterator)[0].numpy(), expected_batch)
 
 
 def _train(tmp_path, **overrides):
@@ -190,9 +195,7 @@ def test_a_checkpoint_without_the_iterator_restores_the_rest(tmp_path, caplog):
     state, _ = _state_and_iterator(config)
     state.step.assign(9)
     checkpointing.create_manager(checkpointing.create_checkpoint(state), str(tmp_path)).save(9)
-    fresh, iterator = _state_and_iterator(config)
-    checkpoint = checkpointing.create_checkpoint(fresh, iterator)
-    manager = checkpointing.create_manager(checkpoint, str(tmp_path))
+    fresh, checkpoint, manager = _resumable(config, tmp_path)
     with caplog.at_level(logging.WARNING):
         assert checkpointing.restore_latest(checkpoint, manager).endswith("ckpt-9")
     assert int(fresh.step) == 9
@@ -208,19 +211,14 @@ def test_an_iterator_from_another_input_pipeline_restores_the_rest(tmp_path, cap
     config = tiny_config()
     with monkeypatch.context() as patch:
         patch.setattr(batching, "positions", tf.data.Dataset.counter)
-        state, iterator = _state_and_iterator(config)
-        next(iterator)
+        state, old_checkpoint, old_manager = _resumable(config, tmp_path)
+        next(old_checkpoint.iterator)
     state.step.assign(9)
-    checkpoint = checkpointing.create_checkpoint(state, iterator)
-    checkpointing.create_manager(checkpoint, str(tmp_path)).save(9)
-    fresh, iterator = _state_and_iterator(config)
-    checkpoint = checkpointing.create_checkpoint(fresh, iterator)
-    manager = checkpointing.create_manager(checkpoint, str(tmp_path))
+    old_manager.save(9)
+    fresh, checkpoint, manager = _resumable(config, tmp_path)
     with pytest.raises(checkpointing.DamagedCheckpoints):
         checkpointing.restore_latest(checkpoint, manager)  # no way to replace the iterator
-    fresh, iterator = _state_and_iterator(config)
-    checkpoint = checkpointing.create_checkpoint(fresh, iterator)
-    manager = checkpointing.create_manager(checkpoint, str(tmp_path))
+    fresh, checkpoint, manager = _resumable(config, tmp_path)
     replacement = _state_and_iterator(config)[1]
     with caplog.at_level(logging.WARNING):
         path = checkpointing.restore_latest(checkpoint, manager, lambda: replacement)
@@ -239,11 +237,9 @@ def test_a_damaged_iterator_falls_back_to_an_older_checkpoint(tmp_path):
     # Damaged iterator bytes are not an old input pipeline: the older checkpoint
     # resumes exactly, so it wins over dropping the newest one's input position.
     config = tiny_config()
-    state, iterator = _state_and_iterator(config)
-    checkpoint = checkpointing.create_checkpoint(state, iterator)
-    manager = checkpointing.create_manager(checkpoint, str(tmp_path))
+    state, checkpoint, manager = _resumable(config, tmp_path)
     for step in (4, 6):
-        next(iterator)
+        next(checkpoint.iterator)
         state.step.assign(step)
         newest = manager.save(step)
     (data,) = glob.glob(newest + ".data-*")
@@ -254,21 +250,14 @@ def test_a_damaged_iterator_falls_back_to_an_older_checkpoint(tmp_path):
         f.write(bytes([byte[0] ^ 1]))
     state_only = {n: getattr(state, n) for n in checkpointing.STATE_CHILDREN}
     tf.train.Checkpoint(**state_only).restore(newest).assert_existing_objects_matched()
-    fresh, iterator = _state_and_iterator(config)
-    checkpoint = checkpointing.create_checkpoint(fresh, iterator)
-    manager = checkpointing.create_manager(checkpoint, str(tmp_path))
+    fresh, checkpoint, manager = _resumable(config, tmp_path)
     path = checkpointing.restore_latest(checkpoint, manager, lambda: pytest.fail("replaced"))
     assert path.endswith("ckpt-4") and int(fresh.step) == 4
 
 
 def test_checkpoints_of_a_differently_built_run_are_not_called_damaged(tmp_path):
-    state, iterator = _state_and_iterator(tiny_config())
-    checkpointing.create_manager(
-        checkpointing.create_checkpoint(state, iterator), str(tmp_path)
-    ).save(3)
-    other, other_iterator = _state_and_iterator(tiny_config(model="small_resnet"))
-    checkpoint = checkpointing.create_checkpoint(other, other_iterator)
-    manager = checkpointing.create_manager(checkpoint, str(tmp_path))
+    _resumable(tiny_config(), tmp_path)[2].save(3)
+    _, checkpoint, manager = _resumable(tiny_config(model="small_resnet"), tmp_path)
     with pytest.raises(checkpointing.DamagedCheckpoints) as e:
         checkpointing.restore_latest(checkpoint, manager)
     assert "written by a differently built run" in str(e.value)
