@@ -156,25 +156,38 @@ def test_rows_without_an_fp32_baseline_stay_valid_json():
     assert "| n/a |" in benchmark.format_table([row])
 
 
-_STOPPED_BENCHMARK = """
-import os, sys
+def _fake_benchmark(setup):
+    """A script running `run_benchmark` after `setup` has faked parts of it.
+
+    Its first argument is the JSON path. The matmul peaks are faked in every one:
+    they are not what these tests are about.
+    """
+    return f"""
+import json, os, signal, sys
 from engine import benchmark, config as config_lib
-benchmark.measure_peak_gflops = lambda dtype: 1.0  # not what this test is about
-pid_file = sys.argv[1]
-worker = "import os, time; open(%r, 'w').write(str(os.getpid())); time.sleep(120)" % pid_file
-benchmark._worker_command = lambda *args: [sys.executable, "-c", worker]
+benchmark.measure_peak_gflops = lambda dtype: 1.0
+{setup}
 config = config_lib.Config(
     mode="benchmark", model="tiny", dataset="synthetic", image_size=16,
-    train_examples=64, eval_examples=32, benchmark_json=sys.argv[2],
+    train_examples=64, eval_examples=32, benchmark_json=sys.argv[1],
 )
 benchmark.run_benchmark(config)
 """
 
 
+_STOPPED_BENCHMARK = _fake_benchmark(
+    """
+pid_file = sys.argv[2]
+worker = "import os, time; open(%r, 'w').write(str(os.getpid())); time.sleep(120)" % pid_file
+benchmark._worker_command = lambda *args: [sys.executable, "-c", worker]
+"""
+)
+
+
 def test_sigterm_to_the_benchmark_stops_its_worker_and_keeps_the_table(tmp_path):
     pid_file, result = tmp_path / "worker.pid", tmp_path / "bench.json"
     parent = subprocess.Popen(
-        [sys.executable, "-c", _STOPPED_BENCHMARK, str(pid_file), str(result)],
+        [sys.executable, "-c", _STOPPED_BENCHMARK, str(result), str(pid_file)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -201,10 +214,8 @@ def test_sigterm_to_the_benchmark_stops_its_worker_and_keeps_the_table(tmp_path)
     assert written["skipped"] == [{"configuration": "engine fp32", "reason": "stopped by SIGTERM"}]
 
 
-_STOPPED_BETWEEN_WORKERS = """
-import json, signal, sys
-from engine import benchmark, config as config_lib
-benchmark.measure_peak_gflops = lambda dtype: 1.0
+_STOPPED_BETWEEN_WORKERS = _fake_benchmark(
+    """
 row = json.dumps([dict(json.loads(sys.argv[2]), precision="fp32", train_gflop_per_example=0.1)])
 benchmark._worker_command = lambda *a: [sys.executable, "-c", "import sys; print(sys.argv[1])", row]
 calls = []
@@ -217,12 +228,8 @@ def between_workers(*args):  # asked in the parent before each worker starts
     return is_pathological(*args)
 
 benchmark._is_pathological = between_workers
-config = config_lib.Config(
-    mode="benchmark", model="tiny", dataset="synthetic", image_size=16,
-    train_examples=64, eval_examples=32, benchmark_json=sys.argv[1],
-)
-benchmark.run_benchmark(config)
 """
+)
 
 
 def test_sigterm_between_workers_keeps_the_rows_measured_so_far(tmp_path):
