@@ -314,6 +314,9 @@ def train_and_evaluate(config, model_dir):
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
     data = create_data(config)  # before model_dir: bad data must leave no trace there
+    # Also before model_dir: a stale lock or a damaged file cache of the eval
+    # images is found here (see `preprocessing.create_eval_dataset`).
+    eval_data = strategy.distribute_datasets_from_function(data.eval_fn)
     if distribute.is_chief(strategy):
         resume = checkpointing.prepare_model_dir(config, model_dir)
     else:
@@ -342,7 +345,6 @@ def train_and_evaluate(config, model_dir):
         return iter(strategy.distribute_datasets_from_function(data.train_fn))
 
     iterator = new_iterator()
-    eval_data = strategy.distribute_datasets_from_function(data.eval_fn)
     checkpoint = checkpointing.create_checkpoint(state, iterator)
     # Only the chief writes to model_dir; other workers write to a temporary
     # folder, deleted at the end, and here if restoring fails.

@@ -101,6 +101,13 @@ def _cache(ds, cache, key):
     return ds.cache(path)
 
 
+def _pipeline_key(key, input_context):
+    """The cache key of one input pipeline: with several, each caches only its shard."""
+    if input_context is None or input_context.num_input_pipelines == 1:
+        return key  # the whole data set, under the same file name as without a context
+    return (*key, "shard", input_context.input_pipeline_id, input_context.num_input_pipelines)
+
+
 def _decoded_arrays(ds, config, num_examples, key, read):
     """Decodes this pipeline's images once into memory: (uint8 [n, s, s, 3], labels).
 
@@ -114,11 +121,19 @@ def _decoded_arrays(ds, config, num_examples, key, read):
     ds = _cache(ds, config.cache, key)
     try:
         return batching.gather_all(ds, num_examples)
-    except (tf.errors.DataLossError, tf.errors.InternalError, tf.errors.OutOfRangeError) as e:
-        raise DataError(
-            f"--cache={config.cache}: the cache files are damaged ({type(e).__name__}); delete "
-            f"{config.cache}-* to rebuild them, or use --cache=memory"
-        ) from None
+    except _CACHE_READ_ERRORS as e:
+        raise _damaged_cache(config.cache, e) from None
+
+
+# What reading a truncated or corrupted cache file raises.
+_CACHE_READ_ERRORS = (tf.errors.DataLossError, tf.errors.InternalError, tf.errors.OutOfRangeError)
+
+
+def _damaged_cache(cache, error):
+    return DataError(
+        f"--cache={cache}: the cache files are damaged ({type(error).__name__}); delete "
+        f"{cache}-* to rebuild them, or use --cache=memory"
+    )
 
 
 def create_train_fn(examples, config, num_examples, cache_key, read=_identity):
@@ -145,7 +160,8 @@ def create_train_fn(examples, config, num_examples, cache_key, read=_identity):
     def load(input_context):
         shard = batching.shard(examples, input_context)  # each pipeline reads only its files
         if config.cache:
-            return _decoded_arrays(shard, config, num_examples, ("train", size, cache_key), read)
+            key = _pipeline_key(("train", size, cache_key), input_context)
+            return _decoded_arrays(shard, config, num_examples, key, read)
         # Paths (or tfds' encoded bytes) only; read and decoded again at every step.
         return batching.gather_all(shard, num_examples)
 
@@ -180,7 +196,15 @@ def create_eval_dataset(
     size = source_size(config.image_size, config.augment)
     ds = batching.shard(examples, input_context)
     ds = ds.map(lambda x, y: (decode_and_resize(read(x), size), y), num_parallel_calls=AUTOTUNE)
-    ds = _cache(ds, config.cache, ("eval", size, cache_key))
+    ds = _cache(ds, config.cache, _pipeline_key(("eval", size, cache_key), input_context))
+    if config.cache not in ("", "memory"):
+        # Read the file cache through once now (writing it if it is new): a
+        # damaged one is then this one-line error at start-up, not a failure
+        # at the first eval after training has run.
+        try:
+            ds.reduce(0, lambda n, _: n + 1).numpy()
+        except _CACHE_READ_ERRORS as e:
+            raise _damaged_cache(config.cache, e) from None
     ds = ds.map(
         lambda x, y: (normalise(centre_crop(x, config.image_size)), y),
         num_parallel_calls=AUTOTUNE,

@@ -152,6 +152,47 @@ def test_a_locked_or_damaged_file_cache_is_a_clear_error(tmp_path, damage):
         create_data(config).train_fn()
 
 
+def _cache_indexes(folder):
+    return {p.name for p in folder.glob("imgs-*.index")}
+
+
+def test_a_damaged_eval_cache_stops_the_run_before_it_writes_anything(tmp_path):
+    root = make_folder_tree(tmp_path / "data", per_class=4)
+    prefix = tmp_path / "cache" / "imgs"
+    prefix.parent.mkdir()
+    config = _real_config(f"folder:{root}", cache=str(prefix), train_steps=2, steps_per_loop=1)
+    data = create_data(config)
+    data.train_fn()
+    train_index = _cache_indexes(prefix.parent)
+    list(data.eval_fn())  # a first run's eval writes the eval images' cache
+    (eval_index,) = _cache_indexes(prefix.parent) - train_index
+    for f in prefix.parent.glob(eval_index[: -len(".index")] + ".data-*"):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    model_dir = tmp_path / "run"
+    # Found at start-up, not at the first eval after training.
+    with pytest.raises(DataError, match=r"--cache=.*imgs: the cache files are damaged"):
+        loop.train_and_evaluate(config, str(model_dir))
+    assert not model_dir.exists()
+
+
+def test_each_input_pipeline_caches_its_own_shard(tmp_path):
+    root = make_folder_tree(tmp_path / "data", per_class=6)
+    prefix = tmp_path / "cache" / "imgs"
+    prefix.parent.mkdir()
+    contexts = [tf.distribute.InputContext(2, i, 2) for i in range(2)]
+    in_memory = create_data(_real_config(f"folder:{root}", deterministic=True))
+    on_disk = create_data(_real_config(f"folder:{root}", deterministic=True, cache=str(prefix)))
+
+    def images(data, context):
+        evals = [x.numpy() for x, _ in data.eval_fn(context)]
+        return np.concatenate(evals + [x.numpy() for x, _ in data.train_fn(context).take(2)])
+
+    for _ in range(2):  # the second pass reads the cache files back
+        for context in contexts:
+            np.testing.assert_array_equal(images(on_disk, context), images(in_memory, context))
+    assert len(_cache_indexes(prefix.parent)) == 4  # train and eval, per pipeline
+
+
 def test_empty_class_folder_is_an_error_naming_it(tmp_path):
     root = make_folder_tree(tmp_path, per_class=3)
     os.makedirs(tmp_path / "train" / "blue")
