@@ -315,7 +315,10 @@ def train_and_evaluate(config, model_dir):
     keras.utils.set_random_seed(config.seed)
     data = create_data(config)  # before model_dir: bad data must leave no trace there
     # Also before model_dir: a stale lock or a damaged file cache of the eval
-    # images is found here (see `preprocessing.create_eval_dataset`).
+    # images is found here (see `preprocessing.create_eval_dataset`). The
+    # training images are decoded (or read from their cache) later, when the
+    # iterator is made: after `prepare_model_dir` has checked the flags, so a
+    # mismatched resume is refused before a whole data set is decoded.
     eval_data = strategy.distribute_datasets_from_function(data.eval_fn)
     if distribute.is_chief(strategy):
         resume = checkpointing.prepare_model_dir(config, model_dir)

@@ -87,8 +87,7 @@ def _cache(ds, cache, key):
         return ds
     if cache == "memory":
         return ds.cache()
-    digest = hashlib.sha1(repr(key).encode()).hexdigest()[:12]
-    path = f"{cache}-{digest}"
+    path = _cache_path(cache, key)
     # TF refuses a cache with a lock next to it (another writer, or one killed
     # mid-write); say so before the run starts instead of failing inside it.
     locks = tf.io.gfile.glob(f"{path}_*.lockfile")
@@ -99,6 +98,15 @@ def _cache(ds, cache, key):
             "partial cache), or use another --cache"
         )
     return ds.cache(path)
+
+
+def _cache_path(cache, key):
+    return f"{cache}-{hashlib.sha1(repr(key).encode()).hexdigest()[:12]}"
+
+
+def _written(cache, key):
+    """Whether a file cache for `key` is complete on disk (its index is written last)."""
+    return tf.io.gfile.exists(_cache_path(cache, key) + ".index")
 
 
 def _pipeline_key(key, input_context):
@@ -118,15 +126,22 @@ def _decoded_arrays(ds, config, num_examples, key, read):
     ds = ds.map(lambda x, y: (decode_and_resize(read(x), size), y), num_parallel_calls=AUTOTUNE)
     if config.cache in ("", "memory"):
         return batching.gather_all(ds, num_examples)
+    errors = _read_errors(_written(config.cache, key))
     ds = _cache(ds, config.cache, key)
     try:
         return batching.gather_all(ds, num_examples)
-    except _CACHE_READ_ERRORS as e:
+    except errors as e:
         raise _damaged_cache(config.cache, e) from None
 
 
-# What reading a truncated or corrupted cache file raises.
-_CACHE_READ_ERRORS = (tf.errors.DataLossError, tf.errors.InternalError, tf.errors.OutOfRangeError)
+def _read_errors(written):
+    """What reading a truncated, corrupted or (if `written`) missing cache file raises.
+
+    A missing file means a damaged cache only when the cache was complete: while
+    it is being written, `NotFoundError` is a source image that went missing.
+    """
+    errors = (tf.errors.DataLossError, tf.errors.InternalError, tf.errors.OutOfRangeError)
+    return (*errors, tf.errors.NotFoundError) if written else errors
 
 
 def _damaged_cache(cache, error):
@@ -196,14 +211,16 @@ def create_eval_dataset(
     size = source_size(config.image_size, config.augment)
     ds = batching.shard(examples, input_context)
     ds = ds.map(lambda x, y: (decode_and_resize(read(x), size), y), num_parallel_calls=AUTOTUNE)
-    ds = _cache(ds, config.cache, _pipeline_key(("eval", size, cache_key), input_context))
-    if config.cache not in ("", "memory"):
-        # Read the file cache through once now (writing it if it is new): a
-        # damaged one is then this one-line error at start-up, not a failure
-        # at the first eval after training has run.
+    key = _pipeline_key(("eval", size, cache_key), input_context)
+    ds = _cache(ds, config.cache, key)
+    if config.cache not in ("", "memory") and _written(config.cache, key):
+        # An earlier run's cache is read through once now, so a damaged one is
+        # this one-line error at start-up, not a failure at the first eval after
+        # training. A new one is written by the first eval, where a stop signal
+        # lets it finish.
         try:
             ds.reduce(0, lambda n, _: n + 1).numpy()
-        except _CACHE_READ_ERRORS as e:
+        except _read_errors(written=True) as e:
             raise _damaged_cache(config.cache, e) from None
     ds = ds.map(
         lambda x, y: (normalise(centre_crop(x, config.image_size)), y),

@@ -130,7 +130,7 @@ def test_file_cache_is_written_under_the_given_prefix(tmp_path):
     assert [p.name for p in prefix.parent.glob("imgs-*.index")]
 
 
-@pytest.mark.parametrize("damage", ["stale_lock", "truncated"])
+@pytest.mark.parametrize("damage", ["stale_lock", "truncated", "missing"])
 def test_a_locked_or_damaged_file_cache_is_a_clear_error(tmp_path, damage):
     root = make_folder_tree(tmp_path / "data", per_class=4)
     prefix = tmp_path / "cache" / "imgs"
@@ -145,18 +145,27 @@ def test_a_locked_or_damaged_file_cache_is_a_clear_error(tmp_path, damage):
         (prefix.parent / f"{stem}_0.lockfile").write_text("")
         expected = rf"--cache=.*imgs: .*{stem}_0.lockfile locks its cache file"
     else:
-        for f in prefix.parent.glob(f"{stem}.data-*"):
-            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+        _damage(prefix.parent, stem, damage)
         expected = r"--cache=.*imgs: the cache files are damaged"
     with pytest.raises(DataError, match=expected):
         create_data(config).train_fn()
+
+
+def _damage(folder, stem, how):
+    """Truncates a cache's data files to half, or deletes them (keeping the index)."""
+    for f in folder.glob(f"{stem}.data-*"):
+        if how == "missing":
+            f.unlink()
+        else:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
 
 
 def _cache_indexes(folder):
     return {p.name for p in folder.glob("imgs-*.index")}
 
 
-def test_a_damaged_eval_cache_stops_the_run_before_it_writes_anything(tmp_path):
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_damaged_eval_cache_stops_the_run_before_it_writes_anything(tmp_path, damage):
     root = make_folder_tree(tmp_path / "data", per_class=4)
     prefix = tmp_path / "cache" / "imgs"
     prefix.parent.mkdir()
@@ -164,10 +173,13 @@ def test_a_damaged_eval_cache_stops_the_run_before_it_writes_anything(tmp_path):
     data = create_data(config)
     data.train_fn()
     train_index = _cache_indexes(prefix.parent)
-    list(data.eval_fn())  # a first run's eval writes the eval images' cache
+    eval_ds = data.eval_fn()
+    # A new eval cache is written by the first eval, not when the dataset is
+    # made: a stop signal during start-up must not leave a half-written cache.
+    assert _cache_indexes(prefix.parent) == train_index
+    list(eval_ds)
     (eval_index,) = _cache_indexes(prefix.parent) - train_index
-    for f in prefix.parent.glob(eval_index[: -len(".index")] + ".data-*"):
-        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    _damage(prefix.parent, eval_index[: -len(".index")], damage)
     model_dir = tmp_path / "run"
     # Found at start-up, not at the first eval after training.
     with pytest.raises(DataError, match=r"--cache=.*imgs: the cache files are damaged"):
