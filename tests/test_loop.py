@@ -79,3 +79,59 @@ def test_mixed_reaches_fp32_accuracy_on_shapes(tmp_path):
     )
     assert fp32.eval_accuracy >= 0.8
     assert abs(mixed.eval_accuracy - fp32.eval_accuracy) <= 0.05
+
+
+def _ops_inside_and_outside_xla(concrete_function):
+    """Op types in the functions XLA compiles (and all they call), and in the rest."""
+    library = concrete_function.graph.as_graph_def().library
+    functions = {f.signature.name: f for f in library.function}
+
+    def called(nodes):
+        for node in nodes:
+            if node.op in functions:
+                yield node.op
+            for value in node.attr.values():
+                if value.func.name:
+                    yield value.func.name
+                yield from (f.name for f in value.list.func)
+
+    def must_compile(attrs):
+        return "_XlaMustCompile" in attrs and attrs["_XlaMustCompile"].b
+
+    roots = {n for n, f in functions.items() if must_compile(f.attr)}
+    for f in functions.values():  # or marked on the call
+        for node in f.node_def:
+            if must_compile(node.attr):
+                roots.update(called([node]))
+    compiled, pending = set(), list(roots)
+    while pending:
+        name = pending.pop()
+        if name not in compiled:
+            compiled.add(name)
+            pending.extend(called(functions[name].node_def))
+    inside = {node.op for n in compiled for node in functions[n].node_def}
+    outside = {node.op for n in set(functions) - compiled for node in functions[n].node_def}
+    return inside, outside | {op.type for op in concrete_function.graph.get_operations()}
+
+
+def test_xla_compiles_the_step_up_to_the_decision_and_not_the_update():
+    import tensorflow as tf
+
+    from engine.train_step import create_train_step
+    from input_pipeline import create_data
+
+    config = tiny_config(xla=True)
+    data = create_data(config)
+    strategy = tf.distribute.get_strategy()
+    state = loop.build_state(config, data, strategy)
+    step = create_train_step(state.model, state.optimizer, state.loss_scale, config.batch_size)
+    train_loop = loop.create_train_loop(strategy, step, state, loop.LoopStats(), jit_compile=True)
+    iterator = iter(strategy.distribute_datasets_from_function(data.train_fn))
+    inside, outside = _ops_inside_and_outside_xla(
+        train_loop.get_concrete_function(iterator, tf.constant(1, tf.int32))
+    )
+    # The forward and backward pass and the finiteness check are compiled ...
+    assert {"Conv2D", "Conv2DBackpropFilter", "L2Loss", "IsFinite"} <= inside
+    # ... and the update runs on TensorFlow's fused kernels, outside XLA.
+    applied = {op for op in outside if op.startswith("ResourceApply")}
+    assert applied and not any(op.startswith("ResourceApply") for op in inside)
