@@ -89,29 +89,18 @@ def create_train_loop(strategy, train_step, state, stats, jit_compile, monitor=N
     """Returns `train_loop(iterator, num_steps)`, one `tf.function` running many steps.
 
     `monitor` (a `diagnostics.StepMonitor`) records non-finite steps in the graph.
-    What XLA compiles (see `engine.train_step`): without mirrored variables, the
-    step up to the apply-or-skip decision (`TrainStep.replica_step`); with them
-    (even one replica's worth), the part of each replica's step that holds no
-    collective (`TrainStep.compute`). The update itself runs on TensorFlow's
-    fused kernels either way.
+    Without mirrored variables XLA compiles the whole step; with them (even one
+    replica's worth), the part of each replica's step that holds no collective
+    (`TrainStep.compute`).
     """
     sum_ = tf.distribute.ReduceOp.SUM
     # autograph=False: the step has no Python control flow on tensors, and not
     # converting it (and everything it calls) cuts tracing time.
-    replicated = distribute.replicated(strategy)
-    if not isinstance(train_step, TrainStep) or not (jit_compile or replicated):
+    if not distribute.replicated(strategy) or not isinstance(train_step, TrainStep):
         step_fn = tf.function(train_step, jit_compile=jit_compile, autograph=False)
 
         def run_step(images, labels, number):
             return strategy.run(step_fn, args=(images, labels, number))
-
-    elif not replicated:
-        checked = tf.function(train_step.replica_step, jit_compile=True, autograph=False)
-        # `strategy.run` would otherwise autograph-convert the step and all it calls.
-        whole_step = tf.autograph.experimental.do_not_convert(train_step.__call__)
-
-        def run_step(images, labels, number):
-            return strategy.run(whole_step, args=(images, labels, number, checked))
 
     else:
         compute = tf.function(train_step.compute, jit_compile=jit_compile, autograph=False)

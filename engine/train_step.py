@@ -22,18 +22,10 @@ What a skipped step does to the counters (and is tested):
     learning-rate schedule (a function of it) and Adam's bias correction never
     move on a step that changed nothing.
 
-One replica runs steps 1-8 as one function. Several replicas run 1-6 in each
-replica and 7-8 once, in cross-replica context: a `tf.cond` around the
-optimizer is not allowed inside a replica under strategies that synchronise
-with `merge_call` (every strategy on a CPU).
-
-With `--xla` the training loop compiles steps 1-6 (1-4 with several replicas:
-the all-reduce stays outside) and runs the update on TensorFlow's fused kernels
-(`fused_update`). Measured on a 2-core CPU against compiling steps 1-8 whole
-(BUILD_NOTES.md): the first step is 0.1-0.3 s shorter on the small model (XLA
-compiles neither the update nor both branches of the skip), and ResNet50's
-bfloat16 step is no longer behind Keras `fit`'s. The check stays inside: it
-reads every gradient, and XLA compiles the update far worse without it.
+One replica runs steps 1-8 as one function (compiled whole by XLA). Several
+replicas run 1-6 in each replica and 7-8 once, in cross-replica context: a
+`tf.cond` around the optimizer is not allowed inside a replica under
+strategies that synchronise with `merge_call` (every strategy on a CPU).
 """
 
 import keras
@@ -156,7 +148,6 @@ class TrainStep:
     """One training step, split where distribution needs it.
 
     `step(images, labels, number)` runs the whole step on one replica.
-    `replica_step` (steps 1-6) is the part an XLA loop compiles on one replica.
     `replica_step` and `cross_replica_update` are the two halves for several
     replicas (see the module docstring); `compute` is the part free of
     collectives, which XLA compiles in both cases.
@@ -210,13 +201,8 @@ class TrainStep:
         # skipped step must put them back (a nan batch would otherwise poison them).
         self.stateful = model.non_trainable_variables
 
-    def __call__(self, images, labels, number=None, checked=None):
-        """The whole step on one replica (steps 1-8).
-
-        `checked` replaces `self.replica_step` (steps 1-6), e.g. with an
-        XLA-compiled copy of it; the update (7-8) then runs outside XLA.
-        """
-        out = (checked or self.replica_step)(images, labels, number)
+    def __call__(self, images, labels, number=None):
+        out = self.replica_step(images, labels, number)
         grads, saved_state = out.pop("grads"), out.pop("saved_state")
         apply_or_skip(
             self.optimizer,
