@@ -157,7 +157,17 @@ def create_eval_loop(strategy, eval_step, jit_compile):
         # Called from a plain replica function: a compiled function handed to
         # `strategy.run` directly is placed on the first device for every
         # replica, and XLA then cannot reach the other replicas' variables.
-        return compiled(images, labels)
+        # With several replicas the last, partial batch can leave a replica
+        # with no example at all, which convolutions reject: it counts nothing.
+        return tf.cond(
+            tf.shape(images)[0] > 0,
+            lambda: compiled(images, labels),
+            lambda: {
+                "loss_sum": tf.constant(0.0),
+                "correct": tf.constant(0, tf.int32),
+                "count": tf.constant(0, tf.int32),
+            },
+        )
 
     sum_ = tf.distribute.ReduceOp.SUM
 

@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import ROOT
+from image_trees import make_folder_tree
 
 TINY = [
     "--model=tiny",
@@ -97,6 +98,32 @@ def test_mixed_xla_trains_end_to_end_under_mirrored(tmp_path, devices):
     assert proc.returncode == 0, stderr[-3000:]
     assert "Using MirroredStrategy with devices" in stderr
     assert "done: 6 steps" in stderr
+
+
+def test_a_replica_left_without_eval_examples_counts_none(tmp_path):
+    # 3 eval images in batches of 8 over two replicas: one replica gets all three
+    # and the other an empty batch, which a convolution used to reject.
+    root = make_folder_tree(tmp_path / "data", per_class=10)  # 30 images, 3 for eval
+    proc = _main(
+        [
+            f"--dataset=folder:{root}",
+            "--eval_fraction=0.1",
+            "--precision=fp32",
+            "--model=small_resnet",
+            "--image_size=16",
+            "--batch_size=8",
+            "--eval_batch_size=8",
+            "--train_steps=2",
+            "--steps_per_loop=1",
+            "--strategy=mirrored",
+            "--num_cpu_devices=2",
+            f"--model_dir={tmp_path / 'run'}",
+        ]
+    )
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    accuracy = float(re.search(r"eval at step 2: loss \S+ accuracy (\S+)", stderr).group(1))
+    assert round(accuracy * 3, 3) in (0, 1, 2, 3)  # a share of the three images
 
 
 def _free_ports(n):
