@@ -18,6 +18,7 @@ so a batch is a pure function of the seed and its position: `--deterministic`
 then only has to keep tf.data's parallel map in order.
 """
 
+import contextlib
 import hashlib
 import os
 
@@ -126,29 +127,29 @@ def _decoded_arrays(ds, config, num_examples, key, read):
     ds = ds.map(lambda x, y: (decode_and_resize(read(x), size), y), num_parallel_calls=AUTOTUNE)
     if config.cache in ("", "memory"):
         return batching.gather_all(ds, num_examples)
-    errors = _read_errors(_written(config.cache, key))
-    ds = _cache(ds, config.cache, key)
-    try:
-        return batching.gather_all(ds, num_examples)
-    except errors as e:
-        raise _damaged_cache(config.cache, e) from None
+    with _damage_is_an_error(config.cache, _written(config.cache, key)):
+        return batching.gather_all(_cache(ds, config.cache, key), num_examples)
 
 
-def _read_errors(written):
-    """What reading a truncated, corrupted or (if `written`) missing cache file raises.
+@contextlib.contextmanager
+def _damage_is_an_error(cache, written):
+    """Turns what reading a damaged file cache raises into the one-line `DataError`.
 
-    A missing file means a damaged cache only when the cache was complete: while
-    it is being written, `NotFoundError` is a source image that went missing.
+    Truncated or corrupted files raise the first three errors. A missing file
+    (`NotFoundError`) means a damaged cache only when the cache was `written`
+    (complete) before the read: while it is being written, it is a source image
+    that went missing.
     """
     errors = (tf.errors.DataLossError, tf.errors.InternalError, tf.errors.OutOfRangeError)
-    return (*errors, tf.errors.NotFoundError) if written else errors
-
-
-def _damaged_cache(cache, error):
-    return DataError(
-        f"--cache={cache}: the cache files are damaged ({type(error).__name__}); delete "
-        f"{cache}-* to rebuild them, or use --cache=memory"
-    )
+    if written:
+        errors = (*errors, tf.errors.NotFoundError)
+    try:
+        yield
+    except errors as e:
+        raise DataError(
+            f"--cache={cache}: the cache files are damaged ({type(e).__name__}); delete "
+            f"{cache}-* to rebuild them, or use --cache=memory"
+        ) from None
 
 
 def create_train_fn(examples, config, num_examples, cache_key, read=_identity):
@@ -218,10 +219,8 @@ def create_eval_dataset(
         # this one-line error at start-up, not a failure at the first eval after
         # training. A new one is written by the first eval, where a stop signal
         # lets it finish.
-        try:
+        with _damage_is_an_error(config.cache, written=True):
             ds.reduce(0, lambda n, _: n + 1).numpy()
-        except _read_errors(written=True) as e:
-            raise _damaged_cache(config.cache, e) from None
     ds = ds.map(
         lambda x, y: (normalise(centre_crop(x, config.image_size)), y),
         num_parallel_calls=AUTOTUNE,
