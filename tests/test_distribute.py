@@ -68,7 +68,7 @@ def test_two_replicas_match_one_device_on_the_concatenated_batch():
     assert result["max_diff"] < 1e-6
 
 
-def _main(args, env=None, timeout=300):
+def _main(args, env=None):
     return subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "main.py"), *args],
         cwd=ROOT,
@@ -79,11 +79,19 @@ def _main(args, env=None, timeout=300):
     )
 
 
+def _train(args, env=None):
+    """Runs `main.py` to the end; asserts it succeeded and returns its stderr."""
+    proc = _main(args, env=env)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    return stderr
+
+
 @pytest.mark.parametrize("devices", [2, 1])
 def test_mixed_xla_trains_end_to_end_under_mirrored(tmp_path, devices):
     # One replica too (MirroredStrategy on a one-GPU machine): its variables are
     # still mirrored, so its updates must not run inside the compiled step.
-    proc = _main(
+    stderr = _train(
         [
             *TINY,
             "--strategy=mirrored",
@@ -94,8 +102,6 @@ def test_mixed_xla_trains_end_to_end_under_mirrored(tmp_path, devices):
             f"--model_dir={tmp_path}",
         ]
     )
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr[-3000:]
     assert "Using MirroredStrategy with devices" in stderr
     assert "done: 6 steps" in stderr
 
@@ -104,7 +110,7 @@ def test_a_replica_left_without_eval_examples_counts_none(tmp_path):
     # 3 eval images in batches of 8 over two replicas: one replica gets all three
     # and the other an empty batch, which a convolution used to reject.
     root = make_folder_tree(tmp_path / "data", per_class=10)  # 30 images, 3 for eval
-    proc = _main(
+    stderr = _train(
         [
             f"--dataset=folder:{root}",
             "--eval_fraction=0.1",
@@ -120,8 +126,6 @@ def test_a_replica_left_without_eval_examples_counts_none(tmp_path):
             f"--model_dir={tmp_path / 'run'}",
         ]
     )
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr[-3000:]
     accuracy = float(re.search(r"eval at step 2: loss \S+ accuracy (\S+)", stderr).group(1))
     assert round(accuracy * 3, 3) in (0, 1, 2, 3)  # a share of the three images
 
@@ -186,9 +190,7 @@ def test_a_one_worker_cluster_trains(tmp_path):
         TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}}),
     )
     args = [*TINY, "--strategy=multi_worker", "--optimizer=adamw", "--weight_decay=0.01"]
-    proc = _main([*args, "--train_steps=6", f"--model_dir={tmp_path}"], env=env)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr[-3000:]
+    stderr = _train([*args, "--train_steps=6", f"--model_dir={tmp_path}"], env=env)
     assert "done: 6 steps (0 skipped)" in stderr
 
 
