@@ -354,8 +354,14 @@ def train_and_evaluate(config, model_dir):
     train_loop = create_train_loop(strategy, train_step, state, stats, config.xla, monitor)
     eval_loop = create_eval_loop(strategy, create_eval_step(state.model), config.xla)
 
+    pipelines = []  # the input contexts the strategy builds this worker's pipelines with
+
+    def train_fn(input_context):
+        pipelines.append(input_context)
+        return data.train_fn(input_context)
+
     def new_iterator():
-        return iter(strategy.distribute_datasets_from_function(data.train_fn))
+        return iter(strategy.distribute_datasets_from_function(train_fn))
 
     iterator = new_iterator()
     checkpoint = checkpointing.create_checkpoint(state, iterator)
@@ -406,7 +412,9 @@ def train_and_evaluate(config, model_dir):
     # Signals are caught from here on: a SIGTERM during start-up still saves and exits 0.
     with guards.stop_on_signals() as stop:
         try:
-            shown_images, shown_labels = _write_run_start(writer, config, write_dir.path, data)
+            shown_images, shown_labels = _write_run_start(
+                writer, config, write_dir.path, data, pipelines[0]
+            )
             probe = diagnostics.create_gradient_probe(state.model, state.loss_scale)
             while step < total and not stop:
                 first_loop = first_step_seconds is None
@@ -501,14 +509,22 @@ def train_and_evaluate(config, model_dir):
     return result
 
 
-def _write_run_start(writer, config, model_dir, data):
-    """Step-0 summaries: config, environment, flagfile, one input batch (returned)."""
+def _write_run_start(writer, config, model_dir, data, input_context):
+    """Step-0 summaries: config, environment, flagfile, one input batch (returned).
+
+    `input_context` is this worker's training pipeline's, as the strategy made it.
+    """
     writer.scalars(0, {"data/skipped_images": data.skipped_images})
     resolved = config.replace(model_dir=model_dir)
     summaries.write_flagfile(resolved, model_dir)
     summaries.write_run_start(writer, resolved, device_type())
-    # One fixed batch: shown as images now, and the batch the gradient histograms use.
-    shown_images, shown_labels = next(iter(data.train_fn(None)))
+    # One fixed batch: shown as images now, and the batch the gradient histograms
+    # use. A whole global batch where this worker is the only input pipeline;
+    # with several, one of its own pipeline's batches, so that a worker never
+    # decodes (or writes to a file cache) more than its own shard of the data.
+    if input_context.num_input_pipelines == 1:
+        input_context = None
+    shown_images, shown_labels = next(iter(data.train_fn(input_context)))
     writer.images(0, "input/train_batch", summaries.as_displayable(shown_images))
     return shown_images, shown_labels
 

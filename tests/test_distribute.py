@@ -140,24 +140,16 @@ def _free_ports(n):
     return ports
 
 
-def test_two_workers_end_identical_and_only_the_chief_writes(tmp_path):
+def _two_workers(args):
+    """Runs `main.py` as both workers of a local cluster; returns their stderr, chief first."""
     cluster = {"worker": [f"localhost:{p}" for p in _free_ports(2)]}
-    model_dir = tmp_path / "run"
     procs = []
     for index in range(2):
         env = dict(
             os.environ,
             TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
         )
-        args = [
-            *TINY,
-            "--strategy=multi_worker",
-            "--precision=mixed",
-            "--train_steps=6",
-            "--inject_nonfinite=2",
-            f"--model_dir={model_dir}",
-        ]
-        procs.append(_main(args, env=env))
+        procs.append(_main(["--strategy=multi_worker", *args], env=env))
     logs = []
     try:
         for proc in procs:
@@ -166,19 +158,59 @@ def test_two_workers_end_identical_and_only_the_chief_writes(tmp_path):
         for proc in procs:
             proc.kill()
     for proc, log in zip(procs, logs, strict=True):
-        assert proc.returncode == 0, log[-3000:]
-    done = [
-        re.search(r"done: 6 steps \((\d+) skipped\).*loss scale (\S+), weights (\w+)", log)
-        for log in logs
-    ]
+        assert proc.returncode == 0, "\n".join(log[-3000:] for log in logs)
+    return logs
+
+
+_DONE = re.compile(r"done: (\d+) steps \((\d+) skipped\).*loss scale (\S+), weights (\w+)")
+
+
+def test_two_workers_end_identical_and_only_the_chief_writes(tmp_path):
+    model_dir = tmp_path / "run"
+    logs = _two_workers(
+        [
+            *TINY,
+            "--precision=mixed",
+            "--train_steps=6",
+            "--inject_nonfinite=2",
+            f"--model_dir={model_dir}",
+        ]
+    )
+    done = [_DONE.search(log) for log in logs]
     assert all(done), logs[0][-2000:]
     assert done[0].groups() == done[1].groups()  # same skips, scale and weights
-    assert int(done[0].group(1)) >= 1  # the injected step was skipped
+    assert done[0].group(1) == "6" and int(done[0].group(2)) >= 1  # the injected step was skipped
     # Only the chief (worker 0) wrote summaries and checkpoints, into model_dir.
     assert len(list(model_dir.glob("events.out.tfevents.*"))) == 1
     assert list((model_dir / "checkpoints").glob("ckpt-6.index"))
     temp = re.search(r"writing to temporary (\S+),", logs[1])
     assert temp and not os.path.exists(temp.group(1))
+
+
+def test_two_workers_write_one_file_cache_on_their_first_run(tmp_path):
+    # Each worker caches its own shard. The run-start image batch used to
+    # decode and cache the whole set in every worker, all into one file name.
+    root = make_folder_tree(tmp_path / "data", per_class=8)
+    cache = tmp_path / "cache" / "images"
+    cache.parent.mkdir()
+    args = [
+        f"--dataset=folder:{root}",
+        "--eval_fraction=0.25",
+        f"--cache={cache}",
+        "--model=tiny",
+        "--image_size=16",
+        "--batch_size=8",
+        "--eval_batch_size=8",
+        "--steps_per_loop=1",
+    ]
+    for steps in (2, 4):  # the first run writes the cache, the second reads it
+        logs = _two_workers([*args, f"--train_steps={steps}", f"--model_dir={tmp_path / 'run'}"])
+        done = [_DONE.search(log) for log in logs]
+        assert all(done), logs[0][-2000:]
+        assert done[0].groups() == done[1].groups()
+        assert done[0].group(1) == str(steps)
+    written = sorted(p.name for p in cache.parent.iterdir())
+    assert not any(name.endswith(".lockfile") for name in written), written
 
 
 def test_a_one_worker_cluster_trains(tmp_path):
