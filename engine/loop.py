@@ -406,6 +406,8 @@ def train_and_evaluate(config, model_dir):
     train_seconds = 0.0
     values, eval_loss, eval_acc, eval_step = {}, float("nan"), float("nan"), None
     step = start_step = int(state.step.numpy())
+    # What an earlier run logged after the checkpoint resumed from is not shown.
+    writer.session_start(step + 1)
     interval, interval_seconds = {}, 0.0  # statistics since the last scalar write
     if step >= total:
         logging.info("already trained to step %d of %d: nothing to train", step, total)

@@ -3,10 +3,12 @@
 import dataclasses
 import datetime
 import os
+import time
 
 import keras
 import tensorflow as tf
 from absl import logging
+from tensorboard.compat.proto import event_pb2
 from tensorboard.plugins.hparams import api as hp
 
 from engine import config as config_lib
@@ -29,6 +31,22 @@ class SummaryWriter:
     def __init__(self, logdir):
         self.logdir = logdir
         self._writer = tf.summary.create_file_writer(logdir)
+
+    def session_start(self, step):
+        """Marks the summaries from `step` on as this run's.
+
+        Each start writes a `SessionLog.START` event. TensorBoard takes every one
+        after a run's first as a restart and drops the summaries it holds at
+        `step` or later: those a crashed run wrote after the checkpoint this
+        run resumed from, which would otherwise be drawn twice. TF2's summary API
+        has no call for it, so the event goes through the writer's own resource.
+        """
+        event = event_pb2.Event(
+            step=step,
+            wall_time=time.time(),
+            session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START),
+        )
+        tf.raw_ops.ImportEvent(writer=self._writer._resource, event=event.SerializeToString())
 
     def scalars(self, step, values):
         with self._writer.as_default(step=step):

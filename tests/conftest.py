@@ -12,9 +12,10 @@ if ROOT not in sys.path:
 
 def _tensor_summaries(logdir, keep):
     """{tag: [(step, proto), ...]} of the summaries under `logdir` whose first proto `keep`s."""
-    from tensorboard.backend.event_processing import event_accumulator
+    # The accumulator TensorBoard's server reads with: what the dashboards show.
+    from tensorboard.backend.event_processing import plugin_event_accumulator
 
-    acc = event_accumulator.EventAccumulator(str(logdir), size_guidance={"tensors": 0})
+    acc = plugin_event_accumulator.EventAccumulator(str(logdir), size_guidance={"tensors": 0})
     acc.Reload()
     out = {}
     for tag in acc.Tags()["tensors"]:

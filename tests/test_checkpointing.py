@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import tiny_config
+from conftest import read_scalars, tiny_config
 
 from engine import checkpointing, loop
 from engine.config import ConfigError
@@ -91,6 +91,23 @@ def test_damaged_checkpoint_is_reported_and_the_previous_one_is_used(tmp_path, c
         )
         == 6
     )
+
+
+def test_tensorboard_drops_what_a_run_logged_after_the_checkpoint_resumed_from(tmp_path):
+    # The first run logs steps 1-4; only its step-2 checkpoint survives, so the
+    # second run trains steps 3 and 4 again and logs them again.
+    _train(tmp_path, train_steps=4)
+    first = read_scalars(tmp_path)
+    data_file = tmp_path / "checkpoints" / "ckpt-4.data-00000-of-00001"
+    data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
+    _train(tmp_path, train_steps=4)
+    shown = read_scalars(tmp_path)  # as TensorBoard's server reads the run
+    logged = [tag for tag in shown if tag.startswith(("train/", "eval/"))]
+    assert "train/loss" in logged and "eval/loss" in logged
+    for tag in logged:
+        steps = [s for s, _ in shown[tag]]
+        assert steps == sorted(set(steps)), (tag, steps)  # each step once, in order
+    assert [s for s, _ in first["train/loss"]][-1] == [s for s, _ in shown["train/loss"]][-1] == 4
 
 
 def test_no_readable_checkpoint_is_an_error_not_a_restart(tmp_path):
@@ -265,8 +282,6 @@ def test_checkpoints_of_a_differently_built_run_are_not_called_damaged(tmp_path)
 
 
 def test_resuming_a_finished_run_keeps_its_final_metrics(tmp_path):
-    from conftest import read_scalars
-
     _train(tmp_path, train_steps=2)
     again = _train(tmp_path, train_steps=2)  # nothing left to train
     assert again.steps == 2
