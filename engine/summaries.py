@@ -35,11 +35,13 @@ class SummaryWriter:
     def session_start(self, step):
         """Marks the summaries from `step` on as this run's.
 
-        Each start writes a `SessionLog.START` event. TensorBoard takes every one
-        after a run's first as a restart and drops the summaries it holds at
-        `step` or later: those a crashed run wrote after the checkpoint this
-        run resumed from, which would otherwise be drawn twice. TF2's summary API
-        has no call for it, so the event goes through the writer's own resource.
+        Each start writes a `SessionLog.START` event. TensorBoard's Python loader
+        (`--load_fast=false`) takes every one after a run's first as a restart and
+        drops the summaries it holds at `step` or later, in every tag: those a
+        crashed run wrote after the checkpoint this run resumed from, which would
+        otherwise be drawn twice. (The default fast loader ignores START and drops
+        a tag's later points only when that tag is logged again.) TF2's summary
+        API has no call for it, so the event goes through the writer's resource.
         """
         event = event_pb2.Event(
             step=step,

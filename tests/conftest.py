@@ -12,7 +12,7 @@ if ROOT not in sys.path:
 
 def _tensor_summaries(logdir, keep):
     """{tag: [(step, proto), ...]} of the summaries under `logdir` whose first proto `keep`s."""
-    # The accumulator TensorBoard's server reads with: what the dashboards show.
+    # TensorBoard's Python loader (--load_fast=false), which honours SessionLog.START.
     from tensorboard.backend.event_processing import plugin_event_accumulator
 
     acc = plugin_event_accumulator.EventAccumulator(str(logdir), size_guidance={"tensors": 0})
