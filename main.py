@@ -5,6 +5,7 @@ Flags in, one validated `Config` out, one call into the engine. A user mistake
 """
 
 import os
+import signal
 import sys
 
 from absl import app, flags
@@ -228,11 +229,21 @@ def main(argv):
     from engine import run
 
     try:
-        run.run(config)
+        # Until the training loop catches them (and after it), a stop signal
+        # unwinds: no traceback, no half-written file of ours, what was saved kept.
+        with run.terminate_as_interrupt():
+            run.run(config)
     except run.UserError as e:
         _fail(str(e))
     except run.TrainingDiverged as e:
         _fail(str(e), status=3)  # not a usage error: a scheduler should not just retry
+    except (KeyboardInterrupt, run.Terminated) as e:
+        signum = signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM
+        _fail(
+            f"stopped by {signum.name}; checkpoints already written are kept: "
+            "rerun the same command to resume",
+            status=128 + signum,  # as a shell reports a process a signal ended
+        )
 
 
 def run_main():

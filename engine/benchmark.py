@@ -22,12 +22,12 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 from absl import logging
 
 from engine import config as config_lib
+from engine import guards
 
 # (runner label, precision, xla, graph rewrite). The graph rewrite is grappler's
 # automatic mixed precision on an fp32 model: float16 on a GPU, oneDNN bfloat16 on a CPU.
@@ -363,7 +363,7 @@ def run_benchmark(config):
     label = None  # the configuration being measured
     # From the first worker to the last, SIGTERM is handled like Ctrl-C: the
     # running worker is killed and the rows measured so far are kept.
-    with _terminate_as_interrupt():
+    with guards.terminate_as_interrupt():
         try:
             for runner, precision, xla, rewrite in CONFIGURATIONS:
                 cfg = config.replace(precision=precision, xla=xla, mode="train")
@@ -388,9 +388,9 @@ def run_benchmark(config):
                         row["reduced_budget"] = reduced_budget
                 rows.extend(measured)
                 label = None
-        except (KeyboardInterrupt, _Terminated) as e:
+        except (KeyboardInterrupt, guards.Terminated) as e:
             # `subprocess.run` has killed a running worker (a Ctrl-C reached it too).
-            interrupted = 143 if isinstance(e, _Terminated) else 130
+            interrupted = 143 if isinstance(e, guards.Terminated) else 130
             if label:
                 reason = "stopped by SIGTERM" if interrupted == 143 else "interrupted (Ctrl-C)"
                 skipped.append({"configuration": label, "reason": reason})
@@ -448,32 +448,6 @@ def _signals_deferred():
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-class _Terminated(Exception):
-    """SIGTERM reached the benchmark's parent while it measured."""
-
-
-@contextlib.contextmanager
-def _terminate_as_interrupt():
-    """SIGTERM raises `_Terminated`, so `subprocess.run` kills a running worker too.
-
-    Without it SIGTERM ends the parent at once, loses the rows measured so far
-    and leaves the worker measuring for nobody, for up to `_WORKER_TIMEOUT_S`.
-    """
-
-    def handler(signum, frame):
-        del signum, frame
-        raise _Terminated()
-
-    if threading.current_thread() is not threading.main_thread():
-        yield  # handlers can only be installed from the main thread
-        return
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _worker_env():

@@ -116,8 +116,11 @@ def prepare_model_dir(config, model_dir):
         return True
     try:
         tf.io.gfile.makedirs(directory)
-        with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        # Written whole or not at all: a stop signal may land in the middle.
+        path = os.path.join(directory, CONFIG_FILE)
+        with open(f"{path}.tmp", "w") as f:
             json.dump(dataclasses.asdict(config), f, indent=2, sort_keys=True)
+        os.replace(f"{path}.tmp", path)
     except (OSError, tf.errors.OpError) as e:
         raise ConfigError(
             f"--model_dir={model_dir}: cannot create {directory} ({first_line(e)}); "

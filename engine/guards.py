@@ -11,6 +11,34 @@ import threading
 from absl import logging
 
 
+class Terminated(Exception):
+    """SIGTERM arrived where the run cannot stop cleanly (see `terminate_as_interrupt`)."""
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """SIGTERM raises `Terminated`, as SIGINT raises `KeyboardInterrupt`.
+
+    Where no stop can be taken cleanly (start-up, before the training loop
+    catches signals; a benchmark waiting for its worker), SIGTERM would end the
+    process at once, with no word; raised, it unwinds like Ctrl-C, so a running
+    `subprocess.run` kills its child and the command line reports it in one line.
+    """
+
+    def handler(signum, frame):
+        del signum, frame
+        raise Terminated()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers can only be installed from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class TrainingDiverged(Exception):
     """Training cannot continue; the last checkpoint written before it is kept."""
 

@@ -2,10 +2,10 @@
 
 from engine import checkpointing, compare, loop, predict
 from engine import config as config_lib
-from engine.guards import TrainingDiverged
+from engine.guards import Terminated, TrainingDiverged, terminate_as_interrupt
 from input_pipeline.preprocessing import DataError
 
-__all__ = ["TrainingDiverged", "UserError", "run"]
+__all__ = ["Terminated", "TrainingDiverged", "UserError", "run", "terminate_as_interrupt"]
 
 
 class UserError(Exception):

@@ -106,6 +106,30 @@ def test_sigkilled_run_resumes_to_the_same_weights_scale_and_step(tmp_path):
         np.testing.assert_array_equal(actual[name], value, err_msg=name)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_during_start_up_is_one_line_and_the_run_still_resumes(tmp_path, signum):
+    # Sent as soon as the run has written its first file, while it builds the
+    # model and its step: before the training loop catches signals.
+    proc = _start(tmp_path, *RUN, "--train_steps=6")
+    written = tmp_path / "checkpoints" / "config.json"
+    deadline = time.time() + 120
+    while not written.exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signum)
+    stderr = _log(proc)
+    assert "Traceback" not in stderr, stderr[-2000:]
+    if proc.returncode != 0:  # 0: it reached the loop, which saved (tested below)
+        assert proc.returncode == 128 + signum, stderr[-2000:]
+        last = stderr.strip().splitlines()[-1]
+        assert last == (
+            f"error: stopped by {signum.name}; checkpoints already written are kept: "
+            "rerun the same command to resume"
+        )
+    code, stderr = _run(tmp_path, *RUN, "--train_steps=6")
+    assert code == 0 and "done: 6 steps" in stderr, stderr[-2000:]
+
+
 def test_sigterm_saves_exits_zero_and_the_next_start_resumes(tmp_path):
     proc = _start(tmp_path, *RUN, "--train_steps=100000", "--checkpoint_every=1000")
     # Wait until training runs (the first checkpoint is far away): a progress line is logged.
