@@ -222,6 +222,7 @@ def main(argv):
         _fail(f"unexpected arguments {argv[1:]}; flags look like --name=value")
     try:
         config = config_from_flags()
+        config.check_loss_scale_flags()  # the command line's own run only (see there)
     except config_lib.ConfigError as e:
         _fail(str(e))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")

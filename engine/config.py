@@ -19,6 +19,10 @@ DATASET_PREFIXES = ("tfds:", "folder:", "ships:")
 DEFAULT_COMPARE = "fp32,fp32+xla,mixed,mixed+xla,mixed_bf16,mixed_bf16+xla"
 
 
+# The flags of the dynamic loss scale; only float16 (`--precision=mixed`) has one.
+LOSS_SCALE_FLAGS = ("loss_scale", "initial_scale", "growth_interval", "min_scale", "max_scale")
+
+
 class ConfigError(ValueError):
     """A user mistake in the configuration; main.py prints it as one line."""
 
@@ -202,12 +206,23 @@ class Config:
             parent = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(parent):
                 raise ConfigError(f"--{name}={path}: folder {parent} does not exist; create it")
-        if (
-            self.export_dir
-            and os.path.exists(self.export_dir)
-            and not os.path.isdir(self.export_dir)
-        ):
-            raise ConfigError(f"--export_dir={self.export_dir} is a file; give a folder path")
+        if self.export_dir and "://" not in self.export_dir:
+            if os.path.exists(self.export_dir) and not os.path.isdir(self.export_dir):
+                raise ConfigError(f"--export_dir={self.export_dir} is a file; give a folder path")
+            # The export is written after training: a folder that cannot be made
+            # must stop the run now, not then.
+            existing = os.path.abspath(self.export_dir)
+            while not os.path.exists(existing):
+                existing = os.path.dirname(existing)
+            if not os.path.isdir(existing):
+                raise ConfigError(
+                    f"--export_dir={self.export_dir}: {existing} is a file, so the folder "
+                    "cannot be made; give another path"
+                )
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise ConfigError(
+                    f"--export_dir={self.export_dir}: {existing} is not writable; give another path"
+                )
 
     def _check_tensorboard_fields(self):
         for name in ("summary_every", "histogram_every"):
@@ -235,6 +250,25 @@ class Config:
         if self.overwrite and not self.fresh:
             raise ConfigError("--overwrite only applies together with --fresh; add --fresh")
         parse_inject_nonfinite(self.inject_nonfinite)
+
+    def check_loss_scale_flags(self):
+        """Refuses loss-scale flags given to a training run that has no loss scale.
+
+        Only `--precision=mixed` (float16) scales the loss. Elsewhere the flags
+        would be ignored, yet recorded with the run, and a resume without them
+        refused. Called for the command line's own training run: compare and
+        benchmark runs share one set of flags over several precisions.
+        """
+        if self.mode != "train" or self.precision == "mixed":
+            return
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        given = [f"--{name}" for name in LOSS_SCALE_FLAGS if getattr(self, name) != defaults[name]]
+        if given:
+            verb, them = ("applies", "it") if len(given) == 1 else ("apply", "them")
+            raise ConfigError(
+                f"{', '.join(given)} {verb} only to --precision=mixed (float16); "
+                f"--precision={self.precision} has no loss scale: drop {them}"
+            )
 
     def replace(self, **changes):
         """A validated copy with `changes` applied."""

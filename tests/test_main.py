@@ -31,6 +31,13 @@ def _main(*args, timeout=120):
         ("--benchmark_json=/nonexistent/x.json", "folder /nonexistent does not exist; create it"),
         ("--predictions_csv=/tmp", "--predictions_csv=/tmp is a folder; give a file path"),
         ("--export_dir=main.py", "--export_dir=main.py is a file; give a folder path"),
+        ("--export_dir=main.py/export", "main.py is a file, so the folder cannot be made"),
+        ("--precision=fp32 --loss_scale=128", "--loss_scale applies only to --precision=mixed"),
+        (
+            "--precision=mixed_bf16 --initial_scale=4 --growth_interval=10",
+            "--initial_scale, --growth_interval apply only to --precision=mixed (float16); "
+            "--precision=mixed_bf16 has no loss scale: drop them",
+        ),
     ],
 )
 def test_bad_flag_is_one_line_and_nonzero_exit(flag, expected):
@@ -40,6 +47,14 @@ def test_bad_flag_is_one_line_and_nonzero_exit(flag, expected):
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: ") and expected in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_loss_scale_flags_are_for_float16_and_for_the_runs_that_share_flags():
+    Config(precision="mixed", loss_scale="128", initial_scale=4.0).check_loss_scale_flags()
+    # compare and benchmark train several precisions with one set of flags.
+    Config(mode="benchmark", precision="fp32", initial_scale=4.0).check_loss_scale_flags()
+    with pytest.raises(ConfigError, match="--min_scale applies only"):
+        Config(precision="fp32", min_scale=0.5).check_loss_scale_flags()
 
 
 def test_flag_defaults_are_the_config_defaults():
