@@ -12,6 +12,7 @@ Three layers, as in Orbit:
 
 import dataclasses
 import hashlib
+import os
 import time
 
 import keras
@@ -406,6 +407,7 @@ def train_and_evaluate(config, model_dir):
     train_seconds = 0.0
     values, eval_loss, eval_acc, eval_step = {}, float("nan"), float("nan"), None
     step = start_step = int(state.step.numpy())
+    profiler.warn_if_unreached(start_step, total)
     # What an earlier run logged after the checkpoint resumed from is not shown.
     writer.session_start(step + 1)
     interval, interval_seconds = {}, 0.0  # statistics since the last scalar write
@@ -517,7 +519,8 @@ def _write_run_start(writer, config, model_dir, data, input_context):
     `input_context` is this worker's training pipeline's, as the strategy made it.
     """
     writer.scalars(0, {"data/skipped_images": data.skipped_images})
-    resolved = config.replace(model_dir=model_dir)
+    # An absolute path: the flagfile resumes the same run from any folder.
+    resolved = config.replace(model_dir=os.path.abspath(model_dir))
     summaries.write_flagfile(resolved, model_dir)
     summaries.write_run_start(writer, resolved, device_type())
     # One fixed batch: shown as images now, and the batch the gradient histograms

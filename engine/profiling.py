@@ -19,6 +19,17 @@ class StepProfiler:
         self._logdir = logdir
         self._active = False
 
+    def warn_if_unreached(self, start_step, total):
+        """Logs a warning when no step of the range lies in this run's steps."""
+        if self._range and (self._range[0] >= total or self._range[1] <= start_step):
+            logging.warning(
+                "--profile_steps=%d,%d: this run trains from step %d to %d, so no profile "
+                "trace will be written",
+                *self._range,
+                start_step,
+                total,
+            )
+
     def clip(self, step, n):
         """The number of steps the next loop may run so it stops at a boundary."""
         if self._range is None:

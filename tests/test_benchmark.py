@@ -1,6 +1,7 @@
 """Speed tooling: FLOP counting, the profile trace, no retracing, the benchmark worker."""
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -54,6 +55,16 @@ def test_the_inner_loop_is_traced_once_over_many_loops(tmp_path):
 def test_profile_steps_writes_a_trace(tmp_path):
     loop.train_and_evaluate(tiny_config(train_steps=6, profile_steps="2,4"), str(tmp_path))
     assert list((tmp_path / "plugins" / "profile").rglob("*.xplane.pb"))
+
+
+def test_profile_steps_beyond_the_run_are_a_warning(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        loop.train_and_evaluate(tiny_config(train_steps=4, profile_steps="10,20"), str(tmp_path))
+    assert any(
+        "--profile_steps=10,20: this run trains from step 0 to 4" in r.getMessage()
+        for r in caplog.records
+    ), [r.getMessage() for r in caplog.records]
+    assert not (tmp_path / "plugins" / "profile").exists()
 
 
 @pytest.mark.parametrize("spec", ["4,2", "x", "3", "-1,2"])

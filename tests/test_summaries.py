@@ -97,6 +97,14 @@ def test_saved_flagfile_reproduces_the_configuration(trained):
         main.FLAGS.unparse_flags()
 
 
+def test_the_flagfile_names_the_run_folder_absolutely(tmp_path, monkeypatch):
+    # Replayed from another folder, it must resume this run, not start one there.
+    monkeypatch.chdir(tmp_path)
+    loop.train_and_evaluate(tiny_config(train_steps=2), "relative/run")
+    text = (tmp_path / "relative" / "run" / "flags.txt").read_text()
+    assert f"--model_dir={tmp_path / 'relative' / 'run'}\n" in text, text
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
