@@ -19,6 +19,21 @@ from engine.config import ConfigError
 from input_pipeline import preprocessing, ships
 
 
+def check_trained_on_ships(model_dir):
+    """Raises ConfigError if `config.json` says the run was not trained on a ships: dataset.
+
+    Only the kind is compared: the ships folder may have moved since training.
+    Without config.json (an older run) the restore is the only check, as in training.
+    """
+    saved = checkpointing.load_config(checkpointing.checkpoint_dir(model_dir))
+    dataset = str((saved or {}).get("dataset", "ships:"))
+    if dataset.split(":", 1)[0] != "ships":
+        raise ConfigError(
+            f"--model_dir={model_dir} was trained on --dataset={dataset}, but --mode=predict "
+            "labels ship categories: use a run trained with --dataset=ships:PATH"
+        )
+
+
 def restore_model(config, model_dir, num_classes):
     """The model of `config` with the weights of the latest checkpoint in `model_dir`.
 
@@ -75,6 +90,9 @@ def write_predictions(path, names, categories):
 
 def predict(config, model_dir):
     """Predicts `config.predict_csv` with the model in `model_dir`; returns the output path."""
+    # A model of another data set would predict meaningless labels, or fail to
+    # restore with a message about shapes instead of the data set.
+    check_trained_on_ships(model_dir)
     root = config.dataset.split(":", 1)[1]
     names, paths = ships.read_unlabelled(config.predict_csv, root)
     kept, _, skipped = preprocessing.drop_undecodable(

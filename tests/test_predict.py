@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import run_main, tiny_config
-from image_trees import make_ships_tree, write_csv
+from image_trees import make_folder_tree, make_ships_tree, write_csv
 
 from engine import loop, predict
 from engine.config import Config, ConfigError
@@ -109,6 +109,48 @@ def test_predict_falls_back_from_a_damaged_checkpoint(tmp_path, caplog):
     assert any("ckpt-2 is damaged or unreadable" in m for m in messages), messages
     with open(path, newline="") as f:  # so ckpt-1 was restored
         assert len(list(csv.reader(f))) == 4  # header and three predictions
+
+
+@pytest.fixture(scope="module")
+def ships_run(tmp_path_factory):
+    """(ships root, run dir, the predict config): a tiny model trained on ships, shared."""
+    tmp = tmp_path_factory.mktemp("ships_run")
+    root, _ = make_ships_tree(tmp / "ships", num_test=3)
+    run_dir = str(tmp / "run")
+    train = tiny_config(dataset=f"ships:{root}", batch_size=8, train_steps=1, eval_batch_size=8)
+    loop.train_and_evaluate(train, run_dir)
+    return (
+        root,
+        run_dir,
+        train.replace(mode="predict", predict_csv=f"{root}/test.csv", model_dir=run_dir),
+    )
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    """A run dir: the tiny model trained on a 3-class folder: set, shared."""
+    tmp = tmp_path_factory.mktemp("folder_run")
+    root = make_folder_tree(tmp / "folder")
+    run_dir = str(tmp / "run")
+    train = tiny_config(dataset=f"folder:{root}", batch_size=8, train_steps=1, eval_batch_size=8)
+    loop.train_and_evaluate(train, run_dir)
+    return run_dir
+
+
+def test_predict_refuses_a_model_trained_on_another_dataset(ships_run, folder_run, tmp_path):
+    root, run_dir, config = ships_run
+    with pytest.raises(
+        ConfigError,
+        match=r"was trained on --dataset=folder:.*use a run trained with --dataset=ships:PATH",
+    ):
+        predict.predict(config, folder_run)
+    assert not os.path.exists(os.path.join(folder_run, "predictions.csv"))
+    # Only the kind counts: the ships folder may have moved since training.
+    os.symlink(root, tmp_path / "moved")
+    moved = config.replace(
+        dataset=f"ships:{tmp_path / 'moved'}", predictions_csv=str(tmp_path / "p.csv")
+    )
+    assert predict.predict(moved, run_dir) == str(tmp_path / "p.csv")
 
 
 def test_a_csv_that_is_not_utf8_is_a_clear_error(tmp_path):
