@@ -7,6 +7,7 @@ preprocessing. The output is a submission-style CSV `image,category` with the
 contest's category ids 1..5, one row per input row, in input order.
 """
 
+import contextlib
 import csv
 import os
 
@@ -53,29 +54,55 @@ def restore_model(config, model_dir, num_classes):
     model = loop.create_model_for(config, num_classes)
     failures = []
     for latest in paths:
-        try:
-            status = tf.train.Checkpoint(model=model).restore(latest).expect_partial()
-            # Every weight of the rebuilt model must come from the checkpoint: a
-            # different --model would otherwise predict with random weights.
-            status.assert_existing_objects_matched()
-        except (AssertionError, ValueError, tf.errors.InvalidArgumentError) as e:
+        mismatch = None
+        with _unrestored_values_unlogged():
+            try:
+                status = tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+                # Every weight of the rebuilt model must come from the checkpoint: a
+                # different --model would otherwise predict with random weights.
+                status.assert_existing_objects_matched()
+            except (AssertionError, ValueError, tf.errors.InvalidArgumentError) as e:
+                mismatch = checkpointing.first_line(e)
+            # A truncated file fails wherever its reader runs out of bytes: as in
+            # training, a damaged checkpoint is reported and the one before it is used.
+            except Exception as e:
+                reason = f"{type(e).__name__}: {checkpointing.first_line(e)}"
+                logging.error("checkpoint %s is damaged or unreadable: %s", latest, reason)
+                failures.append(f"{os.path.basename(latest)}: {reason}")
+                continue
+        # Raised outside the `except`: there the restore error would become this
+        # error's context and keep the failed restore (and its warnings) until exit.
+        if mismatch:
             raise ConfigError(
                 f"checkpoint {latest} does not fit --model={config.model} "
-                f"--image_size={config.image_size}; use the training run's flags "
-                f"({checkpointing.first_line(e)})"
-            ) from None
-        # A truncated file fails wherever its reader runs out of bytes: as in
-        # training, a damaged checkpoint is reported and the one before it is used.
-        except Exception as e:
-            reason = f"{type(e).__name__}: {checkpointing.first_line(e)}"
-            logging.error("checkpoint %s is damaged or unreadable: %s", latest, reason)
-            failures.append(f"{os.path.basename(latest)}: {reason}")
-            continue
+                f"--image_size={config.image_size}; use the training run's flags ({mismatch})"
+            )
         break
     else:
         raise ConfigError(f"no checkpoint in {directory} can be read ({'; '.join(failures)})")
     logging.info("restored %s", latest)
     return model
+
+
+@contextlib.contextmanager
+def _unrestored_values_unlogged():
+    """Drops the warnings a failed restore logs when it is freed.
+
+    A restore that raises never returns the status to call `expect_partial()`
+    on, so when the error is freed TensorFlow logs every checkpoint value the
+    model does not hold (optimizer, step, iterator...): some 20 lines of noise
+    after the one error line, as only the model is restored on purpose.
+    """
+
+    def keep(record):
+        return not (record.module == "checkpoint" and record.funcName == "__del__")
+
+    logger = tf.get_logger()
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def write_predictions(path, names, categories):

@@ -2,6 +2,7 @@
 
 import csv
 import os
+import shutil
 
 import keras
 import numpy as np
@@ -151,6 +152,19 @@ def test_predict_refuses_a_model_trained_on_another_dataset(ships_run, folder_ru
         dataset=f"ships:{tmp_path / 'moved'}", predictions_csv=str(tmp_path / "p.csv")
     )
     assert predict.predict(moved, run_dir) == str(tmp_path / "p.csv")
+
+
+def test_a_checkpoint_that_does_not_fit_is_one_error_without_warnings(
+    ships_run, folder_run, tmp_path, caplog
+):
+    _, _, config = ships_run
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(folder_run, run_dir)
+    os.remove(os.path.join(run_dir, "checkpoints", "config.json"))  # so the restore finds it
+    with caplog.at_level("WARNING"), pytest.raises(ConfigError, match=r"fit .*shape \(8, 3\)"):
+        predict.predict(config, run_dir)
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "could not be found" in m], messages
 
 
 def test_a_csv_that_is_not_utf8_is_a_clear_error(tmp_path):
