@@ -20,6 +20,55 @@ from engine.config import ConfigError
 from input_pipeline import preprocessing, ships
 
 
+def output_path(config, model_dir):
+    """Where the predictions go: `--predictions_csv`, default `<model_dir>/predictions.csv`.
+
+    Checked here, not at flag parsing, because the default depends on the
+    `model_dir` this run uses; it runs before anything is read or written.
+
+    Raises:
+      ConfigError: the path is a folder, or writing it would replace the input
+        CSV, a checkpoint, or a file of the run that is not a CSV (flags.txt,
+        TensorBoard events...).
+    """
+    out = config.predictions_csv or os.path.join(model_dir, "predictions.csv")
+    flag = f"--predictions_csv={out}"
+    # Resolved, so that symlinks, relative paths and `..` all compare as the file they reach.
+    real = os.path.realpath(out)
+    if os.path.isdir(real):
+        raise ConfigError(f"{flag} is a folder; give a file path")
+    if _same_file(real, config.predict_csv):
+        raise ConfigError(
+            f"{flag} is the input --predict_csv; writing it would replace the list of "
+            "images to predict: give another file"
+        )
+    directory = checkpointing.checkpoint_dir(model_dir)
+    if _inside(real, directory):
+        raise ConfigError(
+            f"{flag} is inside the checkpoint folder {directory}; writing there could "
+            "destroy the trained model: give a file outside it"
+        )
+    if _inside(real, model_dir) and os.path.exists(real) and not real.lower().endswith(".csv"):
+        raise ConfigError(
+            f"{flag} would replace {real}, a file of the run in --model_dir={model_dir} "
+            "that is not a CSV: give a .csv path"
+        )
+    return out
+
+
+def _same_file(a, b):
+    # samefile also sees hard links; realpath covers a path that does not exist yet.
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _inside(path, folder):
+    folder = os.path.realpath(folder)
+    return os.path.commonpath([os.path.realpath(path), folder]) == folder
+
+
 def check_trained_on_ships(model_dir):
     """Raises ConfigError if `config.json` says the run was not trained on a ships: dataset.
 
@@ -117,6 +166,7 @@ def write_predictions(path, names, categories):
 
 def predict(config, model_dir):
     """Predicts `config.predict_csv` with the model in `model_dir`; returns the output path."""
+    out = output_path(config, model_dir)
     # A model of another data set would predict meaningless labels, or fail to
     # restore with a message about shapes instead of the data set.
     check_trained_on_ships(model_dir)
@@ -143,7 +193,6 @@ def predict(config, model_dir):
     )
     labels = np.concatenate([predict_step(images).numpy() for images, _ in ds])
     categories = [ships.CATEGORIES[i] for i in labels]
-    out = config.predictions_csv or os.path.join(model_dir, "predictions.csv")
     write_predictions(out, names, categories)
     logging.info(
         "wrote %d predictions to %s (%d undecodable image(s) skipped)", len(names), out, skipped

@@ -2,6 +2,7 @@
 
 import csv
 import os
+import pathlib
 import shutil
 
 import keras
@@ -136,6 +137,55 @@ def folder_run(tmp_path_factory):
     train = tiny_config(dataset=f"folder:{root}", batch_size=8, train_steps=1, eval_batch_size=8)
     loop.train_and_evaluate(train, run_dir)
     return run_dir
+
+
+def _file_bytes(folder):
+    """{name: bytes} of the files in `folder` (not in its subfolders)."""
+    return {p.name: p.read_bytes() for p in pathlib.Path(folder).iterdir() if p.is_file()}
+
+
+def test_predictions_csv_may_not_replace_the_input_csv(ships_run, tmp_path):
+    root, run_dir, config = ships_run
+    with open(config.predict_csv, "rb") as f:
+        before = f.read()
+    os.symlink(config.predict_csv, tmp_path / "link.csv")
+    # The same file by its own name, through `..`, and through a symlink.
+    for out in (config.predict_csv, f"{root}/train/../test.csv", str(tmp_path / "link.csv")):
+        with pytest.raises(ConfigError, match=r"is the input --predict_csv; .* give another file"):
+            predict.predict(config.replace(predictions_csv=out), run_dir)
+    with open(config.predict_csv, "rb") as f:
+        assert f.read() == before
+
+
+def test_main_predictions_csv_may_not_replace_a_checkpoint(ships_run):
+    # The session 6 walkthrough: this replaced the index and destroyed the model.
+    root, run_dir, config = ships_run
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    before = _file_bytes(checkpoints)
+    index = os.path.join(checkpoints, "ckpt-1.index")
+    line = _one_line_error(
+        _main(
+            *SMALL,
+            f"--dataset=ships:{root}",
+            "--mode=predict",
+            f"--model_dir={run_dir}",
+            f"--predict_csv={config.predict_csv}",
+            f"--predictions_csv={index}",
+        )
+    )
+    assert f"is inside the checkpoint folder {checkpoints}" in line
+    assert _file_bytes(checkpoints) == before
+
+
+def test_predictions_csv_may_not_replace_a_file_of_the_run(ships_run):
+    _, run_dir, config = ships_run
+    before = _file_bytes(run_dir)
+    flagfile = os.path.join(run_dir, "flags.txt")
+    with pytest.raises(ConfigError, match=r"flags.txt, a file of the run .* give a \.csv path"):
+        predict.predict(config.replace(predictions_csv=flagfile), run_dir)
+    assert _file_bytes(run_dir) == before
+    # A CSV there, like the default predictions.csv of an earlier predict, may be replaced.
+    assert predict.predict(config, run_dir) == predict.predict(config, run_dir)
 
 
 def test_predict_refuses_a_model_trained_on_another_dataset(ships_run, folder_run, tmp_path):
