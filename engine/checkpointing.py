@@ -131,10 +131,32 @@ def prepare_model_dir(config, model_dir):
 
 def check_compatible(config, directory, fields=RESUME_FIELDS):
     """Raises ConfigError naming the first of `fields` that differs from config.json."""
+    saved = load_config(directory)
+    if saved is None:
+        logging.warning(
+            "%s is missing; cannot check the flags against the checkpoints",
+            os.path.join(directory, CONFIG_FILE),
+        )
+        return
+    for name in fields:
+        new = getattr(config, name)
+        if name in saved and saved[name] != new:
+            raise ConfigError(
+                f"--{name}={new} does not match the checkpoints in {directory} (written with "
+                f"--{name}={saved[name]}); resume with --{name}={saved[name]}, or start a new "
+                "run in another --model_dir"
+            )
+
+
+def load_config(directory):
+    """The flags in `<directory>/config.json` as a dict, or None if there is no such file.
+
+    Raises:
+      ConfigError: the file cannot be read or is not a JSON object.
+    """
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.exists(path):
-        logging.warning("%s is missing; cannot check the flags against the checkpoints", path)
-        return
+        return None
     try:
         with open(path) as f:
             saved = json.load(f)
@@ -145,14 +167,7 @@ def check_compatible(config, directory, fields=RESUME_FIELDS):
             f"{path} is unreadable ({first_line(e)}); it records the flags the checkpoints "
             "were written with: restore it, or delete it to resume without this check"
         ) from None
-    for name in fields:
-        new = getattr(config, name)
-        if name in saved and saved[name] != new:
-            raise ConfigError(
-                f"--{name}={new} does not match the checkpoints in {directory} (written with "
-                f"--{name}={saved[name]}); resume with --{name}={saved[name]}, or start a new "
-                "run in another --model_dir"
-            )
+    return saved
 
 
 def restore_latest(checkpoint, manager, new_iterator=None):

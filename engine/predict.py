@@ -7,6 +7,7 @@ preprocessing. The output is a submission-style CSV `image,category` with the
 contest's category ids 1..5, one row per input row, in input order.
 """
 
+import contextlib
 import csv
 import os
 
@@ -17,6 +18,70 @@ from absl import logging
 from engine import checkpointing, loop
 from engine.config import ConfigError
 from input_pipeline import preprocessing, ships
+
+
+def output_path(config, model_dir):
+    """Where the predictions go: `--predictions_csv`, default `<model_dir>/predictions.csv`.
+
+    Checked here, not at flag parsing, because the default depends on the
+    `model_dir` this run uses; it runs before anything is read or written.
+
+    Raises:
+      ConfigError: the path is a folder, or writing it would replace the input
+        CSV, a checkpoint, or a file of the run that is not a CSV (flags.txt,
+        TensorBoard events...).
+    """
+    out = config.predictions_csv or os.path.join(model_dir, "predictions.csv")
+    flag = f"--predictions_csv={out}"
+    # Resolved, so that symlinks, relative paths and `..` all compare as the file they reach.
+    real = os.path.realpath(out)
+    if os.path.isdir(real):
+        raise ConfigError(f"{flag} is a folder; give a file path")
+    if _same_file(real, config.predict_csv):
+        raise ConfigError(
+            f"{flag} is the input --predict_csv; writing it would replace the list of "
+            "images to predict: give another file"
+        )
+    directory = checkpointing.checkpoint_dir(model_dir)
+    if _inside(real, directory):
+        raise ConfigError(
+            f"{flag} is inside the checkpoint folder {directory}; writing there could "
+            "destroy the trained model: give a file outside it"
+        )
+    if _inside(real, model_dir) and os.path.exists(real) and not real.lower().endswith(".csv"):
+        raise ConfigError(
+            f"{flag} would replace {real}, a file of the run in --model_dir={model_dir} "
+            "that is not a CSV: give a .csv path"
+        )
+    return out
+
+
+def _same_file(a, b):
+    # samefile also sees hard links; realpath covers a path that does not exist yet.
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _inside(path, folder):
+    folder = os.path.realpath(folder)
+    return os.path.commonpath([os.path.realpath(path), folder]) == folder
+
+
+def check_trained_on_ships(model_dir):
+    """Raises ConfigError if `config.json` says the run was not trained on a ships: dataset.
+
+    Only the kind is compared: the ships folder may have moved since training.
+    Without config.json (an older run) the restore is the only check, as in training.
+    """
+    saved = checkpointing.load_config(checkpointing.checkpoint_dir(model_dir))
+    dataset = str((saved or {}).get("dataset", "ships:"))
+    if dataset.split(":", 1)[0] != "ships":
+        raise ConfigError(
+            f"--model_dir={model_dir} was trained on --dataset={dataset}, but --mode=predict "
+            "labels ship categories: use a run trained with --dataset=ships:PATH"
+        )
 
 
 def restore_model(config, model_dir, num_classes):
@@ -38,29 +103,55 @@ def restore_model(config, model_dir, num_classes):
     model = loop.create_model_for(config, num_classes)
     failures = []
     for latest in paths:
-        try:
-            status = tf.train.Checkpoint(model=model).restore(latest).expect_partial()
-            # Every weight of the rebuilt model must come from the checkpoint: a
-            # different --model would otherwise predict with random weights.
-            status.assert_existing_objects_matched()
-        except (AssertionError, ValueError, tf.errors.InvalidArgumentError) as e:
+        mismatch = None
+        with _unrestored_values_unlogged():
+            try:
+                status = tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+                # Every weight of the rebuilt model must come from the checkpoint: a
+                # different --model would otherwise predict with random weights.
+                status.assert_existing_objects_matched()
+            except (AssertionError, ValueError, tf.errors.InvalidArgumentError) as e:
+                mismatch = checkpointing.first_line(e)
+            # A truncated file fails wherever its reader runs out of bytes: as in
+            # training, a damaged checkpoint is reported and the one before it is used.
+            except Exception as e:
+                reason = f"{type(e).__name__}: {checkpointing.first_line(e)}"
+                logging.error("checkpoint %s is damaged or unreadable: %s", latest, reason)
+                failures.append(f"{os.path.basename(latest)}: {reason}")
+                continue
+        # Raised outside the `except`: there the restore error would become this
+        # error's context and keep the failed restore (and its warnings) until exit.
+        if mismatch:
             raise ConfigError(
                 f"checkpoint {latest} does not fit --model={config.model} "
-                f"--image_size={config.image_size}; use the training run's flags "
-                f"({checkpointing.first_line(e)})"
-            ) from None
-        # A truncated file fails wherever its reader runs out of bytes: as in
-        # training, a damaged checkpoint is reported and the one before it is used.
-        except Exception as e:
-            reason = f"{type(e).__name__}: {checkpointing.first_line(e)}"
-            logging.error("checkpoint %s is damaged or unreadable: %s", latest, reason)
-            failures.append(f"{os.path.basename(latest)}: {reason}")
-            continue
+                f"--image_size={config.image_size}; use the training run's flags ({mismatch})"
+            )
         break
     else:
         raise ConfigError(f"no checkpoint in {directory} can be read ({'; '.join(failures)})")
     logging.info("restored %s", latest)
     return model
+
+
+@contextlib.contextmanager
+def _unrestored_values_unlogged():
+    """Drops the warnings a failed restore logs when it is freed.
+
+    A restore that raises never returns the status to call `expect_partial()`
+    on, so when the error is freed TensorFlow logs every checkpoint value the
+    model does not hold (optimizer, step, iterator...): some 20 lines of noise
+    after the one error line, as only the model is restored on purpose.
+    """
+
+    def keep(record):
+        return not (record.module == "checkpoint" and record.funcName == "__del__")
+
+    logger = tf.get_logger()
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def write_predictions(path, names, categories):
@@ -75,6 +166,10 @@ def write_predictions(path, names, categories):
 
 def predict(config, model_dir):
     """Predicts `config.predict_csv` with the model in `model_dir`; returns the output path."""
+    out = output_path(config, model_dir)
+    # A model of another data set would predict meaningless labels, or fail to
+    # restore with a message about shapes instead of the data set.
+    check_trained_on_ships(model_dir)
     root = config.dataset.split(":", 1)[1]
     names, paths = ships.read_unlabelled(config.predict_csv, root)
     kept, _, skipped = preprocessing.drop_undecodable(
@@ -98,7 +193,6 @@ def predict(config, model_dir):
     )
     labels = np.concatenate([predict_step(images).numpy() for images, _ in ds])
     categories = [ships.CATEGORIES[i] for i in labels]
-    out = config.predictions_csv or os.path.join(model_dir, "predictions.csv")
     write_predictions(out, names, categories)
     logging.info(
         "wrote %d predictions to %s (%d undecodable image(s) skipped)", len(names), out, skipped

@@ -2,13 +2,15 @@
 
 import csv
 import os
+import pathlib
+import shutil
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import run_main, tiny_config
-from image_trees import make_ships_tree, write_csv
+from image_trees import make_folder_tree, make_ships_tree, write_csv
 
 from engine import loop, predict
 from engine.config import Config, ConfigError
@@ -109,6 +111,110 @@ def test_predict_falls_back_from_a_damaged_checkpoint(tmp_path, caplog):
     assert any("ckpt-2 is damaged or unreadable" in m for m in messages), messages
     with open(path, newline="") as f:  # so ckpt-1 was restored
         assert len(list(csv.reader(f))) == 4  # header and three predictions
+
+
+@pytest.fixture(scope="module")
+def ships_run(tmp_path_factory):
+    """(ships root, run dir, the predict config): a tiny model trained on ships, shared."""
+    tmp = tmp_path_factory.mktemp("ships_run")
+    root, _ = make_ships_tree(tmp / "ships", num_test=3)
+    run_dir = str(tmp / "run")
+    train = tiny_config(dataset=f"ships:{root}", batch_size=8, train_steps=1, eval_batch_size=8)
+    loop.train_and_evaluate(train, run_dir)
+    return (
+        root,
+        run_dir,
+        train.replace(mode="predict", predict_csv=f"{root}/test.csv", model_dir=run_dir),
+    )
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    """A run dir: the tiny model trained on a 3-class folder: set, shared."""
+    tmp = tmp_path_factory.mktemp("folder_run")
+    root = make_folder_tree(tmp / "folder")
+    run_dir = str(tmp / "run")
+    train = tiny_config(dataset=f"folder:{root}", batch_size=8, train_steps=1, eval_batch_size=8)
+    loop.train_and_evaluate(train, run_dir)
+    return run_dir
+
+
+def _file_bytes(folder):
+    """{name: bytes} of the files in `folder` (not in its subfolders)."""
+    return {p.name: p.read_bytes() for p in pathlib.Path(folder).iterdir() if p.is_file()}
+
+
+def test_predictions_csv_may_not_replace_the_input_csv(ships_run, tmp_path):
+    root, run_dir, config = ships_run
+    with open(config.predict_csv, "rb") as f:
+        before = f.read()
+    os.symlink(config.predict_csv, tmp_path / "link.csv")
+    # The same file by its own name, through `..`, and through a symlink.
+    for out in (config.predict_csv, f"{root}/train/../test.csv", str(tmp_path / "link.csv")):
+        with pytest.raises(ConfigError, match=r"is the input --predict_csv; .* give another file"):
+            predict.predict(config.replace(predictions_csv=out), run_dir)
+    with open(config.predict_csv, "rb") as f:
+        assert f.read() == before
+
+
+def test_main_predictions_csv_may_not_replace_a_checkpoint(ships_run):
+    # The session 6 walkthrough: this replaced the index and destroyed the model.
+    root, run_dir, config = ships_run
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    before = _file_bytes(checkpoints)
+    index = os.path.join(checkpoints, "ckpt-1.index")
+    line = _one_line_error(
+        _main(
+            *SMALL,
+            f"--dataset=ships:{root}",
+            "--mode=predict",
+            f"--model_dir={run_dir}",
+            f"--predict_csv={config.predict_csv}",
+            f"--predictions_csv={index}",
+        )
+    )
+    assert f"is inside the checkpoint folder {checkpoints}" in line
+    assert _file_bytes(checkpoints) == before
+
+
+def test_predictions_csv_may_not_replace_a_file_of_the_run(ships_run):
+    _, run_dir, config = ships_run
+    before = _file_bytes(run_dir)
+    flagfile = os.path.join(run_dir, "flags.txt")
+    with pytest.raises(ConfigError, match=r"flags.txt, a file of the run .* give a \.csv path"):
+        predict.predict(config.replace(predictions_csv=flagfile), run_dir)
+    assert _file_bytes(run_dir) == before
+    # A CSV there, like the default predictions.csv of an earlier predict, may be replaced.
+    assert predict.predict(config, run_dir) == predict.predict(config, run_dir)
+
+
+def test_predict_refuses_a_model_trained_on_another_dataset(ships_run, folder_run, tmp_path):
+    root, run_dir, config = ships_run
+    with pytest.raises(
+        ConfigError,
+        match=r"was trained on --dataset=folder:.*use a run trained with --dataset=ships:PATH",
+    ):
+        predict.predict(config, folder_run)
+    assert not os.path.exists(os.path.join(folder_run, "predictions.csv"))
+    # Only the kind counts: the ships folder may have moved since training.
+    os.symlink(root, tmp_path / "moved")
+    moved = config.replace(
+        dataset=f"ships:{tmp_path / 'moved'}", predictions_csv=str(tmp_path / "p.csv")
+    )
+    assert predict.predict(moved, run_dir) == str(tmp_path / "p.csv")
+
+
+def test_a_checkpoint_that_does_not_fit_is_one_error_without_warnings(
+    ships_run, folder_run, tmp_path, caplog
+):
+    _, _, config = ships_run
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(folder_run, run_dir)
+    os.remove(os.path.join(run_dir, "checkpoints", "config.json"))  # so the restore finds it
+    with caplog.at_level("WARNING"), pytest.raises(ConfigError, match=r"fit .*shape \(8, 3\)"):
+        predict.predict(config, run_dir)
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "could not be found" in m], messages
 
 
 def test_a_csv_that_is_not_utf8_is_a_clear_error(tmp_path):
