@@ -209,7 +209,8 @@ def _parse_flags(argv):
     try:
         return FLAGS(argv)
     except flags.Error as e:
-        _fail(str(e))
+        # absl's own prefix (a flagfile it cannot open) would follow ours.
+        _fail(str(e).removeprefix("ERROR:: "))
 
 
 def _fail(message, status=2):

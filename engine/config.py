@@ -181,7 +181,7 @@ class Config:
             parent = os.path.dirname(os.path.abspath(self.cache))
             if not os.path.isdir(parent):
                 raise ConfigError(
-                    f"--cache={self.cache}: folder {parent} does not exist; create it, "
+                    f"--cache={self.cache}: {_not_a_folder(parent)}, "
                     "or use --cache=memory or --cache="
                 )
         if self.mode == "predict":
@@ -205,7 +205,7 @@ class Config:
                 raise ConfigError(f"--{name}={path} is a folder; give a file path")
             parent = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(parent):
-                raise ConfigError(f"--{name}={path}: folder {parent} does not exist; create it")
+                raise ConfigError(f"--{name}={path}: {_not_a_folder(parent)}")
         if self.export_dir and "://" not in self.export_dir:
             if os.path.exists(self.export_dir) and not os.path.isdir(self.export_dir):
                 raise ConfigError(f"--export_dir={self.export_dir} is a file; give a folder path")
@@ -273,6 +273,13 @@ class Config:
     def replace(self, **changes):
         """A validated copy with `changes` applied."""
         return dataclasses.replace(self, **changes)
+
+
+def _not_a_folder(path):
+    """Why files cannot go into `path`, for an error message."""
+    if os.path.exists(path):
+        return f"{path} is a file, not a folder; give a path in a folder"
+    return f"folder {path} does not exist; create it"
 
 
 def _check_choice(name, value, choices):

@@ -127,12 +127,12 @@ def _decoded_arrays(ds, config, num_examples, key, read):
     ds = ds.map(lambda x, y: (decode_and_resize(read(x), size), y), num_parallel_calls=AUTOTUNE)
     if config.cache in ("", "memory"):
         return batching.gather_all(ds, num_examples)
-    with _damage_is_an_error(config.cache, _written(config.cache, key)):
+    with _damage_is_an_error(config.cache, key, _written(config.cache, key)):
         return batching.gather_all(_cache(ds, config.cache, key), num_examples)
 
 
 @contextlib.contextmanager
-def _damage_is_an_error(cache, written):
+def _damage_is_an_error(cache, key, written):
     """Turns what reading a damaged file cache raises into the one-line `DataError`.
 
     Truncated or corrupted files raise the first three errors. A missing file
@@ -148,7 +148,7 @@ def _damage_is_an_error(cache, written):
     except errors as e:
         raise DataError(
             f"--cache={cache}: the cache files are damaged ({type(e).__name__}); delete "
-            f"{cache}-* to rebuild them, or use --cache=memory"
+            f"{_cache_path(cache, key)}* to rebuild them, or use --cache=memory"
         ) from None
 
 
@@ -219,7 +219,7 @@ def create_eval_dataset(
         # this one-line error at start-up, not a failure at the first eval after
         # training. A new one is written by the first eval, where a stop signal
         # lets it finish.
-        with _damage_is_an_error(config.cache, written=True):
+        with _damage_is_an_error(config.cache, key, written=True):
             ds.reduce(0, lambda n, _: n + 1).numpy()
     ds = ds.map(
         lambda x, y: (normalise(centre_crop(x, config.image_size)), y),

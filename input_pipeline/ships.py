@@ -32,9 +32,8 @@ def train_csv(root):
 def _read_rows(csv_path, columns):
     """Yields (line number, row dict); checks the header has `columns`."""
     if not os.path.isfile(csv_path):
-        raise DataError(
-            f"{csv_path} does not exist; expected a CSV with columns {','.join(columns)}"
-        )
+        what = "is a folder" if os.path.isdir(csv_path) else "does not exist"
+        raise DataError(f"{csv_path} {what}; expected a CSV with columns {','.join(columns)}")
     try:
         # Read whole first: a decoding error is then one message, not a half-read split.
         with open(csv_path, newline="", encoding="utf-8-sig") as f:

@@ -32,6 +32,8 @@ def _main(*args, timeout=120):
         ("--predictions_csv=/tmp", "--predictions_csv=/tmp is a folder; give a file path"),
         ("--export_dir=main.py", "--export_dir=main.py is a file; give a folder path"),
         ("--export_dir=main.py/export", "main.py is a file, so the folder cannot be made"),
+        ("--benchmark_json=main.py/b.json", "main.py is a file, not a folder"),
+        ("--flagfile=/nonexistent/f.txt", "error: Unable to open flagfile"),
         ("--precision=fp32 --loss_scale=128", "--loss_scale applies only to --precision=mixed"),
         (
             "--precision=mixed_bf16 --initial_scale=4 --growth_interval=10",

@@ -16,6 +16,7 @@ from engine import loop, predict
 from engine.config import Config, ConfigError
 from engine.loss_scale import NoOpLossScale
 from engine.train_step import create_train_step
+from input_pipeline.preprocessing import DataError
 from models import create_model
 
 
@@ -155,6 +156,12 @@ def test_predictions_csv_may_not_replace_the_input_csv(ships_run, tmp_path):
             predict.predict(config.replace(predictions_csv=out), run_dir)
     with open(config.predict_csv, "rb") as f:
         assert f.read() == before
+
+
+def test_a_predict_csv_that_is_a_folder_says_so(ships_run):
+    root, run_dir, config = ships_run
+    with pytest.raises(DataError, match=r"/train is a folder; expected a CSV with columns image"):
+        predict.predict(config.replace(predict_csv=f"{root}/train"), run_dir)
 
 
 def test_main_predictions_csv_may_not_replace_a_checkpoint(ships_run):

@@ -146,7 +146,8 @@ def test_a_locked_or_damaged_file_cache_is_a_clear_error(tmp_path, damage):
         expected = rf"--cache=.*imgs: .*{stem}_0.lockfile locks its cache file"
     else:
         _damage(prefix.parent, stem, damage)
-        expected = r"--cache=.*imgs: the cache files are damaged"
+        # The advice names this cache's files alone, not other data sets' under the prefix.
+        expected = rf"--cache=.*imgs: the cache files are damaged .*; delete \S*/{stem}\* to"
     with pytest.raises(DataError, match=expected):
         create_data(config).train_fn()
 
