@@ -241,9 +241,14 @@ def main(argv):
         _fail(str(e), status=3)  # not a usage error: a scheduler should not just retry
     except (KeyboardInterrupt, run.Terminated) as e:
         signum = signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM
+        resumable = config.mode in ("train", "compare")
         _fail(
-            f"stopped by {signum.name}; checkpoints already written are kept: "
-            "rerun the same command to resume",
+            f"stopped by {signum.name}"
+            + (
+                "; checkpoints already written are kept: rerun the same command to resume"
+                if resumable
+                else ""
+            ),
             status=128 + signum,  # as a shell reports a process a signal ended
         )
 

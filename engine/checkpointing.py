@@ -139,6 +139,8 @@ def check_compatible(config, directory, fields=RESUME_FIELDS):
         )
         return
     for name in fields:
+        if name == "loss_scale" and saved.get("precision") != "mixed":
+            continue  # no loss scale: the flag changed nothing (older runs recorded it)
         new = getattr(config, name)
         if name in saved and saved[name] != new:
             raise ConfigError(

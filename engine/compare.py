@@ -86,6 +86,10 @@ def compare(config, model_dir):
             # One SavedModel per configuration: a shared folder kept only the last.
             export_dir=os.path.join(config.export_dir, name) if config.export_dir else "",
         )
+        if precision != "mixed":
+            # The loss-scale flags are float16's: a run without a loss scale keeps
+            # the defaults, so its flags.txt replays and its folder resumes alone.
+            run_config = run_config.without_loss_scale_flags()
         result = loop.train_and_evaluate(run_config, run_config.model_dir)
         results.append((name, result))
         if result.stopped_by:

@@ -206,7 +206,7 @@ class Config:
             parent = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(parent):
                 raise ConfigError(f"--{name}={path}: {_not_a_folder(parent)}")
-        if self.export_dir and "://" not in self.export_dir:
+        if self.export_dir and "://" not in self.export_dir and self.mode in ("train", "compare"):
             if os.path.exists(self.export_dir) and not os.path.isdir(self.export_dir):
                 raise ConfigError(f"--export_dir={self.export_dir} is a file; give a folder path")
             # The export is written after training: a folder that cannot be made
@@ -269,6 +269,11 @@ class Config:
                 f"{', '.join(given)} {verb} only to --precision=mixed (float16); "
                 f"--precision={self.precision} has no loss scale: drop {them}"
             )
+
+    def without_loss_scale_flags(self):
+        """A copy with every loss-scale flag at its default."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return self.replace(**{name: defaults[name] for name in LOSS_SCALE_FLAGS})
 
     def replace(self, **changes):
         """A validated copy with `changes` applied."""

@@ -11,8 +11,12 @@ import threading
 from absl import logging
 
 
-class Terminated(Exception):
-    """SIGTERM arrived where the run cannot stop cleanly (see `terminate_as_interrupt`)."""
+class Terminated(BaseException):
+    """SIGTERM arrived where the run cannot stop cleanly (see `terminate_as_interrupt`).
+
+    A `BaseException`, like `KeyboardInterrupt`: an `except Exception` (such as
+    the one that passes over a damaged checkpoint) must not swallow it.
+    """
 
 
 @contextlib.contextmanager

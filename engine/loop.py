@@ -519,7 +519,7 @@ def _write_run_start(writer, config, model_dir, data, input_context):
     `input_context` is this worker's training pipeline's, as the strategy made it.
     """
     writer.scalars(0, {"data/skipped_images": data.skipped_images})
-    # An absolute path: the flagfile resumes the same run from any folder.
+    # An absolute path: replayed from another folder, the flagfile resumes this run.
     resolved = config.replace(model_dir=os.path.abspath(model_dir))
     summaries.write_flagfile(resolved, model_dir)
     summaries.write_run_start(writer, resolved, device_type())

@@ -113,6 +113,31 @@ def test_tensorboard_drops_what_a_run_logged_after_the_checkpoint_resumed_from(t
     assert [s for s, _ in shown["train/loss"]] == [1, 2, 3, 4]
 
 
+def test_a_stop_signal_during_restore_is_not_taken_for_damage(tmp_path, monkeypatch):
+    from engine import guards
+
+    _train(tmp_path, train_steps=4)
+
+    def stopped(*args, **kwargs):
+        raise guards.Terminated()  # what SIGTERM raises outside the training loop
+
+    monkeypatch.setattr(checkpointing, "_restore", stopped)
+    # Not "ckpt-4 is damaged", a fall-back to ckpt-2, or advice to delete them.
+    with pytest.raises(guards.Terminated):
+        _train(tmp_path, train_steps=6)
+    monkeypatch.undo()
+    assert _train(tmp_path, train_steps=6).steps == 6
+
+
+def test_a_run_without_a_loss_scale_resumes_whatever_loss_scale_it_recorded(tmp_path):
+    # Runs made before --loss_scale was refused with fp32 recorded it.
+    _train(tmp_path, train_steps=2)
+    path = tmp_path / "checkpoints" / "config.json"
+    path.write_text(path.read_text().replace('"loss_scale": "dynamic"', '"loss_scale": "128"'))
+    assert '"loss_scale": "128"' in path.read_text()
+    assert _train(tmp_path, train_steps=4).steps == 4
+
+
 def test_no_readable_checkpoint_is_an_error_not_a_restart(tmp_path):
     _train(tmp_path, train_steps=2)
     for f in (tmp_path / "checkpoints").glob("ckpt-*.data-*"):

@@ -129,6 +129,28 @@ def test_the_table_says_which_steps_its_timings_cover():
     assert row[4] == "—"
 
 
+def test_only_the_float16_run_takes_the_loss_scale_flags(tmp_path, monkeypatch):
+    from engine.config import to_flagfile
+
+    given = {}
+
+    def fake_train(config, model_dir):
+        given[config.precision] = config
+        return _result(4, 4)
+
+    monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
+    config = Config(
+        mode="compare", compare="fp32,mixed,mixed_bf16", model="tiny", initial_scale=1024.0
+    )
+    compare.compare(config, str(tmp_path))
+    assert given["mixed"].initial_scale == 1024.0
+    # The others keep the defaults: their flags.txt replays as a training run,
+    # which refuses loss-scale flags without a loss scale.
+    for precision in ("fp32", "mixed_bf16"):
+        assert "--initial_scale=1024.0" not in to_flagfile(given[precision])
+        given[precision].check_loss_scale_flags()
+
+
 def test_a_stopped_configuration_stops_the_comparison(tmp_path, monkeypatch):
     trained = []
 

@@ -59,6 +59,13 @@ def test_loss_scale_flags_are_for_float16_and_for_the_runs_that_share_flags():
         Config(precision="fp32", min_scale=0.5).check_loss_scale_flags()
 
 
+def test_export_dir_is_checked_where_an_export_is_written():
+    under_a_file = f"{__file__}/export"
+    with pytest.raises(ConfigError, match="is a file, so the folder cannot be made"):
+        Config(export_dir=under_a_file)
+    Config(mode="benchmark", export_dir=under_a_file)  # writes no export: not refused
+
+
 def test_flag_defaults_are_the_config_defaults():
     import main
 
