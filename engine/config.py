@@ -23,6 +23,9 @@ DEFAULT_COMPARE = "fp32,fp32+xla,mixed,mixed+xla,mixed_bf16,mixed_bf16+xla"
 LOSS_SCALE_FLAGS = ("loss_scale", "initial_scale", "growth_interval", "min_scale", "max_scale")
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32
+
+
 class ConfigError(ValueError):
     """A user mistake in the configuration; main.py prints it as one line."""
 
@@ -116,8 +119,13 @@ class Config:
         ):
             _check_positive_int(name, getattr(self, name))
         for name in ("epochs", "train_steps", "warmup_steps", "seed"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
+            # Seeds reach numpy, which takes 32 bits; counts past 2**31 no run reaches.
+            limit = 2**32 if name == "seed" else 2**31
+            if not 0 <= getattr(self, name) < limit:
+                raise ConfigError(
+                    f"--{name} must be >= 0 and below 2**{limit.bit_length() - 1}, "
+                    f"got {getattr(self, name)}"
+                )
         if self.epochs == 0 and self.train_steps == 0:
             raise ConfigError("set --epochs or --train_steps to a positive number")
         if self.image_size < 8:
@@ -139,28 +147,30 @@ class Config:
         # Comparisons with nan are false, so these reject nan as well as inf: an
         # infinite clip norm or rate would turn every update into nan while the
         # step, checked before clipping, still counted as finite.
-        if not 0 < self.learning_rate < float("inf"):
+        # The step computes in float32: a value past its range is inf there.
+        if not 0 < self.learning_rate <= FLOAT32_MAX:
             raise ConfigError(
-                f"--learning_rate must be a positive finite number, got {self.learning_rate}"
+                f"--learning_rate must be a positive finite number (float32: at most 3.4e38), "
+                f"got {self.learning_rate}"
             )
         for name in ("clip_norm", "weight_decay"):
-            if not 0 <= getattr(self, name) < float("inf"):
+            if not 0 <= getattr(self, name) <= FLOAT32_MAX:
                 raise ConfigError(
-                    f"--{name} must be a finite number >= 0 (0 turns it off), "
-                    f"got {getattr(self, name)}"
+                    f"--{name} must be a finite number >= 0 (0 turns it off; float32: at most "
+                    f"3.4e38), got {getattr(self, name)}"
                 )
         if self.loss_scale != "dynamic":
             try:
                 value = float(self.loss_scale)
             except ValueError:
                 value = -1.0
-            if not 0 < value < float("inf"):
+            if not 0 < value <= FLOAT32_MAX:
                 raise ConfigError(
                     f"--loss_scale must be 'dynamic' or a positive number, got {self.loss_scale!r}"
                 )
-        if not 0 < self.min_scale <= self.initial_scale <= self.max_scale < float("inf"):
+        if not 0 < self.min_scale <= self.initial_scale <= self.max_scale <= FLOAT32_MAX:
             raise ConfigError(
-                "need 0 < --min_scale <= --initial_scale <= --max_scale < inf, got "
+                "need 0 < --min_scale <= --initial_scale <= --max_scale <= 3.4e38 (float32), got "
                 f"{self.min_scale}, {self.initial_scale}, {self.max_scale}"
             )
         self._check_real_data()
@@ -293,8 +303,9 @@ def _check_choice(name, value, choices):
 
 
 def _check_positive_int(name, value):
-    if not isinstance(value, int) or value < 1:
-        raise ConfigError(f"--{name} must be a positive integer, got {value}")
+    # Sizes and counts become int32 tensors: past 2**31 they fail deep in TensorFlow.
+    if not isinstance(value, int) or not 1 <= value < 2**31:
+        raise ConfigError(f"--{name} must be a positive integer below 2**31, got {value}")
 
 
 def parse_compare(spec):

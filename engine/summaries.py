@@ -2,6 +2,7 @@
 
 import dataclasses
 import datetime
+import math
 import os
 import time
 
@@ -88,7 +89,9 @@ class SummaryWriter:
 
 
 def format_eta(seconds):
-    return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+    # Clamped to 10**12 s: `timedelta` ends at 1e9 days, and nan has no int.
+    seconds = min(max(seconds, 0), 10**12) if math.isfinite(seconds) else 10**12
+    return str(datetime.timedelta(seconds=int(seconds)))
 
 
 def log_progress(step, total_steps, values, eta_seconds):

@@ -14,7 +14,12 @@ def _main(*args, timeout=120):
     "flag, expected",
     [
         ("--precision=fp8", "fp32|mixed|mixed_bf16"),
-        ("--batch_size=0", "--batch_size must be a positive integer, got 0"),
+        ("--batch_size=0", "--batch_size must be a positive integer below 2**31, got 0"),
+        ("--image_size=100000000000000000000", "--image_size must be a positive integer below"),
+        ("--seed=4294967296", "--seed must be >= 0 and below 2**32, got 4294967296"),
+        ("--learning_rate=1e39", "--learning_rate must be a positive finite number (float32"),
+        ("--clip_norm=1e39", "--clip_norm must be a finite number >= 0"),
+        ("--max_scale=1e39", "--max_scale <= 3.4e38 (float32)"),
         ("--model=vgg", "tiny|small_resnet|resnet50"),
         ("--loss_scale=-3", "--loss_scale must be 'dynamic' or a positive number"),
         ("--dataset=imagenet", "--dataset='imagenet' is not known"),
@@ -22,9 +27,13 @@ def _main(*args, timeout=120):
         ("--epochs=0", "set --epochs or --train_steps"),
         ("--grad_accum_steps=3", "must be a multiple of --grad_accum_steps (3)"),
         ("--strategy=tpu", "default|one_device|mirrored|multi_worker"),
-        ("--clip_norm=inf", "--clip_norm must be a finite number >= 0 (0 turns it off), got inf"),
+        (
+            "--clip_norm=inf",
+            "--clip_norm must be a finite number >= 0 (0 turns it off; float32: at most 3.4e38), "
+            "got inf",
+        ),
         ("--weight_decay=nan", "--weight_decay must be a finite number >= 0"),
-        ("--learning_rate=inf", "--learning_rate must be a positive finite number, got inf"),
+        ("--learning_rate=inf", "--learning_rate must be a positive finite number (float32"),
         ("--clip_norm=-1", "--clip_norm must be a finite number >= 0"),
         ("--inject_nonfinite=99999999999999999999", "--inject_nonfinite='99999999999999999999'"),
         ("--mode=benchmark --profile_steps=2,4", "use it with --mode=train, not --mode=benchmark"),
@@ -59,6 +68,14 @@ def test_loss_scale_flags_are_for_float16_and_for_the_runs_that_share_flags():
         Config(precision="fp32", min_scale=0.5).check_loss_scale_flags()
 
 
+def test_an_eta_beyond_any_calendar_still_prints():
+    from engine.summaries import format_eta
+
+    assert format_eta(90) == "0:01:30"
+    assert format_eta(1e15) == "11574074 days, 1:46:40"  # clamped to 1e12 s: timedelta ends
+    assert format_eta(float("nan")) == format_eta(float("inf")) == format_eta(1e15)
+
+
 def test_export_dir_is_checked_where_an_export_is_written():
     under_a_file = f"{__file__}/export"
     with pytest.raises(ConfigError, match="is a file, so the folder cannot be made"):
@@ -89,7 +106,10 @@ def test_flagfile_is_read(tmp_path):
     flagfile = tmp_path / "flags.txt"
     flagfile.write_text("--batch_size=-4\n")
     proc = _main(f"--flagfile={flagfile}")
-    assert proc.returncode == 2 and "--batch_size must be a positive integer, got -4" in proc.stderr
+    assert (
+        proc.returncode == 2
+        and "--batch_size must be a positive integer below 2**31, got -4" in proc.stderr
+    )
 
 
 def test_main_trains_end_to_end(tmp_path):
