@@ -146,12 +146,16 @@ def create_file_data(config, class_names, train, evals, what):
         skipped += n
         splits.append((paths, labels))
     (train_paths, train_labels), (eval_paths, eval_labels) = splits
+    # Sizes and times in the cache keys: an image overwritten under the same name
+    # must not be served from a file cache written before.
+    train_key = (train_paths, train_labels.tolist(), preprocessing.file_stamps(train_paths))
+    eval_key = (eval_paths, eval_labels.tolist(), preprocessing.file_stamps(eval_paths))
 
     train_fn = preprocessing.create_train_fn(
         preprocessing.file_examples(train_paths, train_labels),
         config,
         len(train_paths),
-        (train_paths, train_labels.tolist()),
+        train_key,
         read=tf.io.read_file,
     )
 
@@ -160,7 +164,7 @@ def create_file_data(config, class_names, train, evals, what):
             preprocessing.file_examples(eval_paths, eval_labels),
             config,
             config.eval_batch_size,
-            (eval_paths, eval_labels.tolist()),
+            eval_key,
             input_context,
             read=tf.io.read_file,
         )

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import read_scalars, tiny_config
-from image_trees import COLOURS, corrupt, make_folder_tree, make_ships_tree, truncate, write_csv
+from image_trees import (
+    COLOURS,
+    corrupt,
+    make_folder_tree,
+    make_ships_tree,
+    truncate,
+    write_csv,
+    write_image,
+)
 
 from engine import loop
 from input_pipeline import DataError, create_data, preprocessing
@@ -128,6 +136,21 @@ def test_file_cache_is_written_under_the_given_prefix(tmp_path):
     data = create_data(_real_config(f"folder:{root}", cache=str(prefix)))
     list(data.eval_fn())
     assert [p.name for p in prefix.parent.glob("imgs-*.index")]
+
+
+def test_file_cache_is_not_read_back_after_images_are_overwritten_in_place(tmp_path):
+    root = make_folder_tree(tmp_path / "data", splits=("train", "val"), per_class=4)
+    prefix = tmp_path / "cache" / "imgs"
+    prefix.parent.mkdir()
+    config = _real_config(f"folder:{root}", cache=str(prefix), augment=False)
+    images, labels = _eval_arrays(create_data(config))  # writes the eval cache
+    red = create_data(config).class_names.index("red")
+    assert set(_colour_class(images[labels == red]).tolist()) == {0}
+    # Same names, other content: every red eval image becomes blue.
+    for i, path in enumerate(sorted((tmp_path / "data" / "val" / "red").iterdir())):
+        write_image(str(path), 2, i, fmt="PNG" if path.suffix == ".png" else "JPEG")
+    images, labels = _eval_arrays(create_data(config))
+    assert set(_colour_class(images[labels == red]).tolist()) == {2}
 
 
 @pytest.mark.parametrize("damage", ["stale_lock", "truncated", "missing"])
