@@ -176,14 +176,15 @@ def _tfds_data(config, name):
     # Imported here: TFDS is slow to import and only this source needs it.
     from input_pipeline import tfds_source
 
-    _, image_key, class_names = tfds_source.open_builder(name, config)
+    builder, image_key, class_names = tfds_source.open_builder(name, config)
     eval_split = config.eval_split or "test"
     train_ds, train_labels = tfds_source.load_split(name, config.train_split, image_key, config)
     eval_ds, eval_labels = tfds_source.load_split(name, eval_split, image_key, config)
     for split, labels in ((config.train_split, train_labels), (eval_split, eval_labels)):
         if labels.size == 0:
             raise preprocessing.DataError(f"--dataset=tfds:{name}: split {split!r} is empty")
-    key = (name, config.data_dir)
+    # full_name ("mnist/3.0.1") pins the version: a bare name follows the installed TFDS.
+    key = (name, builder.info.full_name, config.data_dir)
 
     train_fn = preprocessing.create_train_fn(
         train_ds, config, int(train_labels.size), (*key, config.train_split)

@@ -63,6 +63,28 @@ def test_tfds_reads_through_tfds_load_and_the_shared_preprocessing(tmp_path):
     np.testing.assert_array_equal(images[..., 0], images[..., 2])
 
 
+def test_tfds_file_cache_is_per_data_set_version(tmp_path):
+    import tensorflow_datasets as tfds
+
+    from input_pipeline import tfds_source
+
+    prefix = tmp_path / "cache" / "imgs"
+    prefix.parent.mkdir()
+    config = _real_config("tfds:mnist", data_dir=str(tmp_path), download=True, cache=str(prefix))
+    real_open = tfds_source.open_builder
+
+    def newer_version(name, cfg):  # as after a TFDS upgrade: same name, new default version
+        builder, image_key, class_names = real_open(name, cfg)
+        info = mock.Mock(full_name="mnist/9.9.9")
+        return mock.Mock(wraps=builder, info=info), image_key, class_names
+
+    with tfds.testing.mock_data(num_examples=8):
+        create_data(config).train_fn()
+        with mock.patch.object(tfds_source, "open_builder", newer_version):
+            create_data(config).train_fn()
+    assert len(_cache_indexes(prefix.parent)) == 2
+
+
 def test_tfds_unprepared_without_download_says_how_to_prepare_and_never_downloads(tmp_path):
     import tensorflow_datasets as tfds
 
