@@ -325,18 +325,55 @@ def _ships_error(tmp_path, rows, header=("image", "category")):
         ([("0.jpg", 1), ("missing.jpg", 2)], r"line 3: image 'missing.jpg' does not exist"),
         ([("../x.jpg", 1)], r"line 2: image name '../x.jpg' is not a file name inside"),
         ([("/etc/passwd", 1)], r"line 2: image name '/etc/passwd' is not a file name inside"),
+        ([("a/../../x.jpg", 1)], r"line 2: image name 'a/../../x.jpg' is not a file name"),
         ([("0.jpg", 7)], r"line 2: unknown category '7'; categories are 1 = Cargo"),
         ([("0.jpg", 0)], r"unknown category '0'"),
         ([("0.jpg", "ship")], r"unknown category 'ship'"),
         ([("0.jpg", 1), ("0.jpg", 2)], r"line 3: image '0.jpg' is listed twice"),
         ([], r"train.csv has no rows; the train split is empty"),
     ],
-    ids=["missing", "dotdot", "absolute", "category7", "category0", "text", "twice", "empty"],
+    ids=[
+        "missing",
+        "dotdot",
+        "absolute",
+        "inner_dotdot",
+        "category7",
+        "category0",
+        "text",
+        "twice",
+        "empty",
+    ],
 )
 def test_bad_ships_csv_rows_are_errors_naming_the_line(tmp_path, rows, expected):
     message = _ships_error(tmp_path, rows)
     assert "\n" not in message
     assert re.search(expected, message), message
+
+
+def _link_images_into_a_store(root, store):
+    """Moves every image into `store` and leaves a symlink in its place (as `cp -rs` does)."""
+    images = os.path.join(root, "train", "images")
+    os.makedirs(store)
+    for name in os.listdir(images):
+        os.replace(os.path.join(images, name), os.path.join(store, name))
+        os.symlink(os.path.join(store, name), os.path.join(images, name))
+
+
+def test_ships_images_may_be_symlinks_into_a_store_elsewhere(tmp_path):
+    root, rows = make_ships_tree(tmp_path / "data")
+    _link_images_into_a_store(root, tmp_path / "store")
+    data = create_data(_real_config(f"ships:{root}", augment=False))
+    assert data.train_size + data.eval_size == len(rows)
+    images, labels = _eval_arrays(data)
+    np.testing.assert_array_equal(_colour_class(images), labels)
+
+
+def test_ships_dangling_symlink_is_a_missing_image(tmp_path):
+    root, _ = make_ships_tree(tmp_path / "data")
+    _link_images_into_a_store(root, tmp_path / "store")
+    os.unlink(tmp_path / "store" / "0.jpg")
+    with pytest.raises(DataError, match=r"line 2: image '0.jpg' does not exist in"):
+        create_data(_real_config(f"ships:{root}"))
 
 
 def test_ships_csv_with_a_missing_column_is_an_error(tmp_path):
