@@ -135,14 +135,28 @@ def create_file_data(config, class_names, train, evals, what):
     splits = []
     for split, (paths, labels) in (("train", train), ("eval", evals)):
         if not paths:
-            raise preprocessing.DataError(
-                f"{what}: the {split} split has no images; add images (or raise --eval_fraction)"
+            # Only a hold-out leaves eval empty: it takes none from a class of one image.
+            advice = (
+                "add images: the hold-out gives eval an image only from a class with at least 2"
+                if split == "eval"
+                else "add images"
             )
+            raise preprocessing.DataError(f"{what}: the {split} split has no images; {advice}")
+        before = preprocessing.class_counts(labels, len(class_names))
         paths, labels, n = preprocessing.drop_undecodable(
             paths, labels, config.skip_bad_images, f"{what} {split}"
         )
         if not paths:
             raise preprocessing.DataError(f"{what}: every {split} image was undecodable")
+        if split == "train":
+            # A class skipped to nothing would train silently without it, like an empty folder.
+            after = preprocessing.class_counts(labels, len(class_names))
+            for name, had, has in zip(class_names, before, after, strict=True):
+                if had and not has:
+                    raise preprocessing.DataError(
+                        f"{what}: class {name} has no training image left: all its images "
+                        "were undecodable; fix or replace them, or remove the class"
+                    )
         skipped += n
         splits.append((paths, labels))
     (train_paths, train_labels), (eval_paths, eval_labels) = splits

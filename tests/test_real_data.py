@@ -289,6 +289,20 @@ def test_skip_bad_images_counts_and_logs_the_skips(tmp_path):
     assert create_data(config).train_size + create_data(config).eval_size == 16
 
 
+def test_skip_bad_images_that_empty_a_class_is_an_error_naming_it(tmp_path):
+    root = make_folder_tree(tmp_path, per_class=4)
+    for path in (tmp_path / "train" / "grey").iterdir():
+        corrupt(str(path))
+    with pytest.raises(DataError, match=r"class grey has no training image left: all its"):
+        create_data(_real_config(f"folder:{root}", skip_bad_images=True))
+
+
+def test_one_image_per_class_says_a_hold_out_needs_two(tmp_path):
+    root = make_folder_tree(tmp_path, per_class=1)
+    with pytest.raises(DataError, match=r"eval split has no images; .* class with at least 2"):
+        create_data(_real_config(f"folder:{root}"))
+
+
 # --- ships ----------------------------------------------------------------
 
 
