@@ -19,7 +19,7 @@ from image_trees import (
 )
 
 from engine import loop
-from input_pipeline import DataError, create_data, preprocessing
+from input_pipeline import DataError, create_data, folder, preprocessing
 
 
 def _eval_arrays(data):
@@ -256,6 +256,15 @@ def test_empty_class_folder_is_an_error_naming_it(tmp_path):
     os.makedirs(tmp_path / "train" / "blue")
     with pytest.raises(DataError, match=r"class folder .*train/blue has no .jpg/.jpeg/.png"):
         create_data(_real_config(f"folder:{root}"))
+
+
+def test_dot_files_are_not_images(tmp_path):
+    root = make_folder_tree(tmp_path, per_class=4)
+    (tmp_path / "train" / "red" / "._img0_0.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    with mock.patch.object(folder.logging, "warning") as warning:
+        data = create_data(_real_config(f"folder:{root}"))
+    assert data.train_size + data.eval_size == 12
+    warning.assert_any_call("ignored %d non-image file(s) under %s", 1, str(tmp_path / "train"))
 
 
 def test_empty_split_is_an_error(tmp_path):
