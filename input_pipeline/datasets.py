@@ -135,23 +135,41 @@ def create_file_data(config, class_names, train, evals, what):
     splits = []
     for split, (paths, labels) in (("train", train), ("eval", evals)):
         if not paths:
-            raise preprocessing.DataError(
-                f"{what}: the {split} split has no images; add images (or raise --eval_fraction)"
+            # Only a hold-out leaves eval empty: it takes none from a class of one image.
+            advice = (
+                "add images: the hold-out gives eval an image only from a class with at least 2"
+                if split == "eval"
+                else "add images"
             )
+            raise preprocessing.DataError(f"{what}: the {split} split has no images; {advice}")
+        before = preprocessing.class_counts(labels, len(class_names))
         paths, labels, n = preprocessing.drop_undecodable(
             paths, labels, config.skip_bad_images, f"{what} {split}"
         )
         if not paths:
             raise preprocessing.DataError(f"{what}: every {split} image was undecodable")
+        if split == "train":
+            # A class skipped to nothing would train silently without it, like an empty folder.
+            after = preprocessing.class_counts(labels, len(class_names))
+            for name, had, has in zip(class_names, before, after, strict=True):
+                if had and not has:
+                    raise preprocessing.DataError(
+                        f"{what}: class {name} has no training image left: all its images "
+                        "were undecodable; fix or replace them, or remove the class"
+                    )
         skipped += n
         splits.append((paths, labels))
     (train_paths, train_labels), (eval_paths, eval_labels) = splits
+    # Sizes and times in the cache keys: an image overwritten under the same name
+    # must not be served from a file cache written before.
+    train_key = (train_paths, train_labels.tolist(), preprocessing.file_stamps(train_paths))
+    eval_key = (eval_paths, eval_labels.tolist(), preprocessing.file_stamps(eval_paths))
 
     train_fn = preprocessing.create_train_fn(
         preprocessing.file_examples(train_paths, train_labels),
         config,
         len(train_paths),
-        (train_paths, train_labels.tolist()),
+        train_key,
         read=tf.io.read_file,
     )
 
@@ -160,7 +178,7 @@ def create_file_data(config, class_names, train, evals, what):
             preprocessing.file_examples(eval_paths, eval_labels),
             config,
             config.eval_batch_size,
-            (eval_paths, eval_labels.tolist()),
+            eval_key,
             input_context,
             read=tf.io.read_file,
         )
@@ -172,14 +190,15 @@ def _tfds_data(config, name):
     # Imported here: TFDS is slow to import and only this source needs it.
     from input_pipeline import tfds_source
 
-    _, image_key, class_names = tfds_source.open_builder(name, config)
+    builder, image_key, class_names = tfds_source.open_builder(name, config)
     eval_split = config.eval_split or "test"
     train_ds, train_labels = tfds_source.load_split(name, config.train_split, image_key, config)
     eval_ds, eval_labels = tfds_source.load_split(name, eval_split, image_key, config)
     for split, labels in ((config.train_split, train_labels), (eval_split, eval_labels)):
         if labels.size == 0:
             raise preprocessing.DataError(f"--dataset=tfds:{name}: split {split!r} is empty")
-    key = (name, config.data_dir)
+    # full_name ("mnist/3.0.1") pins the version: a bare name follows the installed TFDS.
+    key = (name, builder.info.full_name, config.data_dir)
 
     train_fn = preprocessing.create_train_fn(
         train_ds, config, int(train_labels.size), (*key, config.train_split)

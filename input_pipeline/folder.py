@@ -43,7 +43,8 @@ def list_split(split_dir, class_names):
             )
         class_dir = os.path.join(split_dir, name)
         files = sorted(os.listdir(class_dir))
-        images = [f for f in files if preprocessing.is_image_file(f)]
+        # Dot-names (macOS `._x.jpg` resource forks) are skipped, like dot-folders.
+        images = [f for f in files if not f.startswith(".") and preprocessing.is_image_file(f)]
         ignored += len(files) - len(images)
         if not images:
             raise DataError(

@@ -74,6 +74,14 @@ def file_examples(paths, labels):
     return tf.data.Dataset.from_tensor_slices((list(paths), np.asarray(labels, np.int32)))
 
 
+def file_stamps(paths):
+    """(size, mtime in ns) of each file, for a cache key: content rewritten in place changes it.
+
+    One `stat` per file (a symlink's target), taken once at start-up.
+    """
+    return [(st.st_size, st.st_mtime_ns) for st in map(os.stat, paths)]
+
+
 def _identity(x):
     return x
 
@@ -81,8 +89,9 @@ def _identity(x):
 def _cache(ds, cache, key):
     """`cache` is "" (off), "memory", or a file-path prefix.
 
-    The file name carries a hash of `key` (the file list, labels and image
-    size), so a cache written for other data is never read back by mistake.
+    The file name carries a hash of `key` (the file list, labels, each file's
+    size and modification time, and the image size), so a cache written for
+    other data, or for files since overwritten, is never read back by mistake.
     """
     if not cache:
         return ds

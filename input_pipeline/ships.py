@@ -58,19 +58,28 @@ def _read_rows(csv_path, columns):
 def resolve_image(csv_path, line, name, root):
     """The path of image `name` from `csv_path`, which must stay inside the images folder.
 
+    Containment is checked on the name, not on where a symlink points: image
+    files linked into a shared store (`cp -rs`, DVC, git-annex) are accepted.
+
     Raises:
       DataError: the name is empty, absolute, escapes the folder, or the file is missing.
     """
-    folder = os.path.realpath(images_dir(root))
+    folder = os.path.abspath(images_dir(root))
     name = (name or "").strip()
     where = f"{csv_path} line {line}"
-    path = os.path.realpath(os.path.join(folder, name))
-    if not name or os.path.isabs(name) or os.path.commonpath([folder, path]) != folder:
+    relative = os.path.normpath(name)
+    if (
+        not name
+        or os.path.isabs(name)
+        or relative == os.pardir
+        or relative.startswith(os.pardir + os.sep)
+    ):
         raise DataError(
             f"{where}: image name {name!r} is not a file name inside {folder}; "
             "use names relative to that folder (no absolute paths, no '..')"
         )
-    if not os.path.isfile(path):
+    path = os.path.join(folder, relative)
+    if not os.path.isfile(path):  # follows links: a dangling one is missing too
         raise DataError(f"{where}: image {name!r} does not exist in {folder}")
     return path
 

@@ -8,10 +8,18 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import read_scalars, tiny_config
-from image_trees import COLOURS, corrupt, make_folder_tree, make_ships_tree, truncate, write_csv
+from image_trees import (
+    COLOURS,
+    corrupt,
+    make_folder_tree,
+    make_ships_tree,
+    truncate,
+    write_csv,
+    write_image,
+)
 
 from engine import loop
-from input_pipeline import DataError, create_data, preprocessing
+from input_pipeline import DataError, create_data, folder, preprocessing
 
 
 def _eval_arrays(data):
@@ -53,6 +61,28 @@ def test_tfds_reads_through_tfds_load_and_the_shared_preprocessing(tmp_path):
     assert images.min() >= -1.0 and images.max() <= 1.0
     # mnist is grayscale: after the RGB conversion all three channels are equal.
     np.testing.assert_array_equal(images[..., 0], images[..., 2])
+
+
+def test_tfds_file_cache_is_per_data_set_version(tmp_path):
+    import tensorflow_datasets as tfds
+
+    from input_pipeline import tfds_source
+
+    prefix = tmp_path / "cache" / "imgs"
+    prefix.parent.mkdir()
+    config = _real_config("tfds:mnist", data_dir=str(tmp_path), download=True, cache=str(prefix))
+    real_open = tfds_source.open_builder
+
+    def newer_version(name, cfg):  # as after a TFDS upgrade: same name, new default version
+        builder, image_key, class_names = real_open(name, cfg)
+        info = mock.Mock(full_name="mnist/9.9.9")
+        return mock.Mock(wraps=builder, info=info), image_key, class_names
+
+    with tfds.testing.mock_data(num_examples=8):
+        create_data(config).train_fn()
+        with mock.patch.object(tfds_source, "open_builder", newer_version):
+            create_data(config).train_fn()
+    assert len(_cache_indexes(prefix.parent)) == 2
 
 
 def test_tfds_unprepared_without_download_says_how_to_prepare_and_never_downloads(tmp_path):
@@ -128,6 +158,21 @@ def test_file_cache_is_written_under_the_given_prefix(tmp_path):
     data = create_data(_real_config(f"folder:{root}", cache=str(prefix)))
     list(data.eval_fn())
     assert [p.name for p in prefix.parent.glob("imgs-*.index")]
+
+
+def test_file_cache_is_not_read_back_after_images_are_overwritten_in_place(tmp_path):
+    root = make_folder_tree(tmp_path / "data", splits=("train", "val"), per_class=4)
+    prefix = tmp_path / "cache" / "imgs"
+    prefix.parent.mkdir()
+    config = _real_config(f"folder:{root}", cache=str(prefix), augment=False)
+    images, labels = _eval_arrays(create_data(config))  # writes the eval cache
+    red = create_data(config).class_names.index("red")
+    assert set(_colour_class(images[labels == red]).tolist()) == {0}
+    # Same names, other content: every red eval image becomes blue.
+    for i, path in enumerate(sorted((tmp_path / "data" / "val" / "red").iterdir())):
+        write_image(str(path), 2, i, fmt="PNG" if path.suffix == ".png" else "JPEG")
+    images, labels = _eval_arrays(create_data(config))
+    assert set(_colour_class(images[labels == red]).tolist()) == {2}
 
 
 @pytest.mark.parametrize("damage", ["stale_lock", "truncated", "missing"])
@@ -213,6 +258,15 @@ def test_empty_class_folder_is_an_error_naming_it(tmp_path):
         create_data(_real_config(f"folder:{root}"))
 
 
+def test_dot_files_are_not_images(tmp_path):
+    root = make_folder_tree(tmp_path, per_class=4)
+    (tmp_path / "train" / "red" / "._img0_0.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    with mock.patch.object(folder.logging, "warning") as warning:
+        data = create_data(_real_config(f"folder:{root}"))
+    assert data.train_size + data.eval_size == 12
+    warning.assert_any_call("ignored %d non-image file(s) under %s", 1, str(tmp_path / "train"))
+
+
 def test_empty_split_is_an_error(tmp_path):
     os.makedirs(tmp_path / "train")
     with pytest.raises(DataError, match=r"train has no class folders"):
@@ -242,6 +296,20 @@ def test_skip_bad_images_counts_and_logs_the_skips(tmp_path):
     assert result.steps == 2
     assert read_scalars(tmp_path / "run")["data/skipped_images"] == [(0, 2.0)]
     assert create_data(config).train_size + create_data(config).eval_size == 16
+
+
+def test_skip_bad_images_that_empty_a_class_is_an_error_naming_it(tmp_path):
+    root = make_folder_tree(tmp_path, per_class=4)
+    for path in (tmp_path / "train" / "grey").iterdir():
+        corrupt(str(path))
+    with pytest.raises(DataError, match=r"class grey has no training image left: all its"):
+        create_data(_real_config(f"folder:{root}", skip_bad_images=True))
+
+
+def test_one_image_per_class_says_a_hold_out_needs_two(tmp_path):
+    root = make_folder_tree(tmp_path, per_class=1)
+    with pytest.raises(DataError, match=r"eval split has no images; .* class with at least 2"):
+        create_data(_real_config(f"folder:{root}"))
 
 
 # --- ships ----------------------------------------------------------------
@@ -280,18 +348,55 @@ def _ships_error(tmp_path, rows, header=("image", "category")):
         ([("0.jpg", 1), ("missing.jpg", 2)], r"line 3: image 'missing.jpg' does not exist"),
         ([("../x.jpg", 1)], r"line 2: image name '../x.jpg' is not a file name inside"),
         ([("/etc/passwd", 1)], r"line 2: image name '/etc/passwd' is not a file name inside"),
+        ([("a/../../x.jpg", 1)], r"line 2: image name 'a/../../x.jpg' is not a file name"),
         ([("0.jpg", 7)], r"line 2: unknown category '7'; categories are 1 = Cargo"),
         ([("0.jpg", 0)], r"unknown category '0'"),
         ([("0.jpg", "ship")], r"unknown category 'ship'"),
         ([("0.jpg", 1), ("0.jpg", 2)], r"line 3: image '0.jpg' is listed twice"),
         ([], r"train.csv has no rows; the train split is empty"),
     ],
-    ids=["missing", "dotdot", "absolute", "category7", "category0", "text", "twice", "empty"],
+    ids=[
+        "missing",
+        "dotdot",
+        "absolute",
+        "inner_dotdot",
+        "category7",
+        "category0",
+        "text",
+        "twice",
+        "empty",
+    ],
 )
 def test_bad_ships_csv_rows_are_errors_naming_the_line(tmp_path, rows, expected):
     message = _ships_error(tmp_path, rows)
     assert "\n" not in message
     assert re.search(expected, message), message
+
+
+def _link_images_into_a_store(root, store):
+    """Moves every image into `store` and leaves a symlink in its place (as `cp -rs` does)."""
+    images = os.path.join(root, "train", "images")
+    os.makedirs(store)
+    for name in os.listdir(images):
+        os.replace(os.path.join(images, name), os.path.join(store, name))
+        os.symlink(os.path.join(store, name), os.path.join(images, name))
+
+
+def test_ships_images_may_be_symlinks_into_a_store_elsewhere(tmp_path):
+    root, rows = make_ships_tree(tmp_path / "data")
+    _link_images_into_a_store(root, tmp_path / "store")
+    data = create_data(_real_config(f"ships:{root}", augment=False))
+    assert data.train_size + data.eval_size == len(rows)
+    images, labels = _eval_arrays(data)
+    np.testing.assert_array_equal(_colour_class(images), labels)
+
+
+def test_ships_dangling_symlink_is_a_missing_image(tmp_path):
+    root, _ = make_ships_tree(tmp_path / "data")
+    _link_images_into_a_store(root, tmp_path / "store")
+    os.unlink(tmp_path / "store" / "0.jpg")
+    with pytest.raises(DataError, match=r"line 2: image '0.jpg' does not exist in"):
+        create_data(_real_config(f"ships:{root}"))
 
 
 def test_ships_csv_with_a_missing_column_is_an_error(tmp_path):
