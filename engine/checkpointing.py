@@ -1,7 +1,8 @@
 """What a checkpoint holds, where it lives, and how a run resumes.
 
 Layout: `<model_dir>/checkpoints/ckpt-<step>.*`, written by `tf.train.CheckpointManager`,
-plus `config.json`, the configuration of the run that wrote the first checkpoint.
+plus `config.json`, the configuration of the run that wrote the first checkpoint, and
+`classes.json`, its class names in label order.
 The root object has these children, so any of them can be restored alone
 (`tf.train.Checkpoint(model=model).restore(path).expect_partial()`):
   model, optimizer, loss_scale, step, skipped_steps, consecutive_skips, iterator.
@@ -25,6 +26,9 @@ from absl import logging
 from engine.config import ConfigError
 
 CONFIG_FILE = "config.json"
+# The class names in label order: a `folder:` data set takes them from its folders,
+# which may change between runs while every flag stays the same.
+CLASSES_FILE = "classes.json"
 # Fields that decide the shape, dtype or meaning of the checkpointed state. Any
 # other flag (steps, learning rate, XLA, checkpoint cadence...) may change on resume.
 RESUME_FIELDS = (
@@ -92,15 +96,17 @@ def has_checkpoints(model_dir):
     return bool(listed or glob.glob(os.path.join(directory, "ckpt-*.index")))
 
 
-def prepare_model_dir(config, model_dir):
+def prepare_model_dir(config, model_dir, class_names=None):
     """Applies the resume rules before anything is built; returns True to resume.
 
-    * no checkpoints: a fresh start; `config.json` is written for later resumes.
+    * no checkpoints: a fresh start; `config.json` (and `classes.json`, given
+      `class_names`) are written for later resumes.
     * checkpoints and `--fresh`: an error, unless `--overwrite` (then they are deleted).
-    * checkpoints: resume, after checking that `RESUME_FIELDS` match `config.json`.
+    * checkpoints: resume, after checking that `RESUME_FIELDS` match `config.json`
+      and `class_names` match `classes.json`.
 
     Raises:
-      ConfigError: `--fresh` without `--overwrite`, or an incompatible flag.
+      ConfigError: `--fresh` without `--overwrite`, an incompatible flag, or other classes.
     """
     directory = checkpoint_dir(model_dir)
     if has_checkpoints(model_dir) and config.fresh:
@@ -113,20 +119,60 @@ def prepare_model_dir(config, model_dir):
         shutil.rmtree(directory)
     if has_checkpoints(model_dir):
         check_compatible(config, directory)
+        if class_names is not None:
+            check_classes(config, directory, class_names)
         return True
     try:
         tf.io.gfile.makedirs(directory)
-        # Written whole or not at all: a stop signal may land in the middle.
-        path = os.path.join(directory, CONFIG_FILE)
-        with open(f"{path}.tmp", "w") as f:
-            json.dump(dataclasses.asdict(config), f, indent=2, sort_keys=True)
-        os.replace(f"{path}.tmp", path)
+        _write_json(os.path.join(directory, CONFIG_FILE), dataclasses.asdict(config))
+        if class_names is not None:
+            _write_json(os.path.join(directory, CLASSES_FILE), list(class_names))
     except (OSError, tf.errors.OpError) as e:
         raise ConfigError(
             f"--model_dir={model_dir}: cannot create {directory} ({first_line(e)}); "
             "choose a folder you can write to"
         ) from None
     return False
+
+
+def _write_json(path, value):
+    # Written whole or not at all: a stop signal may land in the middle.
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+    os.replace(f"{path}.tmp", path)
+
+
+def check_classes(config, directory, class_names):
+    """Raises ConfigError if `class_names` are not those in `classes.json`.
+
+    A label is an index into the class names: other names, or the same ones in
+    another order, would resume the model with its labels shuffled. Runs
+    written before `classes.json` existed are not checked.
+    """
+    path = os.path.join(directory, CLASSES_FILE)
+    saved = _load_json(path, list, "the class names the checkpoints were trained on")
+    if saved is None:
+        return
+    new = list(class_names)
+    if saved == new:
+        return
+    added = [n for n in new if n not in saved]
+    removed = [n for n in saved if n not in new]
+    if len(added) == len(removed) == 1:
+        what = f"class {removed[0]} is now {added[0]}"
+    elif added or removed:
+        what = "; ".join(
+            f"{label}: {', '.join(names)}"
+            for label, names in (("added", added), ("removed", removed))
+            if names
+        )
+    else:
+        what = "same names, different order"
+    raise ConfigError(
+        f"--dataset={config.dataset} has other classes than the checkpoints in {directory} "
+        f"({what}; theirs are in {path}); restore the class folders as they were, or train "
+        "in another --model_dir"
+    )
 
 
 def check_compatible(config, directory, fields=RESUME_FIELDS):
@@ -156,18 +202,28 @@ def load_config(directory):
     Raises:
       ConfigError: the file cannot be read or is not a JSON object.
     """
-    path = os.path.join(directory, CONFIG_FILE)
+    return _load_json(
+        os.path.join(directory, CONFIG_FILE), dict, "the flags the checkpoints were written with"
+    )
+
+
+def _load_json(path, kind, what):
+    """The `kind` (dict or list) in the JSON file `path`, or None if there is no such file.
+
+    Raises:
+      ConfigError: the file cannot be read or does not hold a `kind`; `what` says what it records.
+    """
     if not os.path.exists(path):
         return None
     try:
         with open(path) as f:
             saved = json.load(f)
-        if not isinstance(saved, dict):
-            raise ValueError("not a JSON object")
+        if not isinstance(saved, kind):
+            raise ValueError(f"not a JSON {'object' if kind is dict else 'array'}")
     except (OSError, ValueError) as e:
         raise ConfigError(
-            f"{path} is unreadable ({first_line(e)}); it records the flags the checkpoints "
-            "were written with: restore it, or delete it to resume without this check"
+            f"{path} is unreadable ({first_line(e)}); it records {what}: restore it, or "
+            "delete it to resume without this check"
         ) from None
     return saved
 

@@ -209,6 +209,45 @@ def test_config_json_is_written_next_to_the_checkpoints(tmp_path):
     assert os.listdir(tmp_path / "checkpoints") == ["config.json"]
 
 
+def test_a_folder_run_with_renamed_classes_is_refused_before_training(tmp_path):
+    from image_trees import make_folder_tree
+
+    root = make_folder_tree(tmp_path / "data", per_class=4)
+    run = tmp_path / "run"
+    config = dict(dataset=f"folder:{root}", batch_size=8, eval_batch_size=8)
+    _train(run, train_steps=2, **config)
+    os.rename(tmp_path / "data" / "train" / "red", tmp_path / "data" / "train" / "a_red")
+    # Same flags, same number of classes: only the labels' meaning changed.
+    with pytest.raises(ConfigError, match=r"other classes .* \(class red is now a_red;"):
+        _train(run, train_steps=4, **config)
+    assert sorted(p.name for p in (run / "checkpoints").glob("ckpt-*.index")) == ["ckpt-2.index"]
+    assert '"red"' in (run / "checkpoints" / "classes.json").read_text()
+
+
+@pytest.mark.parametrize(
+    "classes, what",
+    [
+        (("green", "grey", "red", "blue"), "added: blue"),
+        (("green", "red"), "removed: grey"),
+        (("grey", "green", "red"), "same names, different order"),
+    ],
+)
+def test_other_classes_on_resume_are_a_clear_error(tmp_path, classes, what):
+    config = tiny_config()
+    checkpointing.prepare_model_dir(config, str(tmp_path), ("green", "grey", "red"))
+    (tmp_path / "checkpoints" / "ckpt-5.index").write_bytes(b"")
+    assert checkpointing.prepare_model_dir(config, str(tmp_path), ("green", "grey", "red"))
+    with pytest.raises(ConfigError) as e:
+        checkpointing.prepare_model_dir(config, str(tmp_path), classes)
+    assert f"({what}; theirs are in " in str(e.value)
+    assert str(e.value).endswith(
+        "restore the class folders as they were, or train in another --model_dir"
+    )
+    # A run from before classes.json was written is not checked.
+    (tmp_path / "checkpoints" / "classes.json").unlink()
+    assert checkpointing.prepare_model_dir(config, str(tmp_path), classes)
+
+
 def test_an_unreadable_config_json_is_a_clear_error(tmp_path):
     _fake_checkpoint(tmp_path, tiny_config())
     (tmp_path / "checkpoints" / "config.json").write_text('{"model": "tin')
