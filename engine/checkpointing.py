@@ -19,6 +19,7 @@ import glob
 import json
 import os
 import shutil
+import tempfile
 
 import tensorflow as tf
 from absl import logging
@@ -104,9 +105,11 @@ def prepare_model_dir(config, model_dir, class_names=None):
     * checkpoints and `--fresh`: an error, unless `--overwrite` (then they are deleted).
     * checkpoints: resume, after checking that `RESUME_FIELDS` match `config.json`
       and `class_names` match `classes.json`.
+    Either way `model_dir` and its checkpoints folder must take new files.
 
     Raises:
-      ConfigError: `--fresh` without `--overwrite`, an incompatible flag, or other classes.
+      ConfigError: `--fresh` without `--overwrite`, checkpoints that cannot be
+        deleted, an incompatible flag, other classes, or a folder that cannot be written.
     """
     directory = checkpoint_dir(model_dir)
     if has_checkpoints(model_dir) and config.fresh:
@@ -116,14 +119,23 @@ def prepare_model_dir(config, model_dir, class_names=None):
                 "to delete them, use another --model_dir, or drop --fresh to resume"
             )
         logging.warning("--fresh --overwrite: deleting %s", directory)
-        shutil.rmtree(directory)
+        try:
+            shutil.rmtree(directory)
+        except OSError as e:
+            raise ConfigError(
+                f"--fresh --overwrite: cannot delete {directory} ({first_line(e)}); some of "
+                "its files may be deleted already, as asked: make it writable and run again, "
+                "or use another --model_dir"
+            ) from None
     if has_checkpoints(model_dir):
         check_compatible(config, directory)
         if class_names is not None:
             check_classes(config, directory, class_names)
+        check_writable(model_dir)
         return True
     try:
         tf.io.gfile.makedirs(directory)
+        check_writable(model_dir)  # a ConfigError of its own, not caught here
         _write_json(os.path.join(directory, CONFIG_FILE), dataclasses.asdict(config))
         if class_names is not None:
             _write_json(os.path.join(directory, CLASSES_FILE), list(class_names))
@@ -133,6 +145,24 @@ def prepare_model_dir(config, model_dir, class_names=None):
             "choose a folder you can write to"
         ) from None
     return False
+
+
+def check_writable(model_dir):
+    """Raises ConfigError unless `model_dir` and its checkpoints folder take new files.
+
+    Found at start-up, not at the first save or summary. A file is really
+    created: `os.access` says yes to root, and on an immutable (`chattr +i`)
+    or read-only-mounted folder.
+    """
+    for folder in (model_dir, checkpoint_dir(model_dir)):
+        try:
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+                pass
+        except OSError as e:
+            raise ConfigError(
+                f"--model_dir={model_dir}: cannot write in {folder} ({first_line(e)}); make it "
+                "writable, or choose another --model_dir"
+            ) from None
 
 
 def _write_json(path, value):

@@ -1,8 +1,10 @@
 """Checkpoints: every piece of state round-trips, damaged ones fall back, resume rules hold."""
 
+import contextlib
 import glob
 import logging
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -262,6 +264,42 @@ def test_a_model_dir_that_is_a_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match=r"--model_dir=.*afile: cannot create"):
         checkpointing.prepare_model_dir(tiny_config(), str(path))
     assert path.read_text() == "mine"
+
+
+@contextlib.contextmanager
+def _immutable(path):
+    """`chattr +i path` for the block: no file can be added to it or deleted, even by root."""
+    try:
+        done = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("chattr is not installed")
+    if done.returncode:
+        pytest.skip(f"chattr +i {path} failed: {done.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+@pytest.mark.parametrize("folder", ["checkpoints", "."])
+def test_a_folder_that_cannot_be_written_is_refused_before_training(tmp_path, folder):
+    # Not a PermissionDeniedError traceback at the first save or summary writer.
+    _train(tmp_path, train_steps=2)
+    written = {p.name: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir()}
+    target = os.path.normpath(tmp_path / folder)
+    unwritable = _immutable(target)
+    with unwritable, pytest.raises(ConfigError, match=f"cannot write in {target} \\("):
+        _train(tmp_path, train_steps=4)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir()} == written
+
+
+def test_fresh_overwrite_that_cannot_delete_is_a_clear_error(tmp_path):
+    config = tiny_config(fresh=True, overwrite=True)
+    _fake_checkpoint(tmp_path, tiny_config())
+    expected = r"--fresh --overwrite: cannot delete .*checkpoints \(.*\); some of its files"
+    with _immutable(tmp_path / "checkpoints"), pytest.raises(ConfigError, match=expected):
+        checkpointing.prepare_model_dir(config, str(tmp_path))
+    assert (tmp_path / "checkpoints" / "ckpt-5.index").exists()
 
 
 def test_the_flagfile_never_replays_fresh_or_overwrite():
