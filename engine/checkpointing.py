@@ -92,9 +92,80 @@ def has_checkpoints(model_dir):
     `.index`) do not count: that save never happened.
     """
     directory = checkpoint_dir(model_dir)
-    state = tf.train.get_checkpoint_state(directory)
+    state = _read_index(directory)
     listed = state is not None and state.all_model_checkpoint_paths
     return bool(listed or glob.glob(os.path.join(directory, "ckpt-*.index")))
+
+
+def _read_index(directory):
+    """The state in the `checkpoint` index file, or None if it is missing or unreadable."""
+    try:
+        return tf.train.get_checkpoint_state(directory)
+    # Garbage fails in the text-proto parser as a ValueError (UnicodeDecodeError,
+    # "Invalid checkpoint state"...); TensorFlow itself catches only some of it.
+    except (ValueError, tf.errors.OpError):
+        return None
+
+
+def _found_checkpoints(directory):
+    """The finished checkpoints on disk (`ckpt-N.index`), oldest first, by N."""
+    steps = []
+    for path in glob.glob(os.path.join(directory, "ckpt-*.index")):
+        n = os.path.basename(path)[len("ckpt-") : -len(".index")]
+        if n.isdigit():
+            steps.append(int(n))
+    return [os.path.join(directory, f"ckpt-{n}") for n in sorted(steps)]
+
+
+def list_checkpoints(directory):
+    """The checkpoints in `directory`, oldest first, for a reader (nothing is written).
+
+    Those the `checkpoint` index file lists; if it lists none (missing, emptied,
+    garbage) but finished checkpoints are there, those, with a warning: good
+    checkpoints are never refused for the want of their index.
+    """
+    state = _read_index(directory)
+    listed = list(state.all_model_checkpoint_paths) if state is not None else []
+    found = [] if listed else _found_checkpoints(directory)
+    if found:
+        logging.warning(
+            "%s is missing or unreadable: using the checkpoints found next to it (%s)",
+            os.path.join(directory, "checkpoint"),
+            ", ".join(os.path.basename(p) for p in found),
+        )
+    return listed or found
+
+
+def _repair_index(directory):
+    """Rewrites a `checkpoint` index file that lists no checkpoint from those on disk.
+
+    `tf.train.CheckpointManager` knows only what the index lists: without this
+    it would resume nothing, and never rotate the unlisted checkpoints away.
+    """
+    state = _read_index(directory)
+    found = [] if state and state.all_model_checkpoint_paths else _found_checkpoints(directory)
+    if not found:
+        return
+    index = os.path.join(directory, "checkpoint")
+    logging.warning(
+        "%s is missing or unreadable: rewriting it from the checkpoints found next to it (%s)",
+        index,
+        ", ".join(os.path.basename(p) for p in found),
+    )
+    # Names relative to the folder, as the manager writes them, so it can move;
+    # given an absolute folder, TensorFlow stores them as they are.
+    names = [os.path.basename(p) for p in found]
+    try:
+        tf.compat.v1.train.update_checkpoint_state(  # written atomically
+            os.path.abspath(directory),
+            names[-1],
+            all_model_checkpoint_paths=names,
+            all_model_checkpoint_timestamps=[os.path.getmtime(f"{p}.index") for p in found],
+        )
+    except (OSError, tf.errors.OpError) as e:
+        raise ConfigError(
+            f"cannot rewrite {index} ({first_line(e)}); make {directory} writable"
+        ) from None
 
 
 def prepare_model_dir(config, model_dir, class_names=None):
@@ -132,6 +203,7 @@ def prepare_model_dir(config, model_dir, class_names=None):
         if class_names is not None:
             check_classes(config, directory, class_names)
         check_writable(model_dir)
+        _repair_index(directory)
         return True
     try:
         tf.io.gfile.makedirs(directory)
@@ -273,7 +345,10 @@ def restore_latest(checkpoint, manager, new_iterator=None):
       DamagedCheckpoints: checkpoints exist but none can be restored.
     """
     failures, mismatches = [], 0
-    for path in reversed(manager.checkpoints):
+    # The chief's manager reads an index `prepare_model_dir` repaired; another
+    # worker's may have read it before: it falls back to the files on disk.
+    paths = manager.checkpoints or list_checkpoints(manager.directory)
+    for path in reversed(paths):
         try:
             _restore(checkpoint, path, new_iterator)
         # A truncated file fails wherever the reader runs out of bytes (DataLossError,

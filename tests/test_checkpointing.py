@@ -95,6 +95,32 @@ def test_damaged_checkpoint_is_reported_and_the_previous_one_is_used(tmp_path, c
     )
 
 
+@pytest.mark.parametrize("damage", ["delete", "garble", "empty"])
+def test_good_checkpoints_resume_without_their_index_file(tmp_path, caplog, damage):
+    # Not "no checkpoint can be restored (none listed)", with advice to delete them.
+    _train(tmp_path, train_steps=4)
+    index = tmp_path / "checkpoints" / "checkpoint"
+    if damage == "delete":
+        index.unlink()
+    else:
+        index.write_bytes(b"\x00\xff not a checkpoint state" if damage == "garble" else b"")
+    with caplog.at_level(logging.INFO):
+        result = _train(tmp_path, train_steps=8)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("checkpoint is missing or unreadable: rewriting it" in m for m in messages)
+    assert any(m.startswith("resuming from") and "ckpt-4 at step 4" in m for m in messages)
+    assert result.steps == 8
+    # The rewritten index lets the manager rotate the old checkpoints away (keep 3).
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("ckpt-*.index"))
+    assert kept == ["ckpt-4.index", "ckpt-6.index", "ckpt-8.index"]
+    listed = tf.train.get_checkpoint_state(str(tmp_path / "checkpoints"))
+    assert [os.path.basename(p) for p in listed.all_model_checkpoint_paths] == [
+        "ckpt-4",
+        "ckpt-6",
+        "ckpt-8",
+    ]
+
+
 def test_tensorboard_drops_what_a_run_logged_after_the_checkpoint_resumed_from(tmp_path):
     # The first run logs steps 1-4; only its step-2 checkpoint survives, so the
     # second run trains steps 3 and 4 again and logs them again.
