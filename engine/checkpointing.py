@@ -155,6 +155,10 @@ def _repair_index(directory):
     # Names relative to the folder, as the manager writes them, so it can move;
     # given an absolute folder, TensorFlow stores them as they are.
     names = [os.path.basename(p) for p in found]
+    # The v1 API is the public one that writes the index; its deprecation notice
+    # ("use tf.train.CheckpointManager") would only confuse the user.
+    not_deprecation = lambda record: record.module != "deprecation"
+    tf.get_logger().addFilter(not_deprecation)
     try:
         tf.compat.v1.train.update_checkpoint_state(  # written atomically
             os.path.abspath(directory),
@@ -166,6 +170,8 @@ def _repair_index(directory):
         raise ConfigError(
             f"cannot rewrite {index} ({first_line(e)}); make {directory} writable"
         ) from None
+    finally:
+        tf.get_logger().removeFilter(not_deprecation)
 
 
 def prepare_model_dir(config, model_dir, class_names=None):
