@@ -1,7 +1,8 @@
 """What a checkpoint holds, where it lives, and how a run resumes.
 
 Layout: `<model_dir>/checkpoints/ckpt-<step>.*`, written by `tf.train.CheckpointManager`,
-plus `config.json`, the configuration of the run that wrote the first checkpoint.
+plus `config.json`, the configuration of the run that wrote the first checkpoint, and
+`classes.json`, its class names in label order.
 The root object has these children, so any of them can be restored alone
 (`tf.train.Checkpoint(model=model).restore(path).expect_partial()`):
   model, optimizer, loss_scale, step, skipped_steps, consecutive_skips, iterator.
@@ -18,6 +19,7 @@ import glob
 import json
 import os
 import shutil
+import tempfile
 
 import tensorflow as tf
 from absl import logging
@@ -25,6 +27,9 @@ from absl import logging
 from engine.config import ConfigError
 
 CONFIG_FILE = "config.json"
+# The class names in label order: a `folder:` data set takes them from its folders,
+# which may change between runs while every flag stays the same.
+CLASSES_FILE = "classes.json"
 # Fields that decide the shape, dtype or meaning of the checkpointed state. Any
 # other flag (steps, learning rate, XLA, checkpoint cadence...) may change on resume.
 RESUME_FIELDS = (
@@ -87,20 +92,101 @@ def has_checkpoints(model_dir):
     `.index`) do not count: that save never happened.
     """
     directory = checkpoint_dir(model_dir)
-    state = tf.train.get_checkpoint_state(directory)
+    state = _read_index(directory)
     listed = state is not None and state.all_model_checkpoint_paths
     return bool(listed or glob.glob(os.path.join(directory, "ckpt-*.index")))
 
 
-def prepare_model_dir(config, model_dir):
+def _read_index(directory):
+    """The state in the `checkpoint` index file, or None if it is missing or unreadable."""
+    try:
+        return tf.train.get_checkpoint_state(directory)
+    # Garbage fails in the text-proto parser as a ValueError (UnicodeDecodeError,
+    # "Invalid checkpoint state"...); TensorFlow itself catches only some of it.
+    except (ValueError, tf.errors.OpError):
+        return None
+
+
+def _found_checkpoints(directory):
+    """The finished checkpoints on disk (`ckpt-N.index`), oldest first, by N."""
+    steps = []
+    for path in glob.glob(os.path.join(directory, "ckpt-*.index")):
+        n = os.path.basename(path)[len("ckpt-") : -len(".index")]
+        if n.isdigit():
+            steps.append(int(n))
+    return [os.path.join(directory, f"ckpt-{n}") for n in sorted(steps)]
+
+
+def list_checkpoints(directory):
+    """The checkpoints in `directory`, oldest first, for a reader (nothing is written).
+
+    Those the `checkpoint` index file lists; if it lists none (missing, emptied,
+    garbage) but finished checkpoints are there, those, with a warning: good
+    checkpoints are never refused for the want of their index.
+    """
+    state = _read_index(directory)
+    listed = list(state.all_model_checkpoint_paths) if state is not None else []
+    found = [] if listed else _found_checkpoints(directory)
+    if found:
+        logging.warning(
+            "%s is missing or unreadable: using the checkpoints found next to it (%s)",
+            os.path.join(directory, "checkpoint"),
+            ", ".join(os.path.basename(p) for p in found),
+        )
+    return listed or found
+
+
+def _repair_index(directory):
+    """Rewrites a `checkpoint` index file that lists no checkpoint from those on disk.
+
+    `tf.train.CheckpointManager` knows only what the index lists: without this
+    it would resume nothing, and never rotate the unlisted checkpoints away.
+    """
+    state = _read_index(directory)
+    found = [] if state and state.all_model_checkpoint_paths else _found_checkpoints(directory)
+    if not found:
+        return
+    index = os.path.join(directory, "checkpoint")
+    logging.warning(
+        "%s is missing or unreadable: rewriting it from the checkpoints found next to it (%s)",
+        index,
+        ", ".join(os.path.basename(p) for p in found),
+    )
+    # Names relative to the folder, as the manager writes them, so it can move;
+    # given an absolute folder, TensorFlow stores them as they are.
+    names = [os.path.basename(p) for p in found]
+    # The v1 API is the public one that writes the index; its deprecation notice
+    # ("use tf.train.CheckpointManager") would only confuse the user.
+    not_deprecation = lambda record: record.module != "deprecation"
+    tf.get_logger().addFilter(not_deprecation)
+    try:
+        tf.compat.v1.train.update_checkpoint_state(  # written atomically
+            os.path.abspath(directory),
+            names[-1],
+            all_model_checkpoint_paths=names,
+            all_model_checkpoint_timestamps=[os.path.getmtime(f"{p}.index") for p in found],
+        )
+    except (OSError, tf.errors.OpError) as e:
+        raise ConfigError(
+            f"cannot rewrite {index} ({first_line(e)}); make {directory} writable"
+        ) from None
+    finally:
+        tf.get_logger().removeFilter(not_deprecation)
+
+
+def prepare_model_dir(config, model_dir, class_names=None):
     """Applies the resume rules before anything is built; returns True to resume.
 
-    * no checkpoints: a fresh start; `config.json` is written for later resumes.
+    * no checkpoints: a fresh start; `config.json` (and `classes.json`, given
+      `class_names`) are written for later resumes.
     * checkpoints and `--fresh`: an error, unless `--overwrite` (then they are deleted).
-    * checkpoints: resume, after checking that `RESUME_FIELDS` match `config.json`.
+    * checkpoints: resume, after checking that `RESUME_FIELDS` match `config.json`
+      and `class_names` match `classes.json`.
+    Either way `model_dir` and its checkpoints folder must take new files.
 
     Raises:
-      ConfigError: `--fresh` without `--overwrite`, or an incompatible flag.
+      ConfigError: `--fresh` without `--overwrite`, checkpoints that cannot be
+        deleted, an incompatible flag, other classes, or a folder that cannot be written.
     """
     directory = checkpoint_dir(model_dir)
     if has_checkpoints(model_dir) and config.fresh:
@@ -110,23 +196,91 @@ def prepare_model_dir(config, model_dir):
                 "to delete them, use another --model_dir, or drop --fresh to resume"
             )
         logging.warning("--fresh --overwrite: deleting %s", directory)
-        shutil.rmtree(directory)
+        try:
+            shutil.rmtree(directory)
+        except OSError as e:
+            raise ConfigError(
+                f"--fresh --overwrite: cannot delete {directory} ({first_line(e)}); some of "
+                "its files may be deleted already, as asked: make it writable and run again, "
+                "or use another --model_dir"
+            ) from None
     if has_checkpoints(model_dir):
         check_compatible(config, directory)
+        if class_names is not None:
+            check_classes(config, directory, class_names)
+        check_writable(model_dir)
+        _repair_index(directory)
         return True
     try:
         tf.io.gfile.makedirs(directory)
-        # Written whole or not at all: a stop signal may land in the middle.
-        path = os.path.join(directory, CONFIG_FILE)
-        with open(f"{path}.tmp", "w") as f:
-            json.dump(dataclasses.asdict(config), f, indent=2, sort_keys=True)
-        os.replace(f"{path}.tmp", path)
+        check_writable(model_dir)  # a ConfigError of its own, not caught here
+        _write_json(os.path.join(directory, CONFIG_FILE), dataclasses.asdict(config))
+        if class_names is not None:
+            _write_json(os.path.join(directory, CLASSES_FILE), list(class_names))
     except (OSError, tf.errors.OpError) as e:
         raise ConfigError(
             f"--model_dir={model_dir}: cannot create {directory} ({first_line(e)}); "
             "choose a folder you can write to"
         ) from None
     return False
+
+
+def check_writable(model_dir):
+    """Raises ConfigError unless `model_dir` and its checkpoints folder take new files.
+
+    Found at start-up, not at the first save or summary. A file is really
+    created: `os.access` says yes to root, and on an immutable (`chattr +i`)
+    or read-only-mounted folder.
+    """
+    for folder in (model_dir, checkpoint_dir(model_dir)):
+        try:
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+                pass
+        except OSError as e:
+            raise ConfigError(
+                f"--model_dir={model_dir}: cannot write in {folder} ({first_line(e)}); make it "
+                "writable, or choose another --model_dir"
+            ) from None
+
+
+def _write_json(path, value):
+    # Written whole or not at all: a stop signal may land in the middle.
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+    os.replace(f"{path}.tmp", path)
+
+
+def check_classes(config, directory, class_names):
+    """Raises ConfigError if `class_names` are not those in `classes.json`.
+
+    A label is an index into the class names: other names, or the same ones in
+    another order, would resume the model with its labels shuffled. Runs
+    written before `classes.json` existed are not checked.
+    """
+    path = os.path.join(directory, CLASSES_FILE)
+    saved = _load_json(path, list, "the class names the checkpoints were trained on")
+    if saved is None:
+        return
+    new = list(class_names)
+    if saved == new:
+        return
+    added = [n for n in new if n not in saved]
+    removed = [n for n in saved if n not in new]
+    if len(added) == len(removed) == 1:
+        what = f"class {removed[0]} is now {added[0]}"
+    elif added or removed:
+        what = "; ".join(
+            f"{label}: {', '.join(names)}"
+            for label, names in (("added", added), ("removed", removed))
+            if names
+        )
+    else:
+        what = "same names, different order"
+    raise ConfigError(
+        f"--dataset={config.dataset} has other classes than the checkpoints in {directory} "
+        f"({what}; theirs are in {path}); restore the class folders as they were, or train "
+        "in another --model_dir"
+    )
 
 
 def check_compatible(config, directory, fields=RESUME_FIELDS):
@@ -156,18 +310,28 @@ def load_config(directory):
     Raises:
       ConfigError: the file cannot be read or is not a JSON object.
     """
-    path = os.path.join(directory, CONFIG_FILE)
+    return _load_json(
+        os.path.join(directory, CONFIG_FILE), dict, "the flags the checkpoints were written with"
+    )
+
+
+def _load_json(path, kind, what):
+    """The `kind` (dict or list) in the JSON file `path`, or None if there is no such file.
+
+    Raises:
+      ConfigError: the file cannot be read or does not hold a `kind`; `what` says what it records.
+    """
     if not os.path.exists(path):
         return None
     try:
         with open(path) as f:
             saved = json.load(f)
-        if not isinstance(saved, dict):
-            raise ValueError("not a JSON object")
+        if not isinstance(saved, kind):
+            raise ValueError(f"not a JSON {'object' if kind is dict else 'array'}")
     except (OSError, ValueError) as e:
         raise ConfigError(
-            f"{path} is unreadable ({first_line(e)}); it records the flags the checkpoints "
-            "were written with: restore it, or delete it to resume without this check"
+            f"{path} is unreadable ({first_line(e)}); it records {what}: restore it, or "
+            "delete it to resume without this check"
         ) from None
     return saved
 
@@ -187,7 +351,10 @@ def restore_latest(checkpoint, manager, new_iterator=None):
       DamagedCheckpoints: checkpoints exist but none can be restored.
     """
     failures, mismatches = [], 0
-    for path in reversed(manager.checkpoints):
+    # The chief's manager reads an index `prepare_model_dir` repaired; another
+    # worker's may have read it before: it falls back to the files on disk.
+    paths = manager.checkpoints or list_checkpoints(manager.directory)
+    for path in reversed(paths):
         try:
             _restore(checkpoint, path, new_iterator)
         # A truncated file fails wherever the reader runs out of bytes (DataLossError,

@@ -332,7 +332,7 @@ def train_and_evaluate(config, model_dir):
     # mismatched resume is refused before a whole data set is decoded.
     eval_data = strategy.distribute_datasets_from_function(data.eval_fn)
     if distribute.is_chief(strategy):
-        resume = checkpointing.prepare_model_dir(config, model_dir)
+        resume = checkpointing.prepare_model_dir(config, model_dir, data.class_names)
     else:
         resume = checkpointing.has_checkpoints(model_dir) and not config.fresh
     state = build_state(config, data, strategy)

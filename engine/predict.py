@@ -93,8 +93,7 @@ def restore_model(config, model_dir, num_classes):
     directory = checkpointing.checkpoint_dir(model_dir)
     # A model at another resolution would restore and predict without a word.
     checkpointing.check_compatible(config, directory, fields=("model", "image_size"))
-    listed = tf.train.get_checkpoint_state(directory)
-    paths = list(reversed(listed.all_model_checkpoint_paths)) if listed else []
+    paths = list(reversed(checkpointing.list_checkpoints(directory)))
     if not paths:
         raise ConfigError(
             f"--model_dir={model_dir} has no checkpoint in {directory}; "

@@ -1,8 +1,10 @@
 """Checkpoints: every piece of state round-trips, damaged ones fall back, resume rules hold."""
 
+import contextlib
 import glob
 import logging
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -91,6 +93,32 @@ def test_damaged_checkpoint_is_reported_and_the_previous_one_is_used(tmp_path, c
         )
         == 6
     )
+
+
+@pytest.mark.parametrize("damage", ["delete", "garble", "empty"])
+def test_good_checkpoints_resume_without_their_index_file(tmp_path, caplog, damage):
+    # Not "no checkpoint can be restored (none listed)", with advice to delete them.
+    _train(tmp_path, train_steps=4)
+    index = tmp_path / "checkpoints" / "checkpoint"
+    if damage == "delete":
+        index.unlink()
+    else:
+        index.write_bytes(b"\x00\xff not a checkpoint state" if damage == "garble" else b"")
+    with caplog.at_level(logging.INFO):
+        result = _train(tmp_path, train_steps=8)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("checkpoint is missing or unreadable: rewriting it" in m for m in messages)
+    assert any(m.startswith("resuming from") and "ckpt-4 at step 4" in m for m in messages)
+    assert result.steps == 8
+    # The rewritten index lets the manager rotate the old checkpoints away (keep 3).
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("ckpt-*.index"))
+    assert kept == ["ckpt-4.index", "ckpt-6.index", "ckpt-8.index"]
+    listed = tf.train.get_checkpoint_state(str(tmp_path / "checkpoints"))
+    assert [os.path.basename(p) for p in listed.all_model_checkpoint_paths] == [
+        "ckpt-4",
+        "ckpt-6",
+        "ckpt-8",
+    ]
 
 
 def test_tensorboard_drops_what_a_run_logged_after_the_checkpoint_resumed_from(tmp_path):
@@ -209,6 +237,45 @@ def test_config_json_is_written_next_to_the_checkpoints(tmp_path):
     assert os.listdir(tmp_path / "checkpoints") == ["config.json"]
 
 
+def test_a_folder_run_with_renamed_classes_is_refused_before_training(tmp_path):
+    from image_trees import make_folder_tree
+
+    root = make_folder_tree(tmp_path / "data", per_class=4)
+    run = tmp_path / "run"
+    config = dict(dataset=f"folder:{root}", batch_size=8, eval_batch_size=8)
+    _train(run, train_steps=2, **config)
+    os.rename(tmp_path / "data" / "train" / "red", tmp_path / "data" / "train" / "a_red")
+    # Same flags, same number of classes: only the labels' meaning changed.
+    with pytest.raises(ConfigError, match=r"other classes .* \(class red is now a_red;"):
+        _train(run, train_steps=4, **config)
+    assert sorted(p.name for p in (run / "checkpoints").glob("ckpt-*.index")) == ["ckpt-2.index"]
+    assert '"red"' in (run / "checkpoints" / "classes.json").read_text()
+
+
+@pytest.mark.parametrize(
+    "classes, what",
+    [
+        (("green", "grey", "red", "blue"), "added: blue"),
+        (("green", "red"), "removed: grey"),
+        (("grey", "green", "red"), "same names, different order"),
+    ],
+)
+def test_other_classes_on_resume_are_a_clear_error(tmp_path, classes, what):
+    config = tiny_config()
+    checkpointing.prepare_model_dir(config, str(tmp_path), ("green", "grey", "red"))
+    (tmp_path / "checkpoints" / "ckpt-5.index").write_bytes(b"")
+    assert checkpointing.prepare_model_dir(config, str(tmp_path), ("green", "grey", "red"))
+    with pytest.raises(ConfigError) as e:
+        checkpointing.prepare_model_dir(config, str(tmp_path), classes)
+    assert f"({what}; theirs are in " in str(e.value)
+    assert str(e.value).endswith(
+        "restore the class folders as they were, or train in another --model_dir"
+    )
+    # A run from before classes.json was written is not checked.
+    (tmp_path / "checkpoints" / "classes.json").unlink()
+    assert checkpointing.prepare_model_dir(config, str(tmp_path), classes)
+
+
 def test_an_unreadable_config_json_is_a_clear_error(tmp_path):
     _fake_checkpoint(tmp_path, tiny_config())
     (tmp_path / "checkpoints" / "config.json").write_text('{"model": "tin')
@@ -223,6 +290,42 @@ def test_a_model_dir_that_is_a_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match=r"--model_dir=.*afile: cannot create"):
         checkpointing.prepare_model_dir(tiny_config(), str(path))
     assert path.read_text() == "mine"
+
+
+@contextlib.contextmanager
+def _immutable(path):
+    """`chattr +i path` for the block: no file can be added to it or deleted, even by root."""
+    try:
+        done = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("chattr is not installed")
+    if done.returncode:
+        pytest.skip(f"chattr +i {path} failed: {done.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+@pytest.mark.parametrize("folder", ["checkpoints", "."])
+def test_a_folder_that_cannot_be_written_is_refused_before_training(tmp_path, folder):
+    # Not a PermissionDeniedError traceback at the first save or summary writer.
+    _train(tmp_path, train_steps=2)
+    written = {p.name: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir()}
+    target = os.path.normpath(tmp_path / folder)
+    unwritable = _immutable(target)
+    with unwritable, pytest.raises(ConfigError, match=f"cannot write in {target} \\("):
+        _train(tmp_path, train_steps=4)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir()} == written
+
+
+def test_fresh_overwrite_that_cannot_delete_is_a_clear_error(tmp_path):
+    config = tiny_config(fresh=True, overwrite=True)
+    _fake_checkpoint(tmp_path, tiny_config())
+    expected = r"--fresh --overwrite: cannot delete .*checkpoints \(.*\); some of its files"
+    with _immutable(tmp_path / "checkpoints"), pytest.raises(ConfigError, match=expected):
+        checkpointing.prepare_model_dir(config, str(tmp_path))
+    assert (tmp_path / "checkpoints" / "ckpt-5.index").exists()
 
 
 def test_the_flagfile_never_replays_fresh_or_overwrite():

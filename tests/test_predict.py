@@ -114,6 +114,16 @@ def test_predict_falls_back_from_a_damaged_checkpoint(tmp_path, caplog):
         assert len(list(csv.reader(f))) == 4  # header and three predictions
 
 
+def test_predict_restores_a_checkpoint_whose_index_file_is_missing(ships_run, tmp_path):
+    _, run_dir, config = ships_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    (copy / "checkpoints" / "checkpoint").unlink()
+    path = predict.predict(config.replace(model_dir=str(copy)), str(copy))
+    with open(path, newline="") as f:
+        assert len(list(csv.reader(f))) == 4  # header and three predictions
+
+
 @pytest.fixture(scope="module")
 def ships_run(tmp_path_factory):
     """(ships root, run dir, the predict config): a tiny model trained on ships, shared."""
