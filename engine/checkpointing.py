@@ -232,6 +232,8 @@ def check_writable(model_dir):
     created: `os.access` says yes to root, and on an immutable (`chattr +i`)
     or read-only-mounted folder.
     """
+    if "://" in model_dir:
+        return  # a remote file system (gs://...): TensorFlow's own writes will tell
     for folder in (model_dir, checkpoint_dir(model_dir)):
         try:
             with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
