@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+import types
 
 import tensorflow as tf
 from absl import logging
@@ -83,6 +84,16 @@ def create_manager(checkpoint, model_dir, max_to_keep=3):
     return tf.train.CheckpointManager(
         checkpoint, checkpoint_dir(model_dir), max_to_keep=max_to_keep, step_counter=None
     )
+
+
+def reader(model_dir):
+    """What `restore_latest` needs of a manager, for a task that only reads `model_dir`.
+
+    Another worker restores the chief's checkpoints; building a manager would
+    parse the index file, which the chief may be rewriting (see `_repair_index`).
+    """
+    directory = checkpoint_dir(model_dir)
+    return types.SimpleNamespace(checkpoints=list_checkpoints(directory), directory=directory)
 
 
 def has_checkpoints(model_dir):
@@ -211,6 +222,12 @@ def prepare_model_dir(config, model_dir, class_names=None):
         check_writable(model_dir)
         _repair_index(directory)
         return True
+    index = os.path.join(directory, "checkpoint")
+    if os.path.exists(index) and _read_index(directory) is None:
+        # Garbage that lists nothing, with no checkpoint beside it: the manager
+        # would fail to parse it, now and at every later start.
+        logging.warning("%s is unreadable and no checkpoint is there: removed it", index)
+        os.remove(index)
     try:
         tf.io.gfile.makedirs(directory)
         check_writable(model_dir)  # a ConfigError of its own, not caught here
@@ -354,7 +371,7 @@ def restore_latest(checkpoint, manager, new_iterator=None):
     """
     failures, mismatches = [], 0
     # The chief's manager reads an index `prepare_model_dir` repaired; another
-    # worker's may have read it before: it falls back to the files on disk.
+    # worker's `reader` may have come before the repair: it lists the files on disk.
     paths = manager.checkpoints or list_checkpoints(manager.directory)
     for path in reversed(paths):
         try:

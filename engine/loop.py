@@ -373,7 +373,7 @@ def train_and_evaluate(config, model_dir):
     last_good, saved_step = None, None  # the checkpoint a failure falls back to
     if resume:
         # Every worker restores the chief's checkpoint, which all of them can read.
-        source = manager if write_dir.chief else checkpointing.create_manager(checkpoint, model_dir)
+        source = manager if write_dir.chief else checkpointing.reader(model_dir)
         try:
             last_good = checkpointing.restore_latest(checkpoint, source, new_iterator)
         except BaseException:

@@ -90,7 +90,7 @@ class SummaryWriter:
 
 def format_eta(seconds):
     # Clamped to 10**12 s: `timedelta` ends at 1e9 days, and nan has no int.
-    seconds = min(max(seconds, 0), 10**12) if math.isfinite(seconds) else 10**12
+    seconds = 10**12 if math.isnan(seconds) else min(max(seconds, 0), 10**12)
     return str(datetime.timedelta(seconds=int(seconds)))
 
 

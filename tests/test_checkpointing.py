@@ -121,6 +121,22 @@ def test_good_checkpoints_resume_without_their_index_file(tmp_path, caplog, dama
     ]
 
 
+def test_a_garbage_index_with_no_checkpoint_beside_it_starts_a_run(tmp_path):
+    index = tmp_path / "checkpoints" / "checkpoint"
+    index.parent.mkdir()
+    index.write_bytes(b"\xff\xfe not a checkpoint state")
+    assert _train(tmp_path, train_steps=2).steps == 2  # was a UnicodeDecodeError traceback
+    assert _train(tmp_path, train_steps=4).steps == 4  # and the run resumes
+
+
+def test_a_reading_worker_lists_checkpoints_without_parsing_a_garbage_index(tmp_path):
+    # Another worker may read while the chief rewrites the index: it lists the files.
+    _train(tmp_path, train_steps=4)
+    (tmp_path / "checkpoints" / "checkpoint").write_bytes(b"\x00\xff garbage")
+    found = checkpointing.reader(str(tmp_path))
+    assert [os.path.basename(p) for p in found.checkpoints] == ["ckpt-2", "ckpt-4"]
+
+
 def test_tensorboard_drops_what_a_run_logged_after_the_checkpoint_resumed_from(tmp_path):
     # The first run logs steps 1-4; only its step-2 checkpoint survives, so the
     # second run trains steps 3 and 4 again and logs them again.

@@ -74,6 +74,7 @@ def test_an_eta_beyond_any_calendar_still_prints():
     assert format_eta(90) == "0:01:30"
     assert format_eta(1e15) == "11574074 days, 1:46:40"  # clamped to 1e12 s: timedelta ends
     assert format_eta(float("nan")) == format_eta(float("inf")) == format_eta(1e15)
+    assert format_eta(float("-inf")) == format_eta(-5) == "0:00:00"
 
 
 def test_export_dir_is_checked_where_an_export_is_written():
