@@ -2,8 +2,8 @@
 
 Class names are the train split's folder names, sorted, so label ids are the
 same on every machine. An eval split comes from `--eval_split` or the first of
-`EVAL_FOLDERS` that exists; without one, a stratified hold-out of the train
-split (`--eval_fraction`).
+`EVAL_FOLDERS` that exists and holds class folders; without one, a stratified
+hold-out of the train split (`--eval_fraction`).
 """
 
 import os
@@ -64,8 +64,18 @@ def _eval_dir(root, eval_split):
             raise DataError(f"--eval_split={eval_split}: {path} is not a folder")
         return path
     for name in EVAL_FOLDERS:
-        if os.path.isdir(os.path.join(root, name)):
-            return os.path.join(root, name)
+        path = os.path.join(root, name)
+        if not os.path.isdir(path):
+            continue
+        if not _class_folders(path):
+            # Unlabelled images (a contest's test/): no eval split can come from them.
+            logging.warning(
+                "%s has no class folders (unlabelled images?): not used for eval; "
+                "set --eval_split to name an eval folder",
+                path,
+            )
+            continue
+        return path
     return None
 
 

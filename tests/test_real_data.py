@@ -1,5 +1,6 @@
 """Real data: tfds (through tfds.load, mocked), folder and ships trees generated here."""
 
+import logging
 import os
 import re
 from unittest import mock
@@ -125,6 +126,23 @@ def test_folder_without_eval_folder_gets_a_deterministic_stratified_holdout(tmp_
     np.testing.assert_array_equal(first[0], second[0])
     assert np.bincount(first[1]).tolist() == [2, 2, 2]  # 20% of each class
     assert create_data(config).train_size == 24
+
+
+def test_an_unlabelled_test_folder_is_not_taken_for_the_eval_split(tmp_path, caplog):
+    # A contest layout: train/<class>/*, and test/* with no labels at all.
+    root = make_folder_tree(tmp_path, per_class=10)
+    os.makedirs(os.path.join(root, "test"))
+    for i in range(3):
+        write_image(os.path.join(root, "test", f"unlabelled_{i}.png"), 0, i)
+    with caplog.at_level(logging.WARNING):
+        data = create_data(_real_config(f"folder:{root}", eval_fraction=0.2))
+    assert (data.train_size, data.eval_size) == (24, 6)  # the hold-out, as without test/
+    assert any(
+        "test has no class folders (unlabelled images?)" in r.getMessage() for r in caplog.records
+    )
+    # Named explicitly, it is still an error.
+    with pytest.raises(DataError, match="test has no class folders"):
+        create_data(_real_config(f"folder:{root}", eval_split="test"))
 
 
 def test_training_batches_are_augmented_and_repeatable_with_deterministic(tmp_path):
