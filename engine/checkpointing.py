@@ -14,6 +14,7 @@ TensorFlow 2.21 cannot save the iterator of a multi-device strategy
 beginning of its shuffled stream on resume, and the run says so.
 """
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -118,6 +119,12 @@ def _read_index(directory):
         return None
 
 
+def _listed(directory):
+    """The checkpoints the `checkpoint` index file lists; [] if it is missing or unreadable."""
+    state = _read_index(directory)
+    return list(state.all_model_checkpoint_paths) if state is not None else []
+
+
 def _found_checkpoints(directory):
     """The finished checkpoints on disk (`ckpt-N.index`), oldest first, by N."""
     steps = []
@@ -135,16 +142,17 @@ def list_checkpoints(directory):
     garbage) but finished checkpoints are there, those, with a warning: good
     checkpoints are never refused for the want of their index.
     """
-    state = _read_index(directory)
-    listed = list(state.all_model_checkpoint_paths) if state is not None else []
-    found = [] if listed else _found_checkpoints(directory)
+    listed = _listed(directory)
+    if listed:
+        return listed
+    found = _found_checkpoints(directory)
     if found:
         logging.warning(
             "%s is missing or unreadable: using the checkpoints found next to it (%s)",
             os.path.join(directory, "checkpoint"),
             ", ".join(os.path.basename(p) for p in found),
         )
-    return listed or found
+    return found
 
 
 def _repair_index(directory):
@@ -153,8 +161,7 @@ def _repair_index(directory):
     `tf.train.CheckpointManager` knows only what the index lists: without this
     it would resume nothing, and never rotate the unlisted checkpoints away.
     """
-    state = _read_index(directory)
-    found = [] if state and state.all_model_checkpoint_paths else _found_checkpoints(directory)
+    found = [] if _listed(directory) else _found_checkpoints(directory)
     if not found:
         return
     index = os.path.join(directory, "checkpoint")
@@ -168,21 +175,29 @@ def _repair_index(directory):
     names = [os.path.basename(p) for p in found]
     # The v1 API is the public one that writes the index; its deprecation notice
     # ("use tf.train.CheckpointManager") would only confuse the user.
-    not_deprecation = lambda record: record.module != "deprecation"
-    tf.get_logger().addFilter(not_deprecation)
     try:
-        tf.compat.v1.train.update_checkpoint_state(  # written atomically
-            os.path.abspath(directory),
-            names[-1],
-            all_model_checkpoint_paths=names,
-            all_model_checkpoint_timestamps=[os.path.getmtime(f"{p}.index") for p in found],
-        )
+        with tf_log_filtered(lambda record: record.module != "deprecation"):
+            tf.compat.v1.train.update_checkpoint_state(  # written atomically
+                os.path.abspath(directory),
+                names[-1],
+                all_model_checkpoint_paths=names,
+                all_model_checkpoint_timestamps=[os.path.getmtime(f"{p}.index") for p in found],
+            )
     except (OSError, tf.errors.OpError) as e:
         raise ConfigError(
             f"cannot rewrite {index} ({first_line(e)}); make {directory} writable"
         ) from None
+
+
+@contextlib.contextmanager
+def tf_log_filtered(keep):
+    """Inside, TensorFlow's Python log drops the records `keep(record)` rejects."""
+    logger = tf.get_logger()
+    logger.addFilter(keep)
+    try:
+        yield
     finally:
-        tf.get_logger().removeFilter(not_deprecation)
+        logger.removeFilter(keep)
 
 
 def prepare_model_dir(config, model_dir, class_names=None):

@@ -7,7 +7,6 @@ preprocessing. The output is a submission-style CSV `image,category` with the
 contest's category ids 1..5, one row per input row, in input order.
 """
 
-import contextlib
 import csv
 import os
 
@@ -132,7 +131,6 @@ def restore_model(config, model_dir, num_classes):
     return model
 
 
-@contextlib.contextmanager
 def _unrestored_values_unlogged():
     """Drops the warnings a failed restore logs when it is freed.
 
@@ -141,16 +139,9 @@ def _unrestored_values_unlogged():
     model does not hold (optimizer, step, iterator...): some 20 lines of noise
     after the one error line, as only the model is restored on purpose.
     """
-
-    def keep(record):
-        return not (record.module == "checkpoint" and record.funcName == "__del__")
-
-    logger = tf.get_logger()
-    logger.addFilter(keep)
-    try:
-        yield
-    finally:
-        logger.removeFilter(keep)
+    return checkpointing.tf_log_filtered(
+        lambda record: not (record.module == "checkpoint" and record.funcName == "__del__")
+    )
 
 
 def write_predictions(path, names, categories):
