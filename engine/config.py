@@ -271,8 +271,12 @@ class Config:
         """
         if self.mode != "train" or self.precision == "mixed":
             return
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        given = [f"--{name}" for name in LOSS_SCALE_FLAGS if getattr(self, name) != defaults[name]]
+        defaults = self.without_loss_scale_flags()
+        given = [
+            f"--{name}"
+            for name in LOSS_SCALE_FLAGS
+            if getattr(self, name) != getattr(defaults, name)
+        ]
         if given:
             verb, them = ("applies", "it") if len(given) == 1 else ("apply", "them")
             raise ConfigError(
