@@ -136,21 +136,21 @@ def _decoded_arrays(ds, config, num_examples, key, read):
     ds = ds.map(lambda x, y: (decode_and_resize(read(x), size), y), num_parallel_calls=AUTOTUNE)
     if config.cache in ("", "memory"):
         return batching.gather_all(ds, num_examples)
-    with _damage_is_an_error(config.cache, key, _written(config.cache, key)):
+    with _damage_is_an_error(config.cache, key):
         return batching.gather_all(_cache(ds, config.cache, key), num_examples)
 
 
 @contextlib.contextmanager
-def _damage_is_an_error(cache, key, written):
+def _damage_is_an_error(cache, key):
     """Turns what reading a damaged file cache raises into the one-line `DataError`.
 
     Truncated or corrupted files raise the first three errors. A missing file
-    (`NotFoundError`) means a damaged cache only when the cache was `written`
+    (`NotFoundError`) means a damaged cache only when the cache was written
     (complete) before the read: while it is being written, it is a source image
     that went missing.
     """
     errors = (tf.errors.DataLossError, tf.errors.InternalError, tf.errors.OutOfRangeError)
-    if written:
+    if _written(cache, key):  # decided before the read, which may write it
         errors = (*errors, tf.errors.NotFoundError)
     try:
         yield
@@ -228,7 +228,7 @@ def create_eval_dataset(
         # this one-line error at start-up, not a failure at the first eval after
         # training. A new one is written by the first eval, where a stop signal
         # lets it finish.
-        with _damage_is_an_error(config.cache, key, written=True):
+        with _damage_is_an_error(config.cache, key):
             ds.reduce(0, lambda n, _: n + 1).numpy()
     ds = ds.map(
         lambda x, y: (normalise(centre_crop(x, config.image_size)), y),
