@@ -432,11 +432,8 @@ def _run_worker_process(config, graph_rewrite, repeats, steps):
 
 
 def _write_json(path, result):
-    """Whole or not at all: a stop mid-write leaves the previous file as it was."""
-    partial = f"{path}.partial"
-    with open(partial, "w") as f:
+    with guards.written_whole(path) as f:
         json.dump(result, f, indent=2, allow_nan=False)
-    os.replace(partial, path)
 
 
 @contextlib.contextmanager

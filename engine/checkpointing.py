@@ -26,6 +26,7 @@ import types
 import tensorflow as tf
 from absl import logging
 
+from engine import guards
 from engine.config import ConfigError
 
 CONFIG_FILE = "config.json"
@@ -278,10 +279,8 @@ def check_writable(model_dir):
 
 
 def _write_json(path, value):
-    # Written whole or not at all: a stop signal may land in the middle.
-    with open(f"{path}.tmp", "w") as f:
+    with guards.written_whole(path) as f:  # a stop signal may land in the middle
         json.dump(value, f, indent=2, sort_keys=True)
-    os.replace(f"{path}.tmp", path)
 
 
 def check_classes(config, directory, class_names):

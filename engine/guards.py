@@ -5,10 +5,23 @@ variables: the outer loop never syncs inside a loop to watch for them.
 """
 
 import contextlib
+import os
 import signal
 import threading
 
 from absl import logging
+
+
+@contextlib.contextmanager
+def written_whole(path, newline=None):
+    """`open(path, "w")` through a temporary file renamed over `path` once written.
+
+    A stop signal or an error in the middle leaves the previous file (or none).
+    """
+    partial = f"{path}.partial"
+    with open(partial, "w", newline=newline) as f:
+        yield f
+    os.replace(partial, path)
 
 
 class Terminated(BaseException):

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from engine import checkpointing, loop
+from engine import checkpointing, guards, loop
 from engine.config import ConfigError
 from input_pipeline import preprocessing, ships
 
@@ -146,12 +146,10 @@ def _unrestored_values_unlogged():
 
 def write_predictions(path, names, categories):
     """Writes `image,category` rows; via a temporary file so a failure leaves no half CSV."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as f:
+    with guards.written_whole(path, newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["image", "category"])
         writer.writerows(zip(names, categories, strict=True))
-    os.replace(tmp, path)
 
 
 def predict(config, model_dir):
