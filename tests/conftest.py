@@ -1,13 +1,26 @@
 """Shared test setup: quiet TensorFlow, and small helpers for the engine's tests."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Processes the tests kill cannot delete their temporary files (autograph's
+# generated modules, a few dozen per process): the processes this session
+# starts write them into one folder, removed at the end. This process keeps
+# the usual one, so pytest's own tmp_path folders stay where users look.
+tempfile.tempdir = tempfile.gettempdir()
+CHILD_TMPDIR = tempfile.mkdtemp(prefix="engine-tests-")
+os.environ["TMPDIR"] = CHILD_TMPDIR
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(CHILD_TMPDIR, ignore_errors=True)
 
 
 def _tensor_summaries(logdir, keep):
