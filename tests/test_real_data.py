@@ -285,6 +285,42 @@ def test_dot_files_are_not_images(tmp_path):
     warning.assert_any_call("ignored %d non-image file(s) under %s", 1, str(tmp_path / "train"))
 
 
+def test_images_in_subfolders_of_a_class_folder_are_read(tmp_path):
+    # As Keras' image_dataset_from_directory reads them: train/<class>/2019/x.jpg.
+    root = make_folder_tree(tmp_path, splits=("train", "val"), per_class=2, classes=("red",))
+    for split, depth in (("train", ("2019",)), ("val", ("2020", "deep"))):
+        nested = tmp_path / split / "blue" / os.path.join(*depth)  # blue: subfolders only
+        os.makedirs(nested)
+        for i in range(3):
+            write_image(str(nested / f"b{i}.jpg"), 2, i)
+    os.makedirs(tmp_path / "train" / "red" / "2019")  # beside red's own images
+    write_image(str(tmp_path / "train" / "red" / "2019" / "r9.jpg"), 0, 9)
+    data = create_data(_real_config(f"folder:{root}", augment=False))
+    assert data.class_names == ("blue", "red")
+    assert (data.train_size, data.eval_size) == (6, 5)
+    images, labels = _eval_arrays(data)
+    np.testing.assert_array_equal(_colour_class(images), np.array([2, 0])[labels])
+
+
+def test_subfolders_are_listed_in_sorted_order_without_dot_folders(tmp_path):
+    red = tmp_path / "train" / "red"
+    names = ("b/x.jpg", "a.jpg", "a/z/y.png", "c.jpg", ".thumbs/t.jpg", "a/._y.jpg", "a/n.txt")
+    for name in (*names, "../../store/s.jpg"):
+        os.makedirs(red / os.path.dirname(name), exist_ok=True)
+        (red / name).write_bytes(b"")
+    os.symlink(tmp_path / "store", red / "linked")  # followed, like a linked class folder
+    os.symlink(red, red / "b" / "loop")  # a loop is walked once
+    with mock.patch.object(folder.logging, "warning") as warning:
+        paths, labels = folder.list_split(str(tmp_path / "train"), ("red",))
+    relative = [os.path.relpath(p, red) for p in paths]
+    assert relative == ["a.jpg", "a/z/y.png", "b/x.jpg", "c.jpg", "linked/s.jpg"]
+    assert labels == [0] * 5
+    # The dot-file and the text file; no folder is counted, the dot-folder not at all.
+    warning.assert_called_once_with(
+        "ignored %d non-image file(s) under %s", 2, str(tmp_path / "train")
+    )
+
+
 def test_empty_split_is_an_error(tmp_path):
     os.makedirs(tmp_path / "train")
     with pytest.raises(DataError, match=r"train has no class folders"):
