@@ -93,7 +93,10 @@ flags.DEFINE_float(
 )
 flags.DEFINE_bool("augment", C.augment, "Random crop + flip when training on real images.")
 flags.DEFINE_string(
-    "cache", C.cache, "Cache decoded images: memory, a file-path prefix, or empty for none."
+    "cache",
+    C.cache,
+    "Cache decoded images: memory, a folder (files DIR/cache-*), a file-path prefix (files "
+    "PREFIX-*), or empty for none.",
 )
 flags.DEFINE_bool(
     "deterministic",

@@ -70,7 +70,7 @@ class Config:
     eval_split: str = ""  # "" means tfds: "test"; folder: val|validation|eval|test or hold-out
     eval_fraction: float = 0.1  # stratified hold-out when there is no eval split
     augment: bool = True  # random crop + horizontal flip for real-image training
-    cache: str = "memory"  # "", "memory" or a file-path prefix for the decoded images
+    cache: str = "memory"  # "", "memory", a folder or a file-path prefix (see cache_prefix)
     deterministic: bool = False  # deterministic ops and input order: same batches, exact resume
     class_weighting: bool = False  # weight the loss by n / (num_classes * n_class)
     skip_bad_images: bool = False  # drop (count, log) undecodable images instead of failing
@@ -192,7 +192,7 @@ class Config:
             raise ConfigError("--train_split must not be empty")
         self._check_split_flags()
         if self.cache not in ("", "memory"):
-            parent = os.path.dirname(os.path.abspath(self.cache))
+            parent = os.path.dirname(os.path.abspath(cache_prefix(self.cache)))
             if not os.path.isdir(parent):
                 raise ConfigError(
                     f"--cache={self.cache}: {_not_a_folder(parent)}, "
@@ -315,6 +315,18 @@ class Config:
 def _defaults():
     """Every field's default, by name: what a flag left unset holds."""
     return {f.name: f.default for f in dataclasses.fields(Config)}
+
+
+def cache_prefix(cache):
+    """What a file `--cache`'s file names start with (`-<hash>` and TF's suffixes follow).
+
+    A folder (existing, or named with a trailing separator) holds the files as
+    `cache-<hash>*`; any other value is itself the prefix, so `runs/imgs` gives
+    `runs/imgs-<hash>*`.
+    """
+    if cache.endswith(("/", os.sep)) or os.path.isdir(cache):
+        return os.path.join(cache, "cache")
+    return cache
 
 
 def _not_a_folder(path):

@@ -20,6 +20,7 @@ from image_trees import (
 )
 
 from engine import loop
+from engine.config import ConfigError
 from input_pipeline import DataError, create_data, folder, preprocessing
 
 
@@ -178,6 +179,26 @@ def test_file_cache_is_written_under_the_given_prefix(tmp_path):
     assert [p.name for p in prefix.parent.glob("imgs-*.index")]
 
 
+@pytest.mark.parametrize("trailing_separator", [False, True])
+def test_file_cache_given_a_folder_is_written_inside_it(tmp_path, trailing_separator):
+    root = make_folder_tree(tmp_path / "data", per_class=4)
+    folder_path = tmp_path / "cache"
+    folder_path.mkdir()
+    cache = str(folder_path) + (os.sep if trailing_separator else "")
+    data = create_data(_real_config(f"folder:{root}", cache=cache))
+    data.train_fn()
+    list(data.eval_fn())
+    assert len(list(folder_path.glob("cache-*.index"))) == 2  # train and eval
+    assert not list(tmp_path.glob("cache-*"))  # nothing beside the folder
+
+
+def test_a_cache_folder_named_with_a_trailing_separator_must_exist(tmp_path):
+    missing = tmp_path / "new"
+    expected = f"--cache={missing}{os.sep}: folder {missing} does not exist; create it"
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        _real_config("shapes", cache=f"{missing}{os.sep}")
+
+
 def test_file_cache_is_not_read_back_after_images_are_overwritten_in_place(tmp_path):
     root = make_folder_tree(tmp_path / "data", splits=("train", "val"), per_class=4)
     prefix = tmp_path / "cache" / "imgs"
@@ -194,24 +215,29 @@ def test_file_cache_is_not_read_back_after_images_are_overwritten_in_place(tmp_p
 
 
 @pytest.mark.parametrize("damage", ["stale_lock", "truncated", "missing"])
-def test_a_locked_or_damaged_file_cache_is_a_clear_error(tmp_path, damage):
+@pytest.mark.parametrize("cache", ["imgs", ""], ids=["prefix", "folder"])
+def test_a_locked_or_damaged_file_cache_is_a_clear_error(tmp_path, damage, cache):
     root = make_folder_tree(tmp_path / "data", per_class=4)
-    prefix = tmp_path / "cache" / "imgs"
-    prefix.parent.mkdir()
-    config = _real_config(f"folder:{root}", cache=str(prefix))
+    folder_path = tmp_path / "cache"
+    folder_path.mkdir()
+    cache = str(folder_path / cache)  # cache/imgs-<hash>*, or cache/cache-<hash>*
+    config = _real_config(f"folder:{root}", cache=cache)
     create_data(config).train_fn()  # writes the training images' cache
-    (index,) = prefix.parent.glob("imgs-*.index")
+    (index,) = folder_path.glob("*.index")
     stem = index.name[: -len(".index")]
+    lock = folder_path / f"{stem}_0.lockfile"
     if damage == "stale_lock":  # what a run killed while writing the cache leaves
-        for f in prefix.parent.glob(f"{stem}*"):
+        for f in folder_path.glob(f"{stem}*"):
             f.unlink()
-        (prefix.parent / f"{stem}_0.lockfile").write_text("")
-        expected = rf"--cache=.*imgs: .*{stem}_0.lockfile locks its cache file"
+        lock.write_text("")
+        expected = (
+            rf"--cache={re.escape(cache)}: {re.escape(str(lock))} locks its cache file; .* delete "
+        )
     else:
-        _damage(prefix.parent, stem, damage)
+        _damage(folder_path, stem, damage)
         # The advice names this cache's files alone, not other data sets' under the prefix.
-        expected = rf"--cache=.*imgs: the cache files are damaged .*; delete \S*/{stem}\* to"
-    with pytest.raises(DataError, match=expected):
+        expected = rf"--cache={re.escape(cache)}: the cache files are damaged .*; delete "
+    with pytest.raises(DataError, match=expected + re.escape(f"{folder_path / stem}* ")):
         create_data(config).train_fn()
 
 
