@@ -78,19 +78,25 @@ flags.DEFINE_integer("eval_batch_size", C.eval_batch_size, "Evaluation batch siz
 flags.DEFINE_string("data_dir", C.data_dir, "TFDS data directory (default: TFDS' own).")
 flags.DEFINE_bool("download", C.download, "Let TFDS download and prepare a missing data set.")
 flags.DEFINE_string(
-    "train_split", C.train_split, "TFDS split string (e.g. train[:90%]) or folder:PATH split."
+    "train_split",
+    C.train_split,
+    "TFDS split string (e.g. train[:90%]) or folder:PATH split (tfds: and folder: only).",
 )
 flags.DEFINE_string(
     "eval_split",
     C.eval_split,
-    "TFDS split string or folder:PATH split; default test (tfds) or val/validation/eval/test.",
+    "TFDS split string or folder:PATH split (tfds: and folder: only); default test (tfds) or "
+    "val/validation/eval/test.",
 )
 flags.DEFINE_float(
     "eval_fraction", C.eval_fraction, "Stratified hold-out for eval when there is no eval split."
 )
 flags.DEFINE_bool("augment", C.augment, "Random crop + flip when training on real images.")
 flags.DEFINE_string(
-    "cache", C.cache, "Cache decoded images: memory, a file-path prefix, or empty for none."
+    "cache",
+    C.cache,
+    "Cache decoded images: memory, a folder (files DIR/cache-*), a file-path prefix (files "
+    "PREFIX-*), or empty for none.",
 )
 flags.DEFINE_bool(
     "deterministic",

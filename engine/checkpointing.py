@@ -27,7 +27,7 @@ import tensorflow as tf
 from absl import logging
 
 from engine import guards
-from engine.config import ConfigError
+from engine.config import SPLIT_DATASETS, SPLIT_FLAGS, ConfigError
 
 CONFIG_FILE = "config.json"
 # The class names in label order: a `folder:` data set takes them from its folders,
@@ -328,6 +328,8 @@ def check_compatible(config, directory, fields=RESUME_FIELDS):
     for name in fields:
         if name == "loss_scale" and saved.get("precision") != "mixed":
             continue  # no loss scale: the flag changed nothing (older runs recorded it)
+        if name in SPLIT_FLAGS and not str(saved.get("dataset")).startswith(SPLIT_DATASETS):
+            continue  # no splits: likewise, and a run now refuses the flags there
         new = getattr(config, name)
         if name in saved and saved[name] != new:
             raise ConfigError(

@@ -16,6 +16,9 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
 BUILTIN_DATASETS = ("shapes", "synthetic")
 DATASET_PREFIXES = ("tfds:", "folder:", "ships:")
+# The data sets that read --train_split and --eval_split; the others have no splits.
+SPLIT_DATASETS = ("tfds:", "folder:")
+SPLIT_FLAGS = ("train_split", "eval_split")
 DEFAULT_COMPARE = "fp32,fp32+xla,mixed,mixed+xla,mixed_bf16,mixed_bf16+xla"
 
 
@@ -67,7 +70,7 @@ class Config:
     eval_split: str = ""  # "" means tfds: "test"; folder: val|validation|eval|test or hold-out
     eval_fraction: float = 0.1  # stratified hold-out when there is no eval split
     augment: bool = True  # random crop + horizontal flip for real-image training
-    cache: str = "memory"  # "", "memory" or a file-path prefix for the decoded images
+    cache: str = "memory"  # "", "memory", a folder or a file-path prefix (see cache_prefix)
     deterministic: bool = False  # deterministic ops and input order: same batches, exact resume
     class_weighting: bool = False  # weight the loss by n / (num_classes * n_class)
     skip_bad_images: bool = False  # drop (count, log) undecodable images instead of failing
@@ -187,8 +190,9 @@ class Config:
             raise ConfigError(f"--eval_fraction must be between 0 and 1, got {self.eval_fraction}")
         if not self.train_split:
             raise ConfigError("--train_split must not be empty")
+        self._check_split_flags()
         if self.cache not in ("", "memory"):
-            parent = os.path.dirname(os.path.abspath(self.cache))
+            parent = os.path.dirname(os.path.abspath(cache_prefix(self.cache)))
             if not os.path.isdir(parent):
                 raise ConfigError(
                     f"--cache={self.cache}: {_not_a_folder(parent)}, "
@@ -203,6 +207,20 @@ class Config:
                 )
             if not self.model_dir:
                 raise ConfigError("--mode=predict needs --model_dir of a trained run")
+
+    def _check_split_flags(self):
+        # Elsewhere the flags would be ignored, yet recorded with the run, and a
+        # resume without them refused.
+        if self.dataset.startswith(SPLIT_DATASETS):
+            return
+        defaults = _defaults()
+        given = [f"--{name}" for name in SPLIT_FLAGS if getattr(self, name) != defaults[name]]
+        if given:
+            verb, them = ("applies", "it") if len(given) == 1 else ("apply", "them")
+            raise ConfigError(
+                f"{', '.join(given)} {verb} only to --dataset=tfds:NAME and folder:PATH; "
+                f"--dataset={self.dataset} has no named splits: drop {them}"
+            )
 
     def _check_output_paths(self):
         # Checked before anything runs: a benchmark or a training run must not
@@ -286,12 +304,29 @@ class Config:
 
     def without_loss_scale_flags(self):
         """A copy with every loss-scale flag at its default."""
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        defaults = _defaults()
         return self.replace(**{name: defaults[name] for name in LOSS_SCALE_FLAGS})
 
     def replace(self, **changes):
         """A validated copy with `changes` applied."""
         return dataclasses.replace(self, **changes)
+
+
+def _defaults():
+    """Every field's default, by name: what a flag left unset holds."""
+    return {f.name: f.default for f in dataclasses.fields(Config)}
+
+
+def cache_prefix(cache):
+    """What a file `--cache`'s file names start with (`-<hash>` and TF's suffixes follow).
+
+    A folder (existing, or named with a trailing separator) holds the files as
+    `cache-<hash>*`; any other value is itself the prefix, so `runs/imgs` gives
+    `runs/imgs-<hash>*`.
+    """
+    if cache.endswith(("/", os.sep)) or os.path.isdir(cache):
+        return os.path.join(cache, "cache")
+    return cache
 
 
 def _not_a_folder(path):

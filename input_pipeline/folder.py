@@ -1,9 +1,14 @@
-"""`folder:PATH`: a tree `PATH/<split>/<class>/*.{jpg,jpeg,png}`.
+"""`folder:PATH`: a tree `PATH/<split>/<class>/**/*.{jpg,jpeg,png}`.
 
 Class names are the train split's folder names, sorted, so label ids are the
-same on every machine. An eval split comes from `--eval_split` or the first of
-`EVAL_FOLDERS` that exists and holds class folders; without one, a stratified
-hold-out of the train split (`--eval_fraction`).
+same on every machine. A class's images may sit in subfolders of its folder
+(`train/cat/2019/x.jpg`), at any depth, as Keras' `image_dataset_from_directory`
+reads them; symlinked subfolders are followed, each real folder once. Names
+starting with `.` are skipped at every level (dot-files counted as ignored).
+
+An eval split comes from `--eval_split` or the first of `EVAL_FOLDERS` that
+exists and holds class folders; without one, a stratified hold-out of the
+train split (`--eval_fraction`).
 """
 
 import os
@@ -22,8 +27,33 @@ def _class_folders(split_dir):
     )
 
 
+def _class_files(class_dir):
+    """Paths relative to `class_dir` of every file below it, dot-folders skipped, sorted.
+
+    Sorting the relative paths (not each folder's listing) gives one order on
+    every machine, whatever the file system lists first.
+    """
+    names, seen = [], set()
+    for folder, subfolders, files in os.walk(class_dir, onerror=_unreadable, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a symlink loop, or a second link to one folder
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        # Sorted in place, so the walk (and which link wins) is the same everywhere.
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        rel = os.path.relpath(folder, class_dir)
+        names.extend(os.path.normpath(os.path.join(rel, f)) for f in files)
+    return sorted(names)
+
+
+def _unreadable(error):
+    # os.walk would skip the folder silently, and with it its images.
+    raise DataError(f"cannot list {error.filename} ({error.strerror}); make it readable")
+
+
 def list_split(split_dir, class_names):
-    """(paths, labels) of every image under `split_dir/<class>/`, in sorted order.
+    """(paths, labels) of every image under `split_dir/<class>/`, subfolders included, sorted.
 
     Raises:
       DataError: no class folders, an empty class folder, or a class folder
@@ -42,13 +72,18 @@ def list_split(split_dir, class_names):
                 f"split ({', '.join(class_names)}); rename or remove it"
             )
         class_dir = os.path.join(split_dir, name)
-        files = sorted(os.listdir(class_dir))
+        files = _class_files(class_dir)
         # Dot-names (macOS `._x.jpg` resource forks) are skipped, like dot-folders.
-        images = [f for f in files if not f.startswith(".") and preprocessing.is_image_file(f)]
+        images = [
+            f
+            for f in files
+            if not os.path.basename(f).startswith(".") and preprocessing.is_image_file(f)
+        ]
         ignored += len(files) - len(images)
         if not images:
             raise DataError(
-                f"class folder {class_dir} has no .jpg/.jpeg/.png images; add some or remove it"
+                f"class folder {class_dir} has no .jpg/.jpeg/.png images, in it or its "
+                "subfolders; add some or remove it"
             )
         paths.extend(os.path.join(class_dir, f) for f in images)
         labels.extend([class_names.index(name)] * len(images))

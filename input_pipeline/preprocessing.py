@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from engine.config import cache_prefix
 from input_pipeline import batching
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -87,7 +88,7 @@ def _identity(x):
 
 
 def _cache(ds, cache, key):
-    """`cache` is "" (off), "memory", or a file-path prefix.
+    """`cache` is "" (off), "memory", a folder, or a file-path prefix (`cache_prefix`).
 
     The file name carries a hash of `key` (the file list, labels, each file's
     size and modification time, and the image size), so a cache written for
@@ -111,7 +112,8 @@ def _cache(ds, cache, key):
 
 
 def _cache_path(cache, key):
-    return f"{cache}-{hashlib.sha1(repr(key).encode()).hexdigest()[:12]}"
+    """The cache files' path without TF's suffixes: `DIR/cache-<hash>` or `PREFIX-<hash>`."""
+    return f"{cache_prefix(cache)}-{hashlib.sha1(repr(key).encode()).hexdigest()[:12]}"
 
 
 def _written(cache, key):

@@ -182,6 +182,22 @@ def test_a_run_without_a_loss_scale_resumes_whatever_loss_scale_it_recorded(tmp_
     assert _train(tmp_path, train_steps=4).steps == 4
 
 
+def test_a_run_without_splits_resumes_whatever_split_it_recorded(tmp_path):
+    # Runs made before the split flags were refused without tfds:/folder: recorded them.
+    _fake_checkpoint(tmp_path / "shapes", tiny_config())
+    path = tmp_path / "shapes" / "checkpoints" / "config.json"
+    path.write_text(path.read_text().replace('"eval_split": ""', '"eval_split": "val"'))
+    assert '"eval_split": "val"' in path.read_text()
+    assert checkpointing.prepare_model_dir(tiny_config(), str(tmp_path / "shapes"))
+    # A folder: run still pins its splits.
+    folder_config = tiny_config(dataset="folder:data")
+    _fake_checkpoint(tmp_path / "folder", folder_config)
+    with pytest.raises(ConfigError, match=r"^--eval_split=val does not match the checkpoints"):
+        checkpointing.prepare_model_dir(
+            folder_config.replace(eval_split="val"), str(tmp_path / "folder")
+        )
+
+
 def test_no_readable_checkpoint_is_an_error_not_a_restart(tmp_path):
     _train(tmp_path, train_steps=2)
     for f in (tmp_path / "checkpoints").glob("ckpt-*.data-*"):

@@ -45,6 +45,11 @@ def _main(*args, timeout=120):
         ("--flagfile=/nonexistent/f.txt", "error: Unable to open flagfile"),
         ("--precision=fp32 --loss_scale=128", "--loss_scale applies only to --precision=mixed"),
         (
+            "--dataset=synthetic --eval_split=val",
+            "--eval_split applies only to --dataset=tfds:NAME and folder:PATH; "
+            "--dataset=synthetic has no named splits: drop it",
+        ),
+        (
             "--precision=mixed_bf16 --initial_scale=4 --growth_interval=10",
             "--initial_scale, --growth_interval apply only to --precision=mixed (float16); "
             "--precision=mixed_bf16 has no loss scale: drop them",
@@ -66,6 +71,17 @@ def test_loss_scale_flags_are_for_float16_and_for_the_runs_that_share_flags():
     Config(mode="benchmark", precision="fp32", initial_scale=4.0).check_loss_scale_flags()
     with pytest.raises(ConfigError, match="--min_scale applies only"):
         Config(precision="fp32", min_scale=0.5).check_loss_scale_flags()
+
+
+def test_split_flags_are_refused_where_no_data_set_reads_them():
+    Config(dataset="tfds:beans", train_split="train[:90%]", eval_split="validation")
+    Config(dataset="folder:data", train_split="training", eval_split="val")
+    for dataset in ("shapes", "synthetic", "ships:data"):
+        Config(dataset=dataset)  # the defaults are no choice of split
+        with pytest.raises(ConfigError, match=rf"^--train_split applies only .*={dataset} has"):
+            Config(dataset=dataset, train_split="train[:50%]")
+    with pytest.raises(ConfigError, match=r"--train_split, --eval_split apply only .*drop them$"):
+        Config(dataset="ships:data", train_split="a", eval_split="b")
 
 
 def test_an_eta_beyond_any_calendar_still_prints():

@@ -20,6 +20,7 @@ from image_trees import (
 )
 
 from engine import loop
+from engine.config import ConfigError
 from input_pipeline import DataError, create_data, folder, preprocessing
 
 
@@ -178,6 +179,26 @@ def test_file_cache_is_written_under_the_given_prefix(tmp_path):
     assert [p.name for p in prefix.parent.glob("imgs-*.index")]
 
 
+@pytest.mark.parametrize("trailing_separator", [False, True])
+def test_file_cache_given_a_folder_is_written_inside_it(tmp_path, trailing_separator):
+    root = make_folder_tree(tmp_path / "data", per_class=4)
+    folder_path = tmp_path / "cache"
+    folder_path.mkdir()
+    cache = str(folder_path) + (os.sep if trailing_separator else "")
+    data = create_data(_real_config(f"folder:{root}", cache=cache))
+    data.train_fn()
+    list(data.eval_fn())
+    assert len(list(folder_path.glob("cache-*.index"))) == 2  # train and eval
+    assert not list(tmp_path.glob("cache-*"))  # nothing beside the folder
+
+
+def test_a_cache_folder_named_with_a_trailing_separator_must_exist(tmp_path):
+    missing = tmp_path / "new"
+    expected = f"--cache={missing}{os.sep}: folder {missing} does not exist; create it"
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        _real_config("shapes", cache=f"{missing}{os.sep}")
+
+
 def test_file_cache_is_not_read_back_after_images_are_overwritten_in_place(tmp_path):
     root = make_folder_tree(tmp_path / "data", splits=("train", "val"), per_class=4)
     prefix = tmp_path / "cache" / "imgs"
@@ -194,24 +215,29 @@ def test_file_cache_is_not_read_back_after_images_are_overwritten_in_place(tmp_p
 
 
 @pytest.mark.parametrize("damage", ["stale_lock", "truncated", "missing"])
-def test_a_locked_or_damaged_file_cache_is_a_clear_error(tmp_path, damage):
+@pytest.mark.parametrize("cache", ["imgs", ""], ids=["prefix", "folder"])
+def test_a_locked_or_damaged_file_cache_is_a_clear_error(tmp_path, damage, cache):
     root = make_folder_tree(tmp_path / "data", per_class=4)
-    prefix = tmp_path / "cache" / "imgs"
-    prefix.parent.mkdir()
-    config = _real_config(f"folder:{root}", cache=str(prefix))
+    folder_path = tmp_path / "cache"
+    folder_path.mkdir()
+    cache = str(folder_path / cache)  # cache/imgs-<hash>*, or cache/cache-<hash>*
+    config = _real_config(f"folder:{root}", cache=cache)
     create_data(config).train_fn()  # writes the training images' cache
-    (index,) = prefix.parent.glob("imgs-*.index")
+    (index,) = folder_path.glob("*.index")
     stem = index.name[: -len(".index")]
+    lock = folder_path / f"{stem}_0.lockfile"
     if damage == "stale_lock":  # what a run killed while writing the cache leaves
-        for f in prefix.parent.glob(f"{stem}*"):
+        for f in folder_path.glob(f"{stem}*"):
             f.unlink()
-        (prefix.parent / f"{stem}_0.lockfile").write_text("")
-        expected = rf"--cache=.*imgs: .*{stem}_0.lockfile locks its cache file"
+        lock.write_text("")
+        expected = (
+            rf"--cache={re.escape(cache)}: {re.escape(str(lock))} locks its cache file; .* delete "
+        )
     else:
-        _damage(prefix.parent, stem, damage)
+        _damage(folder_path, stem, damage)
         # The advice names this cache's files alone, not other data sets' under the prefix.
-        expected = rf"--cache=.*imgs: the cache files are damaged .*; delete \S*/{stem}\* to"
-    with pytest.raises(DataError, match=expected):
+        expected = rf"--cache={re.escape(cache)}: the cache files are damaged .*; delete "
+    with pytest.raises(DataError, match=expected + re.escape(f"{folder_path / stem}* ")):
         create_data(config).train_fn()
 
 
@@ -283,6 +309,42 @@ def test_dot_files_are_not_images(tmp_path):
         data = create_data(_real_config(f"folder:{root}"))
     assert data.train_size + data.eval_size == 12
     warning.assert_any_call("ignored %d non-image file(s) under %s", 1, str(tmp_path / "train"))
+
+
+def test_images_in_subfolders_of_a_class_folder_are_read(tmp_path):
+    # As Keras' image_dataset_from_directory reads them: train/<class>/2019/x.jpg.
+    root = make_folder_tree(tmp_path, splits=("train", "val"), per_class=2, classes=("red",))
+    for split, depth in (("train", ("2019",)), ("val", ("2020", "deep"))):
+        nested = tmp_path / split / "blue" / os.path.join(*depth)  # blue: subfolders only
+        os.makedirs(nested)
+        for i in range(3):
+            write_image(str(nested / f"b{i}.jpg"), 2, i)
+    os.makedirs(tmp_path / "train" / "red" / "2019")  # beside red's own images
+    write_image(str(tmp_path / "train" / "red" / "2019" / "r9.jpg"), 0, 9)
+    data = create_data(_real_config(f"folder:{root}", augment=False))
+    assert data.class_names == ("blue", "red")
+    assert (data.train_size, data.eval_size) == (6, 5)
+    images, labels = _eval_arrays(data)
+    np.testing.assert_array_equal(_colour_class(images), np.array([2, 0])[labels])
+
+
+def test_subfolders_are_listed_in_sorted_order_without_dot_folders(tmp_path):
+    red = tmp_path / "train" / "red"
+    names = ("b/x.jpg", "a.jpg", "a/z/y.png", "c.jpg", ".thumbs/t.jpg", "a/._y.jpg", "a/n.txt")
+    for name in (*names, "../../store/s.jpg"):
+        os.makedirs(red / os.path.dirname(name), exist_ok=True)
+        (red / name).write_bytes(b"")
+    os.symlink(tmp_path / "store", red / "linked")  # followed, like a linked class folder
+    os.symlink(red, red / "b" / "loop")  # a loop is walked once
+    with mock.patch.object(folder.logging, "warning") as warning:
+        paths, labels = folder.list_split(str(tmp_path / "train"), ("red",))
+    relative = [os.path.relpath(p, red) for p in paths]
+    assert relative == ["a.jpg", "a/z/y.png", "b/x.jpg", "c.jpg", "linked/s.jpg"]
+    assert labels == [0] * 5
+    # The dot-file and the text file; no folder is counted, the dot-folder not at all.
+    warning.assert_called_once_with(
+        "ignored %d non-image file(s) under %s", 2, str(tmp_path / "train")
+    )
 
 
 def test_empty_split_is_an_error(tmp_path):
