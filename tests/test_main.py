@@ -1,5 +1,7 @@
 """The command line: bad flags are one line and a non-zero exit, before TensorFlow loads."""
 
+import os
+
 import pytest
 from conftest import run_main
 
@@ -153,3 +155,19 @@ def test_benchmark_on_missing_data_is_one_error_line_before_any_worker():
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "nonexistent/train is not a folder" in errors[0]
     assert "Traceback" not in proc.stderr and "benchmarking" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--dataset=folder:~/data"], "{home}/data/train is not a folder"),
+        (["--dataset=tfds:mnist", "--data_dir=~/tfds"], "is not prepared in {home}/tfds/mnist"),
+    ],
+)
+def test_a_tilde_in_a_path_flag_is_the_home_folder(tmp_path, flags, expected):
+    # The shell leaves `~` after `=` alone; unexpanded, it would name a folder `~`.
+    env = {**os.environ, "HOME": str(tmp_path)}
+    proc = run_main(*flags, f"--model_dir={tmp_path / 'run'}", env=env, timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert expected.format(home=tmp_path) in errors[0]
