@@ -15,6 +15,7 @@ so the end-to-end figure is lower than both on a small machine.
 """
 
 import os
+import sys
 import tempfile
 import time
 
@@ -88,26 +89,37 @@ def train_images_per_second(config, data, dataset_fn, steps):
     return steps * config.batch_size / (time.perf_counter() - start)
 
 
+def _fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
     del argv
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-    from engine.config import Config
-    from input_pipeline import create_data
+    from engine.config import Config, ConfigError
 
+    if FLAGS.num_images < 2 * CATEGORIES:
+        _fail(f"--num_images must be at least {2 * CATEGORIES}, got {FLAGS.num_images}")
     with tempfile.TemporaryDirectory() as root:
+        try:  # before writing any image
+            config = Config(
+                dataset=f"ships:{root}",
+                model=FLAGS.model,
+                image_size=FLAGS.image_size,
+                batch_size=FLAGS.batch_size,
+                precision=FLAGS.precision,
+                xla=FLAGS.xla,
+                train_steps=FLAGS.train_steps,
+                eval_fraction=0.1,
+            )
+        except ConfigError as e:
+            _fail(str(e))
+        from input_pipeline import create_data
+
         start = time.perf_counter()
         write_ship_tree(root, FLAGS.num_images)
         print(f"wrote {FLAGS.num_images} 210x140 JPEGs in {time.perf_counter() - start:.1f} s")
-        config = Config(
-            dataset=f"ships:{root}",
-            model=FLAGS.model,
-            image_size=FLAGS.image_size,
-            batch_size=FLAGS.batch_size,
-            precision=FLAGS.precision,
-            xla=FLAGS.xla,
-            train_steps=FLAGS.train_steps,
-            eval_fraction=0.1,
-        )
         uncached = create_data(config.replace(cache=""))
         data = create_data(config)
         batch = config.batch_size
