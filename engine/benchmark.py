@@ -366,7 +366,9 @@ def run_benchmark(config):
     with guards.terminate_as_interrupt():
         try:
             for runner, precision, xla, rewrite in CONFIGURATIONS:
-                cfg = config.replace(precision=precision, xla=xla, mode="train")
+                # Without the JSON path: the parent writes it, and `replace` would
+                # check its folder again, which may have gone since start-up.
+                cfg = config.replace(precision=precision, xla=xla, mode="train", benchmark_json="")
                 r, s = repeats, steps
                 reduced_budget = None
                 if _is_pathological(precision, xla, on_gpu):
@@ -405,9 +407,15 @@ def run_benchmark(config):
     }
     with _signals_deferred():
         _add_derived(rows, peaks)
-        if config.benchmark_json:
-            _write_json(config.benchmark_json, result)
+        # The table first: a file that cannot be written must not take it along.
         print(format_table(rows, skipped), flush=True)
+        if config.benchmark_json:
+            try:
+                _write_json(config.benchmark_json, result)
+            except config_lib.ConfigError as e:
+                if not interrupted:
+                    raise
+                logging.error("%s", e)  # the exit status still says what stopped the run
     if interrupted:
         logging.error("interrupted: the table above holds the configurations measured so far")
         raise SystemExit(interrupted)  # 128 + the signal's number, as a shell reports it
@@ -432,8 +440,14 @@ def _run_worker_process(config, graph_rewrite, repeats, steps):
 
 
 def _write_json(path, result):
-    with guards.written_whole(path) as f:
-        json.dump(result, f, indent=2, allow_nan=False)
+    try:
+        with guards.written_whole(path) as f:
+            json.dump(result, f, indent=2, allow_nan=False)
+    except OSError as e:  # checked at start-up, but the folder may have gone since
+        raise config_lib.ConfigError(
+            f"--benchmark_json={path} could not be written ({e.strerror or e}); "
+            "the table above holds the results"
+        ) from None
 
 
 @contextlib.contextmanager

@@ -227,8 +227,9 @@ class Config:
         # end by failing to write its result.
         for name in ("benchmark_json", "predictions_csv"):
             path = getattr(self, name)
-            if not path or "://" in path:
+            if not path:
                 continue
+            check_local_path(f"--{name}", path)
             if os.path.isdir(path):
                 raise ConfigError(f"--{name}={path} is a folder; give a file path")
             parent = os.path.dirname(os.path.abspath(path))
@@ -327,6 +328,20 @@ def cache_prefix(cache):
     if cache.endswith(("/", os.sep)) or os.path.isdir(cache):
         return os.path.join(cache, "cache")
     return cache
+
+
+def check_local_path(flag, path):
+    """Refuses `scheme://` paths for a file written with Python's `open()`.
+
+    `open()` takes `gs://b/x` for a relative path and fails at the end of the
+    run, when the file is written, not where the flag is read.
+    """
+    scheme, sep, _ = path.partition("://")
+    if sep:
+        raise ConfigError(
+            f"{flag}={path} must be a local path: the file is written with Python's open(), "
+            f"which cannot write {scheme}:// URLs; give a local file and copy it afterwards"
+        )
 
 
 def _not_a_folder(path):

@@ -266,3 +266,35 @@ def test_the_json_file_is_replaced_whole_or_not_at_all(tmp_path):
     assert json.loads(path.read_text()) == {"rows": ["an earlier complete run"]}
     benchmark._write_json(str(path), {"rows": [1.0]})
     assert json.loads(path.read_text()) == {"rows": [1.0]}
+
+
+def _fake_run(monkeypatch, row=None):
+    """`run_benchmark` with faked peaks and workers; returns the worker calls made.
+
+    Each worker returns `row` (by default `_ROW` in the worker's precision and XLA).
+    """
+    calls = []
+
+    def worker(cfg, rewrite, repeats, steps):
+        calls.append((cfg.precision, cfg.xla, rewrite, repeats, steps))
+        measured = row or dict(_ROW, precision=cfg.precision, xla=cfg.xla)
+        return [dict(measured, train_gflop_per_example=0.1)], None
+
+    monkeypatch.setattr(benchmark, "measure_peak_gflops", lambda dtype: 1.0)
+    monkeypatch.setattr(benchmark, "_run_worker_process", worker)
+    return calls
+
+
+def _benchmark_config(**overrides):
+    return tiny_config(mode="benchmark", dataset="synthetic", benchmark_repeats=1, **overrides)
+
+
+def test_a_json_file_that_cannot_be_written_keeps_the_table(tmp_path, monkeypatch, capsys):
+    _fake_run(monkeypatch)
+    folder = tmp_path / "results"
+    folder.mkdir()
+    config = _benchmark_config(benchmark_json=str(folder / "bench.json"))
+    folder.rmdir()  # checked at start-up, gone by the end
+    with pytest.raises(ConfigError, match=r"bench.json could not be written .*the table above"):
+        benchmark.run_benchmark(config)
+    assert "| engine | tiny 16px b8 | fp32 |" in capsys.readouterr().out

@@ -42,6 +42,8 @@ def _main(*args, timeout=120):
         ("--export_dir=main.py", "--export_dir=main.py is a file; give a folder path"),
         ("--export_dir=main.py/export", "main.py is a file, so the folder cannot be made"),
         ("--benchmark_json=main.py/b.json", "main.py is a file, not a folder"),
+        ("--benchmark_json=gs://bucket/b.json", "--benchmark_json=gs://bucket/b.json must be a "),
+        ("--predictions_csv=s3://b/p.csv", "must be a local path: the file is written with"),
         ("--flagfile=/nonexistent/f.txt", "error: Unable to open flagfile"),
         ("--precision=fp32 --loss_scale=128", "--loss_scale applies only to --precision=mixed"),
         (
