@@ -8,7 +8,8 @@ their timed windows are interleaved (fit, engine, fit, engine, ...: one `fit`
 call whose callback runs the engine between its windows) so machine drift hits
 both alike; `vs_fit` is the median of the paired ratios.
 
-Run as `python main.py --mode=benchmark [--model=... --image_size=... --batch_size=...]`.
+Run as `python main.py --mode=benchmark [--model=... --image_size=... --batch_size=...]`;
+`--compare=fp32,mixed_bf16+xla` measures only those configurations.
 """
 
 import contextlib
@@ -41,6 +42,17 @@ CONFIGURATIONS = (
     ("graph_rewrite", "fp32", False, True),
 )
 _WORKER_TIMEOUT_S = 600
+
+
+def benchmark_configurations(config):
+    """The `CONFIGURATIONS` entries to measure.
+
+    `--compare` at its default gives the whole table, grappler's graph rewrite
+    included; a chosen list gives the engine configurations it names, in its order.
+    """
+    if config.compare == config_lib.DEFAULT_COMPARE:
+        return CONFIGURATIONS
+    return tuple(("engine", p, xla, False) for p, xla in config_lib.parse_compare(config.compare))
 
 
 def _machine():
@@ -365,7 +377,7 @@ def run_benchmark(config):
     # running worker is killed and the rows measured so far are kept.
     with guards.terminate_as_interrupt():
         try:
-            for runner, precision, xla, rewrite in CONFIGURATIONS:
+            for runner, precision, xla, rewrite in benchmark_configurations(config):
                 # Without the JSON path: the parent writes it, and `replace` would
                 # check its folder again, which may have gone since start-up.
                 cfg = config.replace(precision=precision, xla=xla, mode="train", benchmark_json="")

@@ -286,7 +286,9 @@ def _fake_run(monkeypatch, row=None):
 
 
 def _benchmark_config(**overrides):
-    return tiny_config(mode="benchmark", dataset="synthetic", benchmark_repeats=1, **overrides)
+    # The benchmark chooses precision and XLA itself: both stay at their defaults.
+    base = dict(mode="benchmark", precision="mixed", dataset="synthetic", benchmark_repeats=1)
+    return tiny_config(**{**base, **overrides})
 
 
 def test_a_json_file_that_cannot_be_written_keeps_the_table(tmp_path, monkeypatch, capsys):
@@ -298,3 +300,32 @@ def test_a_json_file_that_cannot_be_written_keeps_the_table(tmp_path, monkeypatc
     with pytest.raises(ConfigError, match=r"bench.json could not be written .*the table above"):
         benchmark.run_benchmark(config)
     assert "| engine | tiny 16px b8 | fp32 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("precision", "fp32"),
+        ("xla", True),
+        ("strategy", "mirrored"),
+        ("num_cpu_devices", 4),
+        ("grad_accum_steps", 2),
+        ("class_weighting", True),
+        ("precision_diagnostics", True),
+        ("inject_nonfinite", "3"),
+    ],
+)
+def test_flags_the_benchmark_cannot_honour_are_refused(name, value):
+    with pytest.raises(ConfigError, match=rf"^--{name} does not apply to --mode=benchmark"):
+        _benchmark_config(**{name: value})
+    tiny_config(**{name: value})  # a training run takes it
+
+
+def test_compare_chooses_the_configurations_to_benchmark(monkeypatch, capsys):
+    calls = _fake_run(monkeypatch)
+    benchmark.run_benchmark(_benchmark_config(compare="mixed_bf16+xla,fp32"))
+    assert [c[:3] for c in calls] == [("mixed_bf16", True, False), ("fp32", False, False)]
+    assert capsys.readouterr().out.count("| engine |") == 2
+    calls.clear()
+    benchmark.run_benchmark(_benchmark_config())  # the default: the whole table
+    assert [c[:3] for c in calls] == [c[1:] for c in benchmark.CONFIGURATIONS]
