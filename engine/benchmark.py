@@ -158,7 +158,7 @@ def _engine_runner(config, data, loss_scale_override=None):
 
 
 def _fit_interleaved(config, data, repeats, steps, between_windows):
-    """Keras `fit` on the same model, data, optimizer and policy, in one `fit` call.
+    """Keras `fit` on the same model, data, optimizer, policy, loss scale and clipping.
 
     A callback closes a timed window of `fit` every `steps` steps and then calls
     `between_windows()`, which runs the engine's windows: the runners alternate
@@ -173,7 +173,14 @@ def _fit_interleaved(config, data, repeats, steps, between_windows):
     policy = get_policy(config.precision)
     model = loop.create_model_for(config, data.num_classes)
     optimizer = optimizers.create_optimizer(config, config.train_steps or 10**6)
-    if policy.loss_scaling:
+    # Like the engine, clip the unscaled gradients by their global norm: a
+    # LossScaleOptimizer unscales them before its inner optimizer clips.
+    optimizer.global_clipnorm = config.clip_norm or None
+    if policy.loss_scaling and config.loss_scale != "dynamic":
+        # Keras 3's static scale is the optimizer's own factor (LossScaleOptimizer
+        # is dynamic only); it skips no step, but the engine's check runs in every row.
+        optimizer.loss_scale_factor = float(config.loss_scale)
+    elif policy.loss_scaling:
         optimizer = keras.optimizers.LossScaleOptimizer(
             optimizer,
             initial_scale=config.initial_scale,
@@ -185,6 +192,7 @@ def _fit_interleaved(config, data, repeats, steps, between_windows):
         metrics=["accuracy"],
         jit_compile=config.xla,
         steps_per_execution=config.steps_per_loop,
+        auto_scale_loss=False,  # would wrap a static scale in a dynamic LossScaleOptimizer
     )
     loops_per_window = steps // config.steps_per_loop
     windows, first = [], []
@@ -335,6 +343,8 @@ def _row(runner, config, times, steps, first_call_s, rss_mb, flops_per_example):
         "first_step_s": first_step_s,
         "peak_rss_mb": rss_mb,
         "train_gflop_per_example": flops_per_example / 1e9,
+        # "dynamic" or a static scale; None where the precision scales no loss.
+        "loss_scale": config.loss_scale if config.precision == "mixed" else None,
     }
 
 
@@ -541,10 +551,13 @@ def format_table(rows, skipped=()):
     }
     for (precision, xla), why in reduced.items():
         lines.append(f"\n{precision}{' +xla' if xla else ''}: {why}")
-    overhead = [r["loss_scale_overhead"] for r in rows if "loss_scale_overhead" in r]
-    if overhead:
+    measured = [r for r in rows if "loss_scale_overhead" in r]
+    if measured:
+        scale = measured[0].get("loss_scale", "dynamic")
+        kind = "dynamic" if scale == "dynamic" else f"static ({scale})"
         lines.append(
-            f"\ndynamic loss scaling overhead (mixed +xla): {100 * overhead[0]:.1f}% of step time"
+            f"\n{kind} loss scaling overhead (mixed +xla): "
+            f"{100 * measured[0]['loss_scale_overhead']:.1f}% of step time"
         )
     return "\n".join(lines)
 

@@ -329,3 +329,49 @@ def test_compare_chooses_the_configurations_to_benchmark(monkeypatch, capsys):
     calls.clear()
     benchmark.run_benchmark(_benchmark_config())  # the default: the whole table
     assert [c[:3] for c in calls] == [c[1:] for c in benchmark.CONFIGURATIONS]
+
+
+def _fit_once(monkeypatch, **overrides):
+    """Runs `_fit_interleaved` (four steps); returns (model, its initial trainable weights)."""
+    initial, create = [], loop.create_model_for
+
+    def create_and_keep(config, num_classes):
+        model = create(config, num_classes)
+        initial.extend(w.numpy() for w in model.trainable_weights)
+        return model
+
+    monkeypatch.setattr(loop, "create_model_for", create_and_keep)
+    config = tiny_config(steps_per_loop=2, train_steps=100, **overrides)
+    _, _, model = benchmark._fit_interleaved(config, create_data(config), 1, 2, lambda: None)
+    return model, initial
+
+
+@pytest.mark.parametrize("precision", ["fp32", "mixed"])
+def test_fit_clips_gradients_like_the_engine(monkeypatch, precision):
+    clip, lr = 1e-3, 1.0
+    model, initial = _fit_once(
+        monkeypatch,
+        precision=precision,
+        clip_norm=clip,
+        optimizer="sgd",
+        learning_rate=lr,
+        lr_schedule="constant",
+    )
+    moved = [w.numpy() - w0 for w, w0 in zip(model.trainable_weights, initial, strict=True)]
+    # Four plain SGD steps on gradients clipped to `clip` move the weights at most this far.
+    assert 0 < math.sqrt(sum(float(np.sum(d * d)) for d in moved)) <= 4 * lr * clip * 1.001
+
+
+def test_fit_uses_a_static_loss_scale_like_the_engine(monkeypatch):
+    model, _ = _fit_once(monkeypatch, precision="mixed", loss_scale="128")
+    assert not isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert model.optimizer.loss_scale_factor == 128.0
+    model, _ = _fit_once(monkeypatch, precision="mixed")
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+
+
+def test_the_overhead_line_names_a_static_scale():
+    row = dict(_ROW, speedup_vs_fp32=1.0, mfu=0.01, loss_scale_overhead=0.02)
+    assert "dynamic loss scaling overhead (mixed +xla): 2.0%" in benchmark.format_table([row])
+    static = benchmark.format_table([dict(row, loss_scale="128")])
+    assert "static (128) loss scaling overhead (mixed +xla): 2.0%" in static
