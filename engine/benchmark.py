@@ -395,12 +395,12 @@ def run_benchmark(config):
                 reduced_budget = None
                 if _is_pathological(precision, xla, on_gpu):
                     # float16 kernels without XLA on a CPU take up to seconds a step:
-                    # two windows of one one-step loop, for both runners.
+                    # two windows (or fewer, if asked) of one one-step loop, for both runners.
                     cfg = cfg.replace(steps_per_loop=1)
-                    r, s = 2, 1
+                    r, s = min(2, repeats), 1
                     reduced_budget = (
                         f"too slow on this device for the full budget: "
-                        f"{r} windows of one {s}-step loop"
+                        f"{r} window{'s' if r > 1 else ''} of one {s}-step loop"
                     )
                 label = f"{runner} {precision}{' +xla' if xla else ''}"
                 logging.info("benchmarking %s (%d x %d steps)", label, r, s)

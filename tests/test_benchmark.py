@@ -375,3 +375,16 @@ def test_the_overhead_line_names_a_static_scale():
     assert "dynamic loss scaling overhead (mixed +xla): 2.0%" in benchmark.format_table([row])
     static = benchmark.format_table([dict(row, loss_scale="128")])
     assert "static (128) loss scaling overhead (mixed +xla): 2.0%" in static
+
+
+def test_the_reduced_float16_budget_never_exceeds_the_requested_repeats(monkeypatch, capsys):
+    monkeypatch.setattr(benchmark, "_is_pathological", lambda *args: True)
+    calls = _fake_run(monkeypatch)
+    benchmark.run_benchmark(_benchmark_config(compare="mixed"))
+    assert [c[3:] for c in calls] == [(1, 1)]  # --benchmark_repeats=1: one window of one step
+    assert (
+        "mixed: too slow on this device for the full budget: 1 window of" in capsys.readouterr().out
+    )
+    calls.clear()
+    benchmark.run_benchmark(_benchmark_config(compare="mixed", benchmark_repeats=7))
+    assert [c[3:] for c in calls] == [(2, 1)]
