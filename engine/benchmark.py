@@ -555,9 +555,13 @@ def format_table(rows, skipped=()):
     if measured:
         scale = measured[0].get("loss_scale", "dynamic")
         kind = "dynamic" if scale == "dynamic" else f"static ({scale})"
+        overhead = measured[0]["loss_scale_overhead"]
+        # The scaled step does more work than its no-op twin: a negative figure
+        # means this run's timing noise was larger than the overhead.
+        noise = " (negative: below the noise of this run)" if overhead < 0 else ""
         lines.append(
             f"\n{kind} loss scaling overhead (mixed +xla): "
-            f"{100 * measured[0]['loss_scale_overhead']:.1f}% of step time"
+            f"{100 * overhead:.1f}% of step time{noise}"
         )
     return "\n".join(lines)
 

@@ -388,3 +388,13 @@ def test_the_reduced_float16_budget_never_exceeds_the_requested_repeats(monkeypa
     calls.clear()
     benchmark.run_benchmark(_benchmark_config(compare="mixed", benchmark_repeats=7))
     assert [c[3:] for c in calls] == [(2, 1)]
+
+
+def test_a_negative_overhead_is_shown_as_below_the_noise():
+    row = dict(_ROW, speedup_vs_fp32=1.0, mfu=0.01, loss_scale_overhead=-2.837)
+    assert benchmark.format_table([row]).endswith(
+        "dynamic loss scaling overhead (mixed +xla): -283.7% of step time "
+        "(negative: below the noise of this run)"
+    )
+    positive = benchmark.format_table([dict(row, loss_scale_overhead=0.006)])
+    assert positive.endswith("overhead (mixed +xla): 0.6% of step time")
