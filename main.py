@@ -154,7 +154,8 @@ flags.DEFINE_bool(
 flags.DEFINE_string(
     "compare",
     C.compare,
-    "For --mode=compare: comma-separated PRECISION or PRECISION+xla, one run each.",
+    "Comma-separated PRECISION or PRECISION+xla: --mode=compare trains one run each; "
+    "--mode=benchmark times only these (default: all, and the graph rewrite).",
 )
 flags.DEFINE_string(
     "inject_nonfinite",

@@ -8,7 +8,8 @@ their timed windows are interleaved (fit, engine, fit, engine, ...: one `fit`
 call whose callback runs the engine between its windows) so machine drift hits
 both alike; `vs_fit` is the median of the paired ratios.
 
-Run as `python main.py --mode=benchmark [--model=... --image_size=... --batch_size=...]`.
+Run as `python main.py --mode=benchmark [--model=... --image_size=... --batch_size=...]`;
+`--compare=fp32,mixed_bf16+xla` measures only those configurations.
 """
 
 import contextlib
@@ -41,6 +42,17 @@ CONFIGURATIONS = (
     ("graph_rewrite", "fp32", False, True),
 )
 _WORKER_TIMEOUT_S = 600
+
+
+def benchmark_configurations(config):
+    """The `CONFIGURATIONS` entries to measure.
+
+    `--compare` at its default gives the whole table, grappler's graph rewrite
+    included; a chosen list gives the engine configurations it names, in its order.
+    """
+    if config.compare == config_lib.DEFAULT_COMPARE:
+        return CONFIGURATIONS
+    return tuple(("engine", p, xla, False) for p, xla in config_lib.parse_compare(config.compare))
 
 
 def _machine():
@@ -146,7 +158,7 @@ def _engine_runner(config, data, loss_scale_override=None):
 
 
 def _fit_interleaved(config, data, repeats, steps, between_windows):
-    """Keras `fit` on the same model, data, optimizer and policy, in one `fit` call.
+    """Keras `fit` on the same model, data, optimizer, policy, loss scale and clipping.
 
     A callback closes a timed window of `fit` every `steps` steps and then calls
     `between_windows()`, which runs the engine's windows: the runners alternate
@@ -161,7 +173,14 @@ def _fit_interleaved(config, data, repeats, steps, between_windows):
     policy = get_policy(config.precision)
     model = loop.create_model_for(config, data.num_classes)
     optimizer = optimizers.create_optimizer(config, config.train_steps or 10**6)
-    if policy.loss_scaling:
+    # Like the engine, clip the unscaled gradients by their global norm: a
+    # LossScaleOptimizer unscales them before its inner optimizer clips.
+    optimizer.global_clipnorm = config.clip_norm or None
+    if policy.loss_scaling and config.loss_scale != "dynamic":
+        # Keras 3's static scale is the optimizer's own factor (LossScaleOptimizer
+        # is dynamic only); it skips no step, but the engine's check runs in every row.
+        optimizer.loss_scale_factor = float(config.loss_scale)
+    elif policy.loss_scaling:
         optimizer = keras.optimizers.LossScaleOptimizer(
             optimizer,
             initial_scale=config.initial_scale,
@@ -173,6 +192,7 @@ def _fit_interleaved(config, data, repeats, steps, between_windows):
         metrics=["accuracy"],
         jit_compile=config.xla,
         steps_per_execution=config.steps_per_loop,
+        auto_scale_loss=False,  # would wrap a static scale in a dynamic LossScaleOptimizer
     )
     loops_per_window = steps // config.steps_per_loop
     windows, first = [], []
@@ -323,6 +343,8 @@ def _row(runner, config, times, steps, first_call_s, rss_mb, flops_per_example):
         "first_step_s": first_step_s,
         "peak_rss_mb": rss_mb,
         "train_gflop_per_example": flops_per_example / 1e9,
+        # "dynamic" or a static scale; None where the precision scales no loss.
+        "loss_scale": config.loss_scale if config.precision == "mixed" else None,
     }
 
 
@@ -365,18 +387,20 @@ def run_benchmark(config):
     # running worker is killed and the rows measured so far are kept.
     with guards.terminate_as_interrupt():
         try:
-            for runner, precision, xla, rewrite in CONFIGURATIONS:
-                cfg = config.replace(precision=precision, xla=xla, mode="train")
+            for runner, precision, xla, rewrite in benchmark_configurations(config):
+                # Without the JSON path: the parent writes it, and `replace` would
+                # check its folder again, which may have gone since start-up.
+                cfg = config.replace(precision=precision, xla=xla, mode="train", benchmark_json="")
                 r, s = repeats, steps
                 reduced_budget = None
                 if _is_pathological(precision, xla, on_gpu):
                     # float16 kernels without XLA on a CPU take up to seconds a step:
-                    # two windows of one one-step loop, for both runners.
+                    # two windows (or fewer, if asked) of one one-step loop, for both runners.
                     cfg = cfg.replace(steps_per_loop=1)
-                    r, s = 2, 1
+                    r, s = min(2, repeats), 1
                     reduced_budget = (
                         f"too slow on this device for the full budget: "
-                        f"{r} windows of one {s}-step loop"
+                        f"{r} window{'s' if r > 1 else ''} of one {s}-step loop"
                     )
                 label = f"{runner} {precision}{' +xla' if xla else ''}"
                 logging.info("benchmarking %s (%d x %d steps)", label, r, s)
@@ -405,9 +429,15 @@ def run_benchmark(config):
     }
     with _signals_deferred():
         _add_derived(rows, peaks)
-        if config.benchmark_json:
-            _write_json(config.benchmark_json, result)
+        # The table first: a file that cannot be written must not take it along.
         print(format_table(rows, skipped), flush=True)
+        if config.benchmark_json:
+            try:
+                _write_json(config.benchmark_json, result)
+            except config_lib.ConfigError as e:
+                if not interrupted:
+                    raise
+                logging.error("%s", e)  # the exit status still says what stopped the run
     if interrupted:
         logging.error("interrupted: the table above holds the configurations measured so far")
         raise SystemExit(interrupted)  # 128 + the signal's number, as a shell reports it
@@ -432,8 +462,14 @@ def _run_worker_process(config, graph_rewrite, repeats, steps):
 
 
 def _write_json(path, result):
-    with guards.written_whole(path) as f:
-        json.dump(result, f, indent=2, allow_nan=False)
+    try:
+        with guards.written_whole(path) as f:
+            json.dump(result, f, indent=2, allow_nan=False)
+    except OSError as e:  # checked at start-up, but the folder may have gone since
+        raise config_lib.ConfigError(
+            f"--benchmark_json={path} could not be written ({e.strerror or e}); "
+            "the table above holds the results"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -515,10 +551,17 @@ def format_table(rows, skipped=()):
     }
     for (precision, xla), why in reduced.items():
         lines.append(f"\n{precision}{' +xla' if xla else ''}: {why}")
-    overhead = [r["loss_scale_overhead"] for r in rows if "loss_scale_overhead" in r]
-    if overhead:
+    measured = [r for r in rows if "loss_scale_overhead" in r]
+    if measured:
+        scale = measured[0].get("loss_scale", "dynamic")
+        kind = "dynamic" if scale == "dynamic" else f"static ({scale})"
+        overhead = measured[0]["loss_scale_overhead"]
+        # The scaled step does more work than its no-op twin: a negative figure
+        # means this run's timing noise was larger than the overhead.
+        noise = " (negative: below the noise of this run)" if overhead < 0 else ""
         lines.append(
-            f"\ndynamic loss scaling overhead (mixed +xla): {100 * overhead[0]:.1f}% of step time"
+            f"\n{kind} loss scaling overhead (mixed +xla): "
+            f"{100 * overhead:.1f}% of step time{noise}"
         )
     return "\n".join(lines)
 

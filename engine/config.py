@@ -26,6 +26,21 @@ DEFAULT_COMPARE = "fp32,fp32+xla,mixed,mixed+xla,mixed_bf16,mixed_bf16+xla"
 LOSS_SCALE_FLAGS = ("loss_scale", "initial_scale", "growth_interval", "min_scale", "max_scale")
 
 
+# Flags `--mode=benchmark` cannot honour: it times one device's plain training step
+# for each configuration, against Keras `fit`, which has none of these; the
+# configurations themselves come from --compare.
+BENCHMARK_REFUSED_FLAGS = (
+    "precision",
+    "xla",
+    "strategy",
+    "num_cpu_devices",
+    "grad_accum_steps",
+    "class_weighting",
+    "precision_diagnostics",
+    "inject_nonfinite",
+)
+
+
 FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32
 
 
@@ -181,6 +196,7 @@ class Config:
         self._validate_checkpointing()
         self._check_distribution()
         self._check_tensorboard_fields()
+        self._check_benchmark_flags()
 
     def _check_real_data(self):
         for prefix in DATASET_PREFIXES:
@@ -227,8 +243,9 @@ class Config:
         # end by failing to write its result.
         for name in ("benchmark_json", "predictions_csv"):
             path = getattr(self, name)
-            if not path or "://" in path:
+            if not path:
                 continue
+            check_local_path(f"--{name}", path)
             if os.path.isdir(path):
                 raise ConfigError(f"--{name}={path} is a folder; give a file path")
             parent = os.path.dirname(os.path.abspath(path))
@@ -259,6 +276,26 @@ class Config:
                     f"--{name} must be an integer >= 0 (0 = off), got {getattr(self, name)}"
                 )
         parse_compare(self.compare)
+
+    def _check_benchmark_flags(self):
+        # Ignored, they would leave a table that measured something else than asked.
+        if self.mode != "benchmark":
+            return
+        defaults = _defaults()
+        given = [name for name in BENCHMARK_REFUSED_FLAGS if getattr(self, name) != defaults[name]]
+        if not given:
+            return
+        verb, them = ("does", "it") if len(given) == 1 else ("do", "them")
+        choose = (
+            " (choose precisions and XLA with --compare, e.g. --compare=fp32,mixed_bf16+xla)"
+            if {"precision", "xla"} & set(given)
+            else ""
+        )
+        raise ConfigError(
+            f"{', '.join(f'--{name}' for name in given)} {verb} not apply to --mode=benchmark, "
+            f"which times the single-device training step of each --compare configuration "
+            f"against Keras fit: drop {them}{choose}"
+        )
 
     def _check_distribution(self):
         _check_choice("strategy", self.strategy, STRATEGIES)
@@ -327,6 +364,20 @@ def cache_prefix(cache):
     if cache.endswith(("/", os.sep)) or os.path.isdir(cache):
         return os.path.join(cache, "cache")
     return cache
+
+
+def check_local_path(flag, path):
+    """Refuses `scheme://` paths for a file written with Python's `open()`.
+
+    `open()` takes `gs://b/x` for a relative path and fails at the end of the
+    run, when the file is written, not where the flag is read.
+    """
+    scheme, sep, _ = path.partition("://")
+    if sep:
+        raise ConfigError(
+            f"{flag}={path} must be a local path: the file is written with Python's open(), "
+            f"which cannot write {scheme}:// URLs; give a local file and copy it afterwards"
+        )
 
 
 def _not_a_folder(path):

@@ -15,7 +15,7 @@ import tensorflow as tf
 from absl import logging
 
 from engine import checkpointing, guards, loop
-from engine.config import ConfigError
+from engine.config import ConfigError, check_local_path
 from input_pipeline import preprocessing, ships
 
 
@@ -26,12 +26,14 @@ def output_path(config, model_dir):
     `model_dir` this run uses; it runs before anything is read or written.
 
     Raises:
-      ConfigError: the path is a folder, or writing it would replace the input
+      ConfigError: the path is not local or is a folder, or writing it would replace the input
         CSV, a checkpoint, or a file of the run that is not a CSV (flags.txt,
         TensorBoard events...).
     """
     out = config.predictions_csv or os.path.join(model_dir, "predictions.csv")
     flag = f"--predictions_csv={out}"
+    # The flag's own value was checked at start-up; the default follows --model_dir.
+    check_local_path("--predictions_csv", out)
     # Resolved, so that symlinks, relative paths and `..` all compare as the file they reach.
     real = os.path.realpath(out)
     if os.path.isdir(real):

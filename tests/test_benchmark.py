@@ -266,3 +266,135 @@ def test_the_json_file_is_replaced_whole_or_not_at_all(tmp_path):
     assert json.loads(path.read_text()) == {"rows": ["an earlier complete run"]}
     benchmark._write_json(str(path), {"rows": [1.0]})
     assert json.loads(path.read_text()) == {"rows": [1.0]}
+
+
+def _fake_run(monkeypatch, row=None):
+    """`run_benchmark` with faked peaks and workers; returns the worker calls made.
+
+    Each worker returns `row` (by default `_ROW` in the worker's precision and XLA).
+    """
+    calls = []
+
+    def worker(cfg, rewrite, repeats, steps):
+        calls.append((cfg.precision, cfg.xla, rewrite, repeats, steps))
+        measured = row or dict(_ROW, precision=cfg.precision, xla=cfg.xla)
+        return [dict(measured, train_gflop_per_example=0.1)], None
+
+    monkeypatch.setattr(benchmark, "measure_peak_gflops", lambda dtype: 1.0)
+    monkeypatch.setattr(benchmark, "_run_worker_process", worker)
+    return calls
+
+
+def _benchmark_config(**overrides):
+    # The benchmark chooses precision and XLA itself: both stay at their defaults.
+    base = dict(mode="benchmark", precision="mixed", dataset="synthetic", benchmark_repeats=1)
+    return tiny_config(**{**base, **overrides})
+
+
+def test_a_json_file_that_cannot_be_written_keeps_the_table(tmp_path, monkeypatch, capsys):
+    _fake_run(monkeypatch)
+    folder = tmp_path / "results"
+    folder.mkdir()
+    config = _benchmark_config(benchmark_json=str(folder / "bench.json"))
+    folder.rmdir()  # checked at start-up, gone by the end
+    with pytest.raises(ConfigError, match=r"bench.json could not be written .*the table above"):
+        benchmark.run_benchmark(config)
+    assert "| engine | tiny 16px b8 | fp32 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("precision", "fp32"),
+        ("xla", True),
+        ("strategy", "mirrored"),
+        ("num_cpu_devices", 4),
+        ("grad_accum_steps", 2),
+        ("class_weighting", True),
+        ("precision_diagnostics", True),
+        ("inject_nonfinite", "3"),
+    ],
+)
+def test_flags_the_benchmark_cannot_honour_are_refused(name, value):
+    with pytest.raises(ConfigError, match=rf"^--{name} does not apply to --mode=benchmark"):
+        _benchmark_config(**{name: value})
+    tiny_config(**{name: value})  # a training run takes it
+
+
+def test_compare_chooses_the_configurations_to_benchmark(monkeypatch, capsys):
+    calls = _fake_run(monkeypatch)
+    benchmark.run_benchmark(_benchmark_config(compare="mixed_bf16+xla,fp32"))
+    assert [c[:3] for c in calls] == [("mixed_bf16", True, False), ("fp32", False, False)]
+    assert capsys.readouterr().out.count("| engine |") == 2
+    calls.clear()
+    benchmark.run_benchmark(_benchmark_config())  # the default: the whole table
+    assert [c[:3] for c in calls] == [c[1:] for c in benchmark.CONFIGURATIONS]
+
+
+def _fit_once(monkeypatch, **overrides):
+    """Runs `_fit_interleaved` (four steps); returns (model, its initial trainable weights)."""
+    initial, create = [], loop.create_model_for
+
+    def create_and_keep(config, num_classes):
+        model = create(config, num_classes)
+        initial.extend(w.numpy() for w in model.trainable_weights)
+        return model
+
+    monkeypatch.setattr(loop, "create_model_for", create_and_keep)
+    config = tiny_config(steps_per_loop=2, train_steps=100, **overrides)
+    _, _, model = benchmark._fit_interleaved(config, create_data(config), 1, 2, lambda: None)
+    return model, initial
+
+
+@pytest.mark.parametrize("precision", ["fp32", "mixed"])
+def test_fit_clips_gradients_like_the_engine(monkeypatch, precision):
+    clip, lr = 1e-3, 1.0
+    model, initial = _fit_once(
+        monkeypatch,
+        precision=precision,
+        clip_norm=clip,
+        optimizer="sgd",
+        learning_rate=lr,
+        lr_schedule="constant",
+    )
+    moved = [w.numpy() - w0 for w, w0 in zip(model.trainable_weights, initial, strict=True)]
+    # Four plain SGD steps on gradients clipped to `clip` move the weights at most this far.
+    assert 0 < math.sqrt(sum(float(np.sum(d * d)) for d in moved)) <= 4 * lr * clip * 1.001
+
+
+def test_fit_uses_a_static_loss_scale_like_the_engine(monkeypatch):
+    model, _ = _fit_once(monkeypatch, precision="mixed", loss_scale="128")
+    assert not isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert model.optimizer.loss_scale_factor == 128.0
+    model, _ = _fit_once(monkeypatch, precision="mixed")
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+
+
+def test_the_overhead_line_names_a_static_scale():
+    row = dict(_ROW, speedup_vs_fp32=1.0, mfu=0.01, loss_scale_overhead=0.02)
+    assert "dynamic loss scaling overhead (mixed +xla): 2.0%" in benchmark.format_table([row])
+    static = benchmark.format_table([dict(row, loss_scale="128")])
+    assert "static (128) loss scaling overhead (mixed +xla): 2.0%" in static
+
+
+def test_the_reduced_float16_budget_never_exceeds_the_requested_repeats(monkeypatch, capsys):
+    monkeypatch.setattr(benchmark, "_is_pathological", lambda *args: True)
+    calls = _fake_run(monkeypatch)
+    benchmark.run_benchmark(_benchmark_config(compare="mixed"))
+    assert [c[3:] for c in calls] == [(1, 1)]  # --benchmark_repeats=1: one window of one step
+    assert (
+        "mixed: too slow on this device for the full budget: 1 window of" in capsys.readouterr().out
+    )
+    calls.clear()
+    benchmark.run_benchmark(_benchmark_config(compare="mixed", benchmark_repeats=7))
+    assert [c[3:] for c in calls] == [(2, 1)]
+
+
+def test_a_negative_overhead_is_shown_as_below_the_noise():
+    row = dict(_ROW, speedup_vs_fp32=1.0, mfu=0.01, loss_scale_overhead=-2.837)
+    assert benchmark.format_table([row]).endswith(
+        "dynamic loss scaling overhead (mixed +xla): -283.7% of step time "
+        "(negative: below the noise of this run)"
+    )
+    positive = benchmark.format_table([dict(row, loss_scale_overhead=0.006)])
+    assert positive.endswith("overhead (mixed +xla): 0.6% of step time")

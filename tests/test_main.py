@@ -44,8 +44,16 @@ def _main(*args, timeout=120):
         ("--export_dir=main.py", "--export_dir=main.py is a file; give a folder path"),
         ("--export_dir=main.py/export", "main.py is a file, so the folder cannot be made"),
         ("--benchmark_json=main.py/b.json", "main.py is a file, not a folder"),
+        ("--benchmark_json=gs://bucket/b.json", "--benchmark_json=gs://bucket/b.json must be a "),
+        ("--predictions_csv=s3://b/p.csv", "must be a local path: the file is written with"),
         ("--flagfile=/nonexistent/f.txt", "error: Unable to open flagfile"),
         ("--precision=fp32 --loss_scale=128", "--loss_scale applies only to --precision=mixed"),
+        (
+            "--mode=benchmark --strategy=mirrored --grad_accum_steps=2 --xla",
+            "--xla, --strategy, --grad_accum_steps do not apply to --mode=benchmark, which times "
+            "the single-device training step of each --compare configuration against Keras fit: "
+            "drop them (choose precisions and XLA with --compare, e.g. --compare=fp32,",
+        ),
         (
             "--dataset=synthetic --eval_split=val",
             "--eval_split applies only to --dataset=tfds:NAME and folder:PATH; "
@@ -70,7 +78,8 @@ def test_bad_flag_is_one_line_and_nonzero_exit(flag, expected):
 def test_loss_scale_flags_are_for_float16_and_for_the_runs_that_share_flags():
     Config(precision="mixed", loss_scale="128", initial_scale=4.0).check_loss_scale_flags()
     # compare and benchmark train several precisions with one set of flags.
-    Config(mode="benchmark", precision="fp32", initial_scale=4.0).check_loss_scale_flags()
+    Config(mode="compare", precision="fp32", initial_scale=4.0).check_loss_scale_flags()
+    Config(mode="benchmark", compare="fp32", initial_scale=4.0).check_loss_scale_flags()
     with pytest.raises(ConfigError, match="--min_scale applies only"):
         Config(precision="fp32", min_scale=0.5).check_loss_scale_flags()
 

@@ -168,6 +168,15 @@ def test_predictions_csv_may_not_replace_the_input_csv(ships_run, tmp_path):
         assert f.read() == before
 
 
+def test_the_default_predictions_csv_of_a_remote_model_dir_is_refused_before_predicting():
+    # Written with Python's open() at the very end: refused before anything is read.
+    config = tiny_config(
+        dataset="ships:x", mode="predict", predict_csv="x/test.csv", model_dir="gs://b/run"
+    )
+    with pytest.raises(ConfigError, match=r"=gs://b/run/predictions.csv must be a local path"):
+        predict.output_path(config, config.model_dir)
+
+
 def test_a_predict_csv_that_is_a_folder_says_so(ships_run):
     root, run_dir, config = ships_run
     with pytest.raises(DataError, match=r"/train is a folder; expected a CSV with columns image"):
