@@ -95,8 +95,9 @@ def compare(config, model_dir):
         if result.stopped_by:
             # The signal was for the whole comparison, not one configuration.
             logging.info(
-                "%s: stopped; rerun the same command to resume it and train the rest",
+                "%s: stopped; %s and train the rest",
                 result.stopped_by,
+                config_lib.resume_hint(config, model_dir),
             )
             break
     table = summaries.markdown_table(HEADER, table_rows(results)) + "\n\n" + STEPS_NOTE

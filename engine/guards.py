@@ -132,9 +132,6 @@ def divergence_message(values, step, loss_scaling, max_consecutive_skips):
 
 
 def log_stop(request, step, checkpoint_path):
-    logging.info(
-        "received %s: saved %s at step %d; exiting. Rerun with the same --model_dir to resume.",
-        request.signal_name,
-        checkpoint_path,
-        step,
-    )
+    # How to resume is the command's to say (see `config.resume_hint`): a
+    # --mode=compare run's folder is not the --model_dir to rerun with.
+    logging.info("received %s: saved %s at step %d", request.signal_name, checkpoint_path, step)
