@@ -7,6 +7,7 @@ time and final accuracy is printed and written as a text summary in
 `<model_dir>` itself.
 """
 
+import math
 import os
 
 from absl import logging
@@ -29,7 +30,8 @@ STEPS_NOTE = (
     "steps: those this call trained, which the timings cover; `a-b`: resumed from "
     "a checkpoint at step a-1; `(trained before)`: finished by an earlier call, "
     "nothing timed now (its own timings are in its HParams `final/*`); "
-    "`(stopped by SIG...)`: stopped early, eval accuracy is from its last eval"
+    "`(stopped by SIG...)`: stopped early, eval accuracy is from its last eval (— if none "
+    "ran)"
 )
 
 
@@ -46,6 +48,10 @@ def _steps_cell(r):
     else:
         cell = f"{r.steps}"
     return f"{cell} (stopped by {r.stopped_by})" if r.stopped_by else cell
+
+
+def _figure(value, spec):
+    return "—" if math.isnan(value) else format(value, spec)
 
 
 def table_rows(results):
@@ -67,7 +73,8 @@ def table_rows(results):
                 f"{r.examples_per_sec:.0f}" if r.examples_per_sec else "—",
                 r.skipped_steps,
                 f"{r.loss_scale:g}",
-                f"{r.eval_accuracy:.4f}",
+                # nan: no eval yet (stopped first).
+                _figure(r.eval_accuracy, ".4f"),
             )
         )
     return rows

@@ -163,3 +163,11 @@ def test_a_stopped_configuration_stops_the_comparison(tmp_path, monkeypatch):
     results = compare.compare(config, str(tmp_path))
     # One SIGTERM stops the whole comparison, not just the configuration it hit.
     assert trained == ["fp32"] and [name for name, _ in results] == ["fp32"]
+
+
+def test_a_configuration_stopped_before_its_first_eval_shows_no_accuracy():
+    stopped = _result(3, 3, "SIGTERM")
+    stopped.eval_accuracy = float("nan")  # as `train_and_evaluate` leaves it: no eval ran
+    (row,) = compare.table_rows([("fp32", stopped)])
+    assert row[-1] == "—"
+    assert "from its last eval (— if none ran)" in compare.STEPS_NOTE
