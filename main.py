@@ -257,6 +257,8 @@ def main(argv):
         config.check_loss_scale_flags()  # the command line's own run only (see there)
     except config_lib.ConfigError as e:
         _fail(str(e))
+    # Resolved once: a stop message must name the folder this run writes.
+    model_dir = config.model_dir or config_lib.default_model_dir(config)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     # Imported here so that a bad flag is rejected before TensorFlow loads.
     from engine import run
@@ -265,7 +267,7 @@ def main(argv):
         # Until the training loop catches them (and after it), a stop signal
         # unwinds: no traceback, no half-written file of ours, what was saved kept.
         with run.terminate_as_interrupt():
-            run.run(config)
+            run.run(config, model_dir)
     except run.UserError as e:
         _fail(str(e))
     except run.TrainingDiverged as e:
@@ -276,7 +278,8 @@ def main(argv):
         _fail(
             f"stopped by {signum.name}"
             + (
-                "; checkpoints already written are kept: rerun the same command to resume"
+                "; checkpoints already written are kept: "
+                + config_lib.resume_hint(config, model_dir)
                 if resumable
                 else ""
             ),

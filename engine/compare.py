@@ -5,14 +5,21 @@ Each configuration of `--compare` trains as its own run in `<model_dir>/<name>`
 the curves and the HParams dashboard lines the runs up. The table of training
 time and final accuracy is printed and written as a text summary in
 `<model_dir>` itself.
+
+A configuration that diverges is a row of the table, not the end of the
+comparison: the others still run, and the command then fails as a diverged
+training run does (`guards.TrainingDiverged`, exit status 3). Its folder keeps
+its last good checkpoint, so rerunning the comparison resumes it from there
+like any unfinished configuration.
 """
 
+import math
 import os
 
 from absl import logging
 
 from engine import config as config_lib
-from engine import loop, summaries
+from engine import guards, loop, summaries
 
 HEADER = (
     "configuration",
@@ -29,7 +36,9 @@ STEPS_NOTE = (
     "steps: those this call trained, which the timings cover; `a-b`: resumed from "
     "a checkpoint at step a-1; `(trained before)`: finished by an earlier call, "
     "nothing timed now (its own timings are in its HParams `final/*`); "
-    "`(stopped by SIG...)`: stopped early, eval accuracy is from its last eval"
+    "`(stopped by SIG...)`: stopped early, eval accuracy is from its last eval (— if none "
+    "ran); `diverged at step N`: the divergence guard stopped it there, without saving "
+    "(a rerun resumes it from its last good checkpoint), so no eval accuracy"
 )
 
 
@@ -38,6 +47,8 @@ def run_name(precision, xla):
 
 
 def _steps_cell(r):
+    if r.diverged:
+        return f"diverged at step {r.steps} ({r.diverged})"
     start = r.steps - r.trained_steps
     if r.trained_steps == 0:
         cell = f"{r.steps}" if r.stopped_by else f"{r.steps} (trained before)"
@@ -46,6 +57,10 @@ def _steps_cell(r):
     else:
         cell = f"{r.steps}"
     return f"{cell} (stopped by {r.stopped_by})" if r.stopped_by else cell
+
+
+def _figure(value, spec):
+    return "—" if math.isnan(value) else format(value, spec)
 
 
 def table_rows(results):
@@ -66,15 +81,20 @@ def table_rows(results):
                 # The first step is timed apart: one step alone gives no rate.
                 f"{r.examples_per_sec:.0f}" if r.examples_per_sec else "—",
                 r.skipped_steps,
-                f"{r.loss_scale:g}",
-                f"{r.eval_accuracy:.4f}",
+                _figure(r.loss_scale, "g"),
+                # nan: no eval yet (stopped first), or none of the diverged weights.
+                _figure(r.eval_accuracy, ".4f"),
             )
         )
     return rows
 
 
 def compare(config, model_dir):
-    """Trains `config` once per `--compare` entry; returns [(run name, RunResult)]."""
+    """Trains `config` once per `--compare` entry; returns [(run name, RunResult)].
+
+    Raises:
+      guards.TrainingDiverged: after the table, if a configuration diverged.
+    """
     results = []
     for precision, xla in config_lib.parse_compare(config.compare):
         name = run_name(precision, xla)
@@ -90,13 +110,14 @@ def compare(config, model_dir):
             # The loss-scale flags are float16's: a run without a loss scale keeps
             # the defaults, so its flags.txt replays and its folder resumes alone.
             run_config = run_config.without_loss_scale_flags()
-        result = loop.train_and_evaluate(run_config, run_config.model_dir)
+        result = _train(run_config, name)
         results.append((name, result))
         if result.stopped_by:
             # The signal was for the whole comparison, not one configuration.
             logging.info(
-                "%s: stopped; rerun the same command to resume it and train the rest",
+                "%s: stopped; %s and train the rest",
                 result.stopped_by,
+                config_lib.resume_hint(config, model_dir),
             )
             break
     table = summaries.markdown_table(HEADER, table_rows(results)) + "\n\n" + STEPS_NOTE
@@ -105,4 +126,33 @@ def compare(config, model_dir):
     writer = summaries.SummaryWriter(model_dir)
     writer.text(0, "compare/table", table)
     writer.close()
+    diverged = [f"{name} (step {r.steps}: {r.diverged})" for name, r in results if r.diverged]
+    if diverged:
+        # As a diverged training run ends: exit status 3, one line.
+        raise guards.TrainingDiverged(
+            f"training diverged in {len(diverged)} of {len(results)} configurations: "
+            f"{', '.join(diverged)}; see the table above"
+        )
     return results
+
+
+def _train(run_config, name):
+    """One configuration's `RunResult`; a divergence becomes a row, not the end."""
+    try:
+        return loop.train_and_evaluate(run_config, run_config.model_dir)
+    except guards.TrainingDiverged as e:
+        logging.warning("%s: %s", name, e)  # the whole message: why, what to try, last checkpoint
+        nan = float("nan")
+        return loop.RunResult(
+            model_dir=run_config.model_dir,
+            steps=e.step,
+            skipped_steps=e.skipped_steps,
+            loss_scale=e.loss_scale,
+            train_loss=nan,
+            eval_loss=nan,
+            eval_accuracy=nan,
+            train_seconds=0.0,
+            first_step_seconds=0.0,
+            examples_per_sec=0.0,
+            diverged=e.reason,
+        )

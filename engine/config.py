@@ -484,6 +484,17 @@ def default_model_dir(config):
     return os.path.join("runs", f"{stamp}-{config.precision}{'-xla' if config.xla else ''}")
 
 
+def resume_hint(config, model_dir):
+    """How to resume the command that ran `config` in `model_dir`, for stop messages.
+
+    Without --model_dir the same command would start a new timestamped folder:
+    the hint names the one this run wrote.
+    """
+    if config.model_dir:
+        return "rerun the same command to resume"
+    return f"rerun with --model_dir={os.path.abspath(model_dir)} to resume"
+
+
 def parse_profile_steps(value):
     """ "START,END" -> (start, end) with 0 <= start < end; ConfigError otherwise."""
     try:

@@ -57,7 +57,18 @@ def terminate_as_interrupt():
 
 
 class TrainingDiverged(Exception):
-    """Training cannot continue; the last checkpoint written before it is kept."""
+    """Training cannot continue; the last checkpoint written before it is kept.
+
+    `step` is the global step at which the guard stopped the run, `reason` a
+    few words on why, for `--mode=compare`'s table (the message says it in full).
+    """
+
+    def __init__(self, message, step=0, reason="", skipped_steps=0, loss_scale=float("nan")):
+        super().__init__(message)
+        self.step = step
+        self.reason = reason
+        self.skipped_steps = skipped_steps
+        self.loss_scale = loss_scale
 
 
 class StopRequest:
@@ -103,8 +114,8 @@ def stop_on_signals(signums=(signal.SIGTERM, signal.SIGINT)):
         restore()
 
 
-def divergence_message(values, step, loss_scaling, max_consecutive_skips):
-    """Why training must stop, in one line, or None if it may go on.
+def divergence(values, step, loss_scaling, max_consecutive_skips):
+    """Why training must stop, as (a few words, one line), or None if it may go on.
 
     Args:
       values: the loop's statistics; reads `nonfinite_losses` (steps in the
@@ -117,13 +128,13 @@ def divergence_message(values, step, loss_scaling, max_consecutive_skips):
     # Without a loss scale, a non-finite float32 loss is not an overflow the scale
     # can back off from: the weights or the learning rate are at fault.
     if not loss_scaling and values["nonfinite_losses"] > 0:
-        return (
+        return "non-finite loss", (
             f"training diverged: the loss was not finite in {values['nonfinite_losses']} "
             f"step(s) before step {step}; lower --learning_rate or set --clip_norm"
         )
     run = values["max_consecutive_skips"]
     if max_consecutive_skips and run > max_consecutive_skips:
-        return (
+        return f"{run} steps skipped in a row", (
             f"training diverged: {run} steps in a row were skipped for non-finite "
             f"gradients before step {step} (--max_consecutive_skips={max_consecutive_skips}); "
             "lower --learning_rate, set --clip_norm, or check the data"
@@ -132,9 +143,6 @@ def divergence_message(values, step, loss_scaling, max_consecutive_skips):
 
 
 def log_stop(request, step, checkpoint_path):
-    logging.info(
-        "received %s: saved %s at step %d; exiting. Rerun with the same --model_dir to resume.",
-        request.signal_name,
-        checkpoint_path,
-        step,
-    )
+    # How to resume is the command's to say (see `config.resume_hint`): a
+    # --mode=compare run's folder is not the --model_dir to rerun with.
+    logging.info("received %s: saved %s at step %d", request.signal_name, checkpoint_path, step)

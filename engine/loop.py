@@ -205,6 +205,7 @@ class RunResult:
     stopped_by: str = ""  # the signal that stopped the run early, e.g. "SIGTERM"
     trained_steps: int = 0  # steps this call trained: 0 when resumed already finished
     weights_digest: str = ""  # sha256 of every model variable and the loss scale
+    diverged: str = ""  # why the divergence guard stopped it (only --mode=compare's rows)
 
 
 def weights_digest(state):
@@ -431,16 +432,12 @@ def train_and_evaluate(config, model_dir):
                 _accumulate(interval, raw)
                 step = int(state.step.numpy())
                 profiler.after_loop(step)
-                # Before any save: a diverged state must never replace the last good checkpoint.
-                message = guards.divergence_message(
+                diverged = guards.divergence(
                     raw, step, policy.loss_scaling, config.max_consecutive_skips
                 )
-                if message:
-                    last = last_good or "none (no checkpoint was written)"
-                    raise guards.TrainingDiverged(f"{message}; last good checkpoint: {last}")
-                # On a stop too: the skips recorded since the last write must reach
-                # TensorBoard before the run exits, not be lost with the process.
-                if stop or _summary_due(step, total, config.summary_every, first_loop):
+                # On a stop or a divergence too: the skips recorded since the last write
+                # must reach TensorBoard and the log before the run ends, not be lost.
+                if diverged or stop or _summary_due(step, total, config.summary_every, first_loop):
                     values = _loop_values(state, interval, interval_seconds, config.batch_size)
                     readout = monitor.read_and_reset()
                     values.update(readout.scalars)
@@ -454,6 +451,9 @@ def train_and_evaluate(config, model_dir):
                     summaries.report_nonfinite(writer, readout)
                     rate = values["train/steps_per_sec"]
                     summaries.log_progress(step, total, values, (total - step) / max(rate, 1e-9))
+                # Before any save: a diverged state must never replace the last good checkpoint.
+                if diverged:
+                    _raise_diverged(diverged, step, state, last_good)
                 if config.histogram_every and step % config.histogram_every == 0:
                     grads = probe(shown_images, shown_labels)
                     writer.histograms(
@@ -511,6 +511,18 @@ def train_and_evaluate(config, model_dir):
             writer.close()
             write_dir.cleanup()
     return result
+
+
+def _raise_diverged(diverged, step, state, last_good):
+    reason, message = diverged
+    last = last_good or "none (no checkpoint was written)"
+    raise guards.TrainingDiverged(
+        f"{message}; last good checkpoint: {last}",
+        step=step,
+        reason=reason,
+        skipped_steps=int(state.skipped_steps.numpy()),
+        loss_scale=float(state.loss_scale.value.numpy()),
+    )
 
 
 def _write_run_start(writer, config, model_dir, data, input_context):

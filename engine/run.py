@@ -1,5 +1,7 @@
 """The engine's entry point: `run(config)`."""
 
+from absl import logging
+
 from engine import checkpointing, compare, loop, predict
 from engine import config as config_lib
 from engine.guards import Terminated, TrainingDiverged, terminate_as_interrupt
@@ -12,15 +14,16 @@ class UserError(Exception):
     """A problem the user can fix (data, directory); reported as one line."""
 
 
-def run(config):
-    """Runs `config.mode` and returns what it produced.
+def run(config, model_dir=None):
+    """Runs `config.mode` in `model_dir` and returns what it produced.
 
+    `model_dir` defaults to `config.model_dir`, else a new `default_model_dir`.
     train: a `loop.RunResult`; predict: the CSV's path; compare: [(run name,
     `loop.RunResult`)], one per `--compare` entry; benchmark: the results dict.
     """
-    model_dir = config.model_dir or config_lib.default_model_dir(config)
+    model_dir = model_dir or config.model_dir or config_lib.default_model_dir(config)
     entry_points = {
-        "train": loop.train_and_evaluate,
+        "train": _train,
         "predict": predict.predict,
         "compare": compare.compare,
         "benchmark": _benchmark,
@@ -33,6 +36,14 @@ def run(config):
         if isinstance(e, (config_lib.ConfigError, DataError)):
             raise UserError(str(e)) from e
         raise
+
+
+def _train(config, model_dir):
+    result = loop.train_and_evaluate(config, model_dir)
+    if result.stopped_by:
+        hint = config_lib.resume_hint(config, model_dir)
+        logging.info("%s: stopped; %s", result.stopped_by, hint)
+    return result
 
 
 def _benchmark(config, model_dir):

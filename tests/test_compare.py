@@ -163,3 +163,77 @@ def test_a_stopped_configuration_stops_the_comparison(tmp_path, monkeypatch):
     results = compare.compare(config, str(tmp_path))
     # One SIGTERM stops the whole comparison, not just the configuration it hit.
     assert trained == ["fp32"] and [name for name, _ in results] == ["fp32"]
+
+
+def test_a_configuration_stopped_before_its_first_eval_shows_no_accuracy():
+    stopped = _result(3, 3, "SIGTERM")
+    stopped.eval_accuracy = float("nan")  # as `train_and_evaluate` leaves it: no eval ran
+    (row,) = compare.table_rows([("fp32", stopped)])
+    assert row[-1] == "—"
+    assert "from its last eval (— if none ran)" in compare.STEPS_NOTE
+
+
+def test_a_diverging_configuration_is_a_row_and_the_rest_still_run(tmp_path, monkeypatch, capsys):
+    from engine import guards
+
+    trained = []
+
+    def fake_train(config, model_dir):
+        trained.append(config.precision)
+        if config.precision == "mixed":
+            raise guards.TrainingDiverged(
+                "training diverged: ...", step=5, reason="non-finite loss", skipped_steps=2
+            )  # no loss scale given: nan
+        return _result(4, 4)
+
+    monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
+    config = Config(mode="compare", compare="mixed,fp32", model="tiny")
+    with pytest.raises(guards.TrainingDiverged) as info:
+        compare.compare(config, str(tmp_path))
+    assert trained == ["mixed", "fp32"]
+    assert str(info.value) == (
+        "training diverged in 1 of 2 configurations: mixed (step 5: non-finite loss); "
+        "see the table above"
+    )
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")][2:]
+    assert rows[0] == "| mixed | diverged at step 5 (non-finite loss) | — | — | — | 2 | — | — |"
+    assert rows[1].startswith("| fp32 | 4 | 3.0 |")
+    (written,) = read_texts(tmp_path)["compare/table"]
+    assert "diverged at step 5" in written[1]
+
+
+def test_compare_goes_on_after_a_divergence_and_exits_3(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "main.py"),
+            "--mode=compare",
+            "--compare=mixed,fp32",
+            "--model=tiny",
+            "--image_size=16",
+            "--batch_size=8",
+            "--train_steps=12",
+            "--steps_per_loop=2",
+            "--train_examples=64",
+            "--eval_examples=32",
+            f"--model_dir={tmp_path}",
+            "--inject_nonfinite=1:8",
+            "--max_consecutive_skips=3",
+            "--verbosity=-1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert (tmp_path / "fp32" / "flags.txt").exists()  # the second configuration ran
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("|")][2:]
+    assert [r.split(" | ")[1] for r in rows] == [
+        "diverged at step 5 (5 steps skipped in a row)"
+    ] * 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: training diverged in 2 of 2 configurations: mixed (step 5: 5 steps skipped "
+        "in a row), fp32 (step 5: 5 steps skipped in a row); see the table above"
+    )
+    assert "Traceback" not in proc.stderr

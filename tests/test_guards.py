@@ -72,17 +72,19 @@ def _values(nonfinite_losses=0, max_consecutive_skips=0):
 
 
 def test_nonfinite_loss_stops_fp32_and_bf16_but_not_float16():
-    message = guards.divergence_message(_values(nonfinite_losses=1), 40, False, 25)
+    reason, message = guards.divergence(_values(nonfinite_losses=1), 40, False, 25)
+    assert reason == "non-finite loss"
     assert message.startswith("training diverged: the loss was not finite in 1 step(s) before")
-    assert guards.divergence_message(_values(nonfinite_losses=1), 40, True, 25) is None
+    assert guards.divergence(_values(nonfinite_losses=1), 40, True, 25) is None
 
 
 def test_more_skips_in_a_row_than_the_limit_stop_the_run():
-    assert guards.divergence_message(_values(max_consecutive_skips=25), 40, True, 25) is None
-    message = guards.divergence_message(_values(max_consecutive_skips=26), 40, True, 25)
+    assert guards.divergence(_values(max_consecutive_skips=25), 40, True, 25) is None
+    reason, message = guards.divergence(_values(max_consecutive_skips=26), 40, True, 25)
+    assert reason == "26 steps skipped in a row"
     assert message.startswith("training diverged: 26 steps in a row were skipped")
     assert "--max_consecutive_skips=25" in message
-    assert guards.divergence_message(_values(max_consecutive_skips=999), 40, True, 0) is None
+    assert guards.divergence(_values(max_consecutive_skips=999), 40, True, 0) is None
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -129,3 +131,21 @@ def test_a_stop_writes_the_skips_recorded_since_the_last_summary(tmp_path, monke
     scalars = read_scalars(tmp_path)
     assert scalars["train/nonfinite_events"] == [(2, 1.0)]  # at its true step
     assert scalars["train/skipped_steps"][-1] == (3, 1.0)
+
+
+def test_every_skipped_step_is_itemised_before_the_divergence_error(tmp_path):
+    from conftest import read_scalars, tiny_config
+
+    # Skips from step 1: the guard sees 5 in a row after the loop ending at step 5,
+    # past the last summary (step 3). Those two steps are written before it stops.
+    config = tiny_config(
+        train_steps=12, steps_per_loop=2, inject_nonfinite="1:8", max_consecutive_skips=3
+    )
+    with pytest.raises(guards.TrainingDiverged, match="5 steps in a row") as info:
+        loop.train_and_evaluate(config, str(tmp_path))
+    scalars = read_scalars(tmp_path)
+    assert [step for step, _ in scalars["train/nonfinite_events"]] == [1, 2, 3, 4, 5]
+    assert scalars["train/skipped_steps"][-1] == (5, 5.0)
+    # What --mode=compare's row shows.
+    assert (info.value.step, info.value.reason) == (5, "5 steps skipped in a row")
+    assert info.value.skipped_steps == 5

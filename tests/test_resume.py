@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -140,7 +141,8 @@ def test_sigterm_saves_exits_zero_and_the_next_start_resumes(tmp_path):
     proc.send_signal(signal.SIGTERM)
     stderr = _log(proc, timeout=120)
     assert proc.returncode == 0, stderr[-2000:]
-    assert "received SIGTERM: saved" in stderr and "Rerun with the same --model_dir" in stderr
+    assert "received SIGTERM: saved" in stderr
+    assert "SIGTERM: stopped; rerun the same command to resume" in stderr
     stopped_at = _latest_step(tmp_path)
     assert 0 < stopped_at < 1000  # a checkpoint at the stop, not at a periodic boundary
     code, stderr = _run(tmp_path, *RUN, f"--train_steps={stopped_at + 3}")
@@ -185,3 +187,91 @@ def test_forced_divergence_exits_3_and_keeps_the_last_good_checkpoint(tmp_path, 
     ).expect_partial().assert_existing_objects_matched()
     assert all(np.isfinite(v.numpy()).all() for v in model.weights)
     assert not list((tmp_path / "checkpoints").glob("ckpt-40*"))
+
+
+# Without --model_dir each start makes a new timestamped folder under runs/ (in
+# the working directory): a stop must name the folder to resume, not "rerun".
+QUICK = ["--model=tiny", "--image_size=16", "--batch_size=16", "--train_examples=256"]
+QUICK += ["--eval_examples=32", "--steps_per_loop=7", "--checkpoint_every=1000"]
+HINT = re.compile(r"rerun with --model_dir=(\S+) to resume")
+
+
+def _start_in(cwd, *args):
+    """Starts main.py without --model_dir, in `cwd`; its log goes to cwd/log."""
+    log = open(cwd / "log", "a")  # noqa: SIM115 (closed with the process, in _log)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "main.py"), *args],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    proc.log = log
+    return proc
+
+
+def _stop_while_training(proc):
+    deadline = time.time() + 120
+    while "step 1/100000" not in pathlib.Path(proc.log.name).read_text():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    return _log(proc, timeout=120)
+
+
+def _named_folder(stderr, cwd):
+    """The folder a stop message names: absolute, existing, the run's own."""
+    (named,) = HINT.findall(stderr)
+    assert pathlib.Path(named).is_absolute() and os.path.isdir(named), named
+    assert [str(p) for p in (cwd / "runs").iterdir()] == [named]
+    return named
+
+
+def test_sigterm_without_model_dir_names_the_folder_to_rerun_with(tmp_path):
+    proc = _start_in(tmp_path, *QUICK, "--train_steps=100000")
+    stderr = _stop_while_training(proc)
+    assert proc.returncode == 0, stderr[-2000:]
+    named = _named_folder(stderr, tmp_path)
+    assert "rerun the same command" not in stderr
+    stopped_at = _latest_step(named)
+    again = _start_in(tmp_path, *QUICK, f"--train_steps={stopped_at + 3}", f"--model_dir={named}")
+    stderr = _log(again)
+    assert again.returncode == 0, stderr[-2000:]
+    assert f"resuming from {named}/checkpoints/ckpt-{stopped_at} at step {stopped_at}" in stderr
+    assert _latest_step(named) == stopped_at + 3
+
+
+def test_a_stop_during_start_up_without_model_dir_names_the_folder(tmp_path):
+    proc = _start_in(tmp_path, *QUICK, "--train_steps=6")
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("runs/*/checkpoints/config.json")):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    stderr = _log(proc)
+    named = _named_folder(stderr, tmp_path)
+    if proc.returncode != 0:  # 0: it reached the loop, which saved (tested above)
+        assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+        assert stderr.strip().splitlines()[-1] == (
+            "error: stopped by SIGTERM; checkpoints already written are kept: "
+            f"rerun with --model_dir={named} to resume"
+        )
+    again = _start_in(tmp_path, *QUICK, "--train_steps=6", f"--model_dir={named}")
+    stderr = _log(again)
+    assert again.returncode == 0 and "done: 6 steps" in stderr, stderr[-2000:]
+    assert len(list((tmp_path / "runs").iterdir())) == 1  # no new folder
+
+
+def test_a_stopped_compare_without_model_dir_names_the_folder_to_rerun_with(tmp_path):
+    compare = ["--mode=compare", "--compare=fp32,mixed_bf16"]
+    proc = _start_in(tmp_path, *QUICK, *compare, "--train_steps=100000")
+    stderr = _stop_while_training(proc)
+    assert proc.returncode == 0, stderr[-2000:]
+    named = _named_folder(stderr, tmp_path)
+    assert "rerun the same command" not in stderr and named.endswith("-compare")
+    stopped_at = _latest_step(os.path.join(named, "fp32"))
+    steps = f"--train_steps={stopped_at + 2}"
+    again = _start_in(tmp_path, *QUICK, *compare, steps, f"--model_dir={named}")
+    stderr = _log(again)
+    assert again.returncode == 0, stderr[-2000:]
+    assert f"resuming from {named}/fp32/checkpoints/ckpt-{stopped_at} " in stderr
+    assert _latest_step(os.path.join(named, "mixed_bf16")) == stopped_at + 2
