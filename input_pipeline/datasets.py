@@ -33,6 +33,9 @@ class DataSpec:
     class_names: tuple
     train_size: int
     eval_size: int
+    # The range the pipelines scale pixels to (the source's PIXEL_RANGE): what
+    # the model is trained on, and what an export maps its [0, 1] images onto.
+    pixel_range: tuple
     class_weights: tuple | None = None  # per-class loss weights (--class_weighting)
     skipped_images: int = 0  # undecodable images dropped by --skip_bad_images
 
@@ -55,6 +58,7 @@ def create_data(config):
             )
 
         num_classes, class_names = len(shapes.CLASS_NAMES), shapes.CLASS_NAMES
+        pixel_range = shapes.PIXEL_RANGE
     elif name == "synthetic":
 
         def train_arrays(indices):
@@ -71,6 +75,7 @@ def create_data(config):
 
         num_classes = synthetic.NUM_CLASSES
         class_names = tuple(str(i) for i in range(num_classes))
+        pixel_range = synthetic.PIXEL_RANGE
     elif name.startswith("tfds:"):
         return _tfds_data(config, name[len("tfds:") :])
     elif name.startswith(("folder:", "ships:")):
@@ -95,7 +100,13 @@ def create_data(config):
         return batching.eval_batches(make_eval(), config.eval_batch_size, input_context)
 
     return DataSpec(
-        train_fn, eval_fn, num_classes, class_names, config.train_examples, config.eval_examples
+        train_fn,
+        eval_fn,
+        num_classes,
+        class_names,
+        config.train_examples,
+        config.eval_examples,
+        pixel_range,
     )
 
 
@@ -117,6 +128,7 @@ def _finish_spec(config, class_names, train_fn, eval_fn, train_labels, eval_labe
         tuple(class_names),
         int(train_counts.sum()),
         int(eval_counts.sum()),
+        preprocessing.PIXEL_RANGE,
         class_weights=weights,
         skipped_images=skipped,
     )
