@@ -27,7 +27,7 @@ import tensorflow as tf
 from absl import logging
 
 from engine import guards
-from engine.config import SPLIT_DATASETS, SPLIT_FLAGS, ConfigError
+from engine.config import SPLIT_DATASETS, SPLIT_FLAGS, ConfigError, dataset_path
 
 CONFIG_FILE = "config.json"
 # The class names in label order: a `folder:` data set takes them from its folders,
@@ -331,12 +331,36 @@ def check_compatible(config, directory, fields=RESUME_FIELDS):
         if name in SPLIT_FLAGS and not str(saved.get("dataset")).startswith(SPLIT_DATASETS):
             continue  # no splits: likewise, and a run now refuses the flags there
         new = getattr(config, name)
-        if name in saved and saved[name] != new:
+        if name in saved and saved[name] != new and not _same_data_set(name, saved[name], new):
             raise ConfigError(
                 f"--{name}={new} does not match the checkpoints in {directory} (written with "
                 f"--{name}={saved[name]}); resume with --{name}={saved[name]}, or start a new "
                 "run in another --model_dir"
             )
+
+
+def _same_data_set(name, saved, new):
+    """Whether `--dataset=new` names the data set config.json records as `saved`.
+
+    The same kind and PATH, spelled another way. config.json records PATH as
+    given: a relative one was resolved against a folder it does not record, so
+    it may have named any folder whose absolute path ends with it (the same
+    relative PATH has always resumed from any folder). The absolute spelling
+    flags.txt writes (`config.to_flagfile`) therefore matches it.
+    """
+    if name != "dataset" or str(saved).split(":")[0] != new.split(":")[0]:
+        return False
+    saved_path, new_path = dataset_path(str(saved)), dataset_path(new)
+    if saved_path is None or new_path is None or "://" in saved_path + new_path:
+        return False
+    new_parts = os.path.abspath(new_path).split(os.sep)
+    if os.path.isabs(saved_path):
+        return os.path.abspath(saved_path).split(os.sep) == new_parts
+    # "../data" from some folder is a folder named data: the leading ".." say nothing more.
+    tail = [p for p in os.path.normpath(saved_path).split(os.sep) if p not in (os.curdir, "")]
+    while tail and tail[0] == os.pardir:
+        tail.pop(0)
+    return not tail or new_parts[-len(tail) :] == tail
 
 
 def load_config(directory):

@@ -453,17 +453,60 @@ def parse_inject_nonfinite(spec):
     return tuple(ranges), substring
 
 
+# The flags that name local files or folders (and `--dataset=folder:|ships:PATH`).
+PATH_FLAGS = (
+    "model_dir",
+    "data_dir",
+    "cache",
+    "export_dir",
+    "benchmark_json",
+    "predict_csv",
+    "predictions_csv",
+)
+
+
+def absolute_path(path):
+    """A local relative `path` made absolute; "", absolute and `scheme://` paths as given.
+
+    A trailing separator is kept: `--cache=DIR/` means a folder even before it exists.
+    """
+    if not path or "://" in path or os.path.isabs(path):
+        return path
+    absolute = os.path.abspath(path)
+    return os.path.join(absolute, "") if path.endswith(("/", os.sep)) else absolute
+
+
+def dataset_path(dataset):
+    """The PATH of `folder:PATH` or `ships:PATH`, else None (generated sets, tfds names)."""
+    kind, colon, path = dataset.partition(":")
+    return path if colon and kind in ("folder", "ships") else None
+
+
+def _replayable(name, value):
+    """`value` of flag `name` as flags.txt writes it: the same files from any folder."""
+    if name == "dataset" and dataset_path(value) is not None:
+        kind, path = value.split(":", 1)
+        return f"{kind}:{absolute_path(path)}"
+    if name == "data_dir":
+        return absolute_path(os.path.expanduser(value))  # TFDS expands `~` itself
+    if name in PATH_FLAGS and not (name == "cache" and value == "memory"):
+        return absolute_path(value)
+    return value
+
+
 def to_flagfile(config):
     """The flags that rebuild `config`, one per line (for `--flagfile`).
 
     All but `--fresh` and `--overwrite`: replaying a run's flags must never delete
-    its checkpoints.
+    its checkpoints. Local relative paths (`PATH_FLAGS`, the data set's PATH) are
+    written absolute, resolved against the current folder, so a replay from
+    another folder reads and writes the run's own files.
     """
     lines = []
     for field in dataclasses.fields(config):
         if field.name in ("fresh", "overwrite"):
             continue  # actions on the model_dir, not configuration
-        value = getattr(config, field.name)
+        value = _replayable(field.name, getattr(config, field.name))
         if isinstance(value, bool):
             lines.append(f"--{field.name}" if value else f"--no{field.name}")
         else:

@@ -480,7 +480,9 @@ def train_and_evaluate(config, model_dir):
                     export_dir = (
                         config.export_dir if write_dir.chief else write_dir.path + "/export"
                     )
-                    export.export_saved_model(state.model, config.image_size, export_dir)
+                    export.export_saved_model(
+                        state.model, config.image_size, data.pixel_range, export_dir
+                    )
                     logging.info("exported a float32 SavedModel to %s", export_dir)
             timed_steps = step - start_step - 1  # the first loop (one step) is timed apart
             result = RunResult(

@@ -15,11 +15,13 @@ shard and batches at the per-replica batch size.
 """
 
 import dataclasses
+import os
 from collections.abc import Callable
 
 import tensorflow as tf
 from absl import logging
 
+from engine.config import absolute_path
 from input_pipeline import batching, folder, preprocessing, shapes, ships, synthetic
 
 
@@ -33,6 +35,9 @@ class DataSpec:
     class_names: tuple
     train_size: int
     eval_size: int
+    # The range the pipelines scale pixels to (the source's PIXEL_RANGE): what
+    # the model is trained on, and what an export maps its [0, 1] images onto.
+    pixel_range: tuple
     class_weights: tuple | None = None  # per-class loss weights (--class_weighting)
     skipped_images: int = 0  # undecodable images dropped by --skip_bad_images
 
@@ -55,6 +60,7 @@ def create_data(config):
             )
 
         num_classes, class_names = len(shapes.CLASS_NAMES), shapes.CLASS_NAMES
+        pixel_range = shapes.PIXEL_RANGE
     elif name == "synthetic":
 
         def train_arrays(indices):
@@ -71,6 +77,7 @@ def create_data(config):
 
         num_classes = synthetic.NUM_CLASSES
         class_names = tuple(str(i) for i in range(num_classes))
+        pixel_range = synthetic.PIXEL_RANGE
     elif name.startswith("tfds:"):
         return _tfds_data(config, name[len("tfds:") :])
     elif name.startswith(("folder:", "ships:")):
@@ -95,7 +102,13 @@ def create_data(config):
         return batching.eval_batches(make_eval(), config.eval_batch_size, input_context)
 
     return DataSpec(
-        train_fn, eval_fn, num_classes, class_names, config.train_examples, config.eval_examples
+        train_fn,
+        eval_fn,
+        num_classes,
+        class_names,
+        config.train_examples,
+        config.eval_examples,
+        pixel_range,
     )
 
 
@@ -117,6 +130,7 @@ def _finish_spec(config, class_names, train_fn, eval_fn, train_labels, eval_labe
         tuple(class_names),
         int(train_counts.sum()),
         int(eval_counts.sum()),
+        preprocessing.PIXEL_RANGE,
         class_weights=weights,
         skipped_images=skipped,
     )
@@ -160,10 +174,7 @@ def create_file_data(config, class_names, train, evals, what):
         skipped += n
         splits.append((paths, labels))
     (train_paths, train_labels), (eval_paths, eval_labels) = splits
-    # Sizes and times in the cache keys: an image overwritten under the same name
-    # must not be served from a file cache written before.
-    train_key = (train_paths, train_labels.tolist(), preprocessing.file_stamps(train_paths))
-    eval_key = (eval_paths, eval_labels.tolist(), preprocessing.file_stamps(eval_paths))
+    train_key, eval_key = _files_key(train_paths, train_labels), _files_key(eval_paths, eval_labels)
 
     train_fn = preprocessing.create_train_fn(
         preprocessing.file_examples(train_paths, train_labels),
@@ -186,6 +197,17 @@ def create_file_data(config, class_names, train, evals, what):
     return _finish_spec(config, class_names, train_fn, eval_fn, train_labels, eval_labels, skipped)
 
 
+def _files_key(paths, labels):
+    """The file cache key of a split: what the cache file name's hash covers.
+
+    Absolute names, so the same files named from another folder (a replayed
+    flags.txt) find the same cache; each file's size and time, so an image
+    overwritten under the same name is not served from a cache written before.
+    """
+    names = [os.path.abspath(p) for p in paths]
+    return (names, labels.tolist(), preprocessing.file_stamps(paths))
+
+
 def _tfds_data(config, name):
     # Imported here: TFDS is slow to import and only this source needs it.
     from input_pipeline import tfds_source
@@ -198,7 +220,9 @@ def _tfds_data(config, name):
         if labels.size == 0:
             raise preprocessing.DataError(f"--dataset=tfds:{name}: split {split!r} is empty")
     # full_name ("mnist/3.0.1") pins the version: a bare name follows the installed TFDS.
-    key = (name, builder.info.full_name, config.data_dir)
+    # --data_dir absolute (TFDS expands ~), so a replayed flags.txt finds the same cache.
+    data_dir = absolute_path(os.path.expanduser(config.data_dir))
+    key = (name, builder.info.full_name, data_dir)
 
     train_fn = preprocessing.create_train_fn(
         train_ds, config, int(train_labels.size), (*key, config.train_split)

@@ -55,9 +55,15 @@ def decode_and_resize(encoded, size):
     return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
+# What `normalise` maps pixels to, so the model's input range: an exported
+# model maps its [0, 1] input onto it (see `DataSpec.pixel_range`).
+PIXEL_RANGE = (-1.0, 1.0)
+
+
 def normalise(image):
-    """uint8 [0, 255] -> float32 [-1, 1]."""
-    return tf.cast(image, tf.float32) / 127.5 - 1.0
+    """uint8 [0, 255] -> float32 `PIXEL_RANGE` ([-1, 1])."""
+    low, high = PIXEL_RANGE
+    return tf.cast(image, tf.float32) / (255.0 / (high - low)) + low
 
 
 def augment(image, image_size, seed):

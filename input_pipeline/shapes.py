@@ -11,6 +11,7 @@ import tensorflow as tf
 
 CLASS_NAMES = ("circle", "square", "triangle", "plus", "ring")
 _SPLIT_OFFSET = {"train": 0, "eval": 1 << 40}
+PIXEL_RANGE = (0.0, 1.0)  # what the images span, and so the model's input
 
 
 def _masks(image_size, cx, cy, r):
@@ -31,7 +32,7 @@ def _masks(image_size, cx, cy, r):
 
 
 def render_example(seed, split, index, image_size):
-    """Returns (image float32 [H, W, 3] in [0, 1], label int32) for one example."""
+    """Returns (image float32 [H, W, 3] in `PIXEL_RANGE`, label int32) for one example."""
     key = tf.stack([tf.cast(seed, tf.int64), _SPLIT_OFFSET[split] + tf.cast(index, tf.int64)])
     u = tf.random.stateless_uniform([10], seed=key)
     size = float(image_size)
@@ -47,7 +48,7 @@ def render_example(seed, split, index, image_size):
     fg, bg = tf.where(swap, dark, light), tf.where(swap, light, dark)
     noise = 0.08 * tf.random.stateless_normal([image_size, image_size, 3], seed=key + 7)
     image = tf.where(mask, fg, bg) + noise
-    return tf.clip_by_value(image, 0.0, 1.0), label
+    return tf.clip_by_value(image, *PIXEL_RANGE), label
 
 
 def create_dataset(split, num_examples, image_size, seed):

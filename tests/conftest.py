@@ -58,14 +58,14 @@ def read_texts(logdir):
     }
 
 
-def run_main(*args, timeout=300, **kwargs):
-    """Runs `python main.py ARGS` in a fresh process; returns the CompletedProcess."""
+def run_main(*args, timeout=300, cwd=ROOT, **kwargs):
+    """Runs `python main.py ARGS` in a fresh process (in `cwd`); returns the CompletedProcess."""
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, "main.py"), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        cwd=ROOT,
+        cwd=cwd,
         **kwargs,
     )
 

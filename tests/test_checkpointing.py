@@ -360,6 +360,29 @@ def test_fresh_overwrite_that_cannot_delete_is_a_clear_error(tmp_path):
     assert (tmp_path / "checkpoints" / "ckpt-5.index").exists()
 
 
+@pytest.mark.parametrize(
+    "dataset, resumes",
+    [
+        ("folder:/elsewhere/project/data/imgs", True),  # flags.txt's absolute spelling
+        ("folder:data/imgs/", True),
+        ("folder:/elsewhere/data/other", False),
+        ("folder:/elsewhere/imgs", False),
+        ("ships:/elsewhere/data/imgs", False),
+    ],
+)
+def test_a_relative_dataset_path_resumes_under_any_absolute_path_ending_with_it(
+    tmp_path, dataset, resumes
+):
+    # config.json keeps PATH as given; from any folder it named a folder ending with it.
+    _fake_checkpoint(tmp_path, tiny_config(dataset="folder:data/imgs"))
+    directory = str(tmp_path / "checkpoints")
+    if resumes:
+        checkpointing.check_compatible(tiny_config(dataset=dataset), directory)
+    else:
+        with pytest.raises(ConfigError, match="resume with --dataset=folder:data/imgs"):
+            checkpointing.check_compatible(tiny_config(dataset=dataset), directory)
+
+
 def test_the_flagfile_never_replays_fresh_or_overwrite():
     from engine.config import to_flagfile
 

@@ -5,12 +5,14 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import tensorflow as tf
 from conftest import ROOT, tiny_config
+from image_trees import make_folder_tree
 
 from engine import checkpointing, loop
 from engine.precision import get_policy
-from input_pipeline import create_data
+from input_pipeline import create_data, shapes
 from models import create_model
 
 PRECISIONS = ("fp32", "mixed", "mixed_bf16")
@@ -70,3 +72,43 @@ def test_exported_model_serves_float32_probabilities_like_the_trained_model(tmp_
     for precision in PRECISIONS:
         np.testing.assert_allclose(np.sum(served[precision], axis=-1), 1.0, rtol=1e-5)
         np.testing.assert_allclose(served[precision], expected[precision], rtol=1e-5, atol=1e-6)
+
+
+def _unit_and_normalised(config):
+    """The eval images of `config`'s folder data set as [0, 1] floats and as trained on."""
+    from input_pipeline import preprocessing
+
+    paths = sorted(tf.io.gfile.glob(config.dataset.split(":", 1)[1] + "/train/*/*"))
+    size = preprocessing.source_size(config.image_size, config.augment)
+    pixels = tf.stack(
+        [
+            preprocessing.centre_crop(
+                preprocessing.decode_and_resize(tf.io.read_file(p), size), config.image_size
+            )
+            for p in paths
+        ]
+    )
+    return (tf.cast(pixels, tf.float32) / 255.0).numpy(), preprocessing.normalise(pixels).numpy()
+
+
+@pytest.mark.parametrize("dataset", ["folder", "shapes"])
+def test_exported_model_normalises_unit_images_as_training_did(tmp_path, dataset):
+    # The signature takes [0, 1] images for every data set; the model saw the
+    # pipeline's range ([-1, 1] for image files), so the export must rescale.
+    if dataset == "folder":
+        root = make_folder_tree(tmp_path / "data", per_class=6, classes=("red", "green"))
+        config = tiny_config(dataset=f"folder:{root}", batch_size=8, train_steps=8)
+    else:
+        config = tiny_config(train_steps=8)
+    config = config.replace(export_dir=str(tmp_path / "export"))
+    loop.train_and_evaluate(config, str(tmp_path / "run"))
+    if dataset == "folder":
+        unit, trained_on = _unit_and_normalised(config)
+        assert trained_on.min() < -0.5  # the two ranges differ: the check can fail
+    else:
+        unit = shapes.render_examples(config.seed, "eval", list(range(8)), config.image_size)[0]
+        unit = trained_on = unit.numpy()
+    expected = _trained_probabilities(config, str(tmp_path / "run"), trained_on)
+    serve = tf.saved_model.load(config.export_dir).signatures["serving_default"]
+    served = serve(images=tf.constant(unit))["probabilities"].numpy()
+    np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-6)

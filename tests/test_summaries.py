@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -10,7 +11,8 @@ import time
 import urllib.request
 
 import pytest
-from conftest import read_scalars, read_texts, tiny_config
+from conftest import read_scalars, read_texts, run_main, tiny_config
+from image_trees import make_folder_tree
 
 from engine import loop
 
@@ -195,3 +197,65 @@ def test_tensorboard_serves_the_runs_scalars_and_hparams(trained, tmp_path):
     assert metrics["final/skipped_steps"] == 2
     assert 0.0 <= metrics["final/eval_accuracy"] <= 1.0
     assert metrics["final/examples_per_sec"] > 0
+
+
+def test_the_flagfile_writes_local_relative_paths_absolutely(tmp_path, monkeypatch):
+    from engine.config import to_flagfile
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "caches").mkdir()
+    config = tiny_config(
+        dataset="folder:data/imgs",
+        data_dir="tfds",
+        cache="caches/",
+        export_dir="out/export",
+        benchmark_json="bench.json",
+        predictions_csv="preds.csv",
+    )
+    lines = to_flagfile(config).splitlines()
+    for line in (
+        f"--dataset=folder:{tmp_path}/data/imgs",
+        f"--data_dir={tmp_path}/tfds",
+        f"--cache={tmp_path}/caches/",  # still a folder
+        f"--export_dir={tmp_path}/out/export",
+        f"--benchmark_json={tmp_path}/bench.json",
+        f"--predictions_csv={tmp_path}/preds.csv",
+        "--predict_csv=",  # empty stays empty
+    ):
+        assert line in lines
+    remote = tiny_config(dataset="ships:gs://b/ships", export_dir="gs://b/e", data_dir="~/tfds")
+    lines = to_flagfile(remote).splitlines()
+    assert "--dataset=ships:gs://b/ships" in lines and "--export_dir=gs://b/e" in lines
+    assert f"--data_dir={os.path.expanduser('~/tfds')}" in lines  # TFDS expands ~ too
+    assert "--cache=memory" in lines and "--dataset=shapes" in to_flagfile(tiny_config())
+
+
+def test_a_flagfile_replayed_from_another_folder_resumes_with_the_runs_files(tmp_path):
+    # Started with relative paths in one folder, replayed from another: the data,
+    # the cache (the same files) and the export are the run's own, and the
+    # relative --dataset in config.json matches its absolute spelling in flags.txt.
+    first, elsewhere = tmp_path / "first", tmp_path / "elsewhere"
+    make_folder_tree(first / "data", per_class=6, classes=("red", "green"))
+    (first / "cache").mkdir()
+    elsewhere.mkdir()
+    common = ["--model=tiny", "--image_size=16", "--batch_size=8", "--precision=fp32"]
+    proc = run_main(
+        *common,
+        "--dataset=folder:data",
+        "--model_dir=run",
+        "--cache=cache/",
+        "--export_dir=export",
+        "--train_steps=2",
+        "--steps_per_loop=2",
+        cwd=first,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    caches = sorted(os.listdir(first / "cache"))
+    shutil.rmtree(first / "export")
+    proc = run_main(f"--flagfile={first / 'run' / 'flags.txt'}", "--train_steps=4", cwd=elsewhere)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resuming from" in proc.stderr
+    assert (first / "run" / "checkpoints" / "ckpt-4.index").exists()
+    assert (first / "export" / "saved_model.pb").exists()
+    assert os.listdir(elsewhere) == []
+    assert sorted(os.listdir(first / "cache")) == caches  # read back, not written again
