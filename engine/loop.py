@@ -404,7 +404,7 @@ def train_and_evaluate(config, model_dir):
     profiler = StepProfiler(config.profile_steps, write_dir.path)
     first_step_seconds = None
     timed_seconds = 0.0  # in the loops after the first, whose speed is measured
-    values, eval_loss, eval_acc, eval_step = {}, float("nan"), float("nan"), None
+    values, eval_loss, eval_acc = {}, float("nan"), float("nan")
     step = start_step = int(state.step.numpy())
     profiler.warn_if_unreached(start_step, total)
     # What an earlier run logged after the checkpoint resumed from is not shown.
@@ -413,8 +413,8 @@ def train_and_evaluate(config, model_dir):
     if step >= total:
         logging.info("already trained to step %d of %d: nothing to train", step, total)
     # Signals are caught from here on: a SIGTERM during start-up still saves and exits 0.
-    with guards.stop_on_signals() as stop:
-        try:
+    try:
+        with guards.stop_on_signals() as stop:
             shown_images, shown_labels = _write_run_start(
                 writer, config, write_dir.path, data, pipelines[0]
             )
@@ -458,58 +458,51 @@ def train_and_evaluate(config, model_dir):
                     writer.histograms(
                         step, summaries.weight_and_gradient_histograms(trainable, grads)
                     )
-                if step % per_epoch == 0 or step == total:
-                    eval_loss, eval_acc = (float(v) for v in eval_loop(eval_data))
-                    eval_step = step
-                    writer.scalars(step, {"eval/loss": eval_loss, "eval/accuracy": eval_acc})
-                    logging.info(
-                        "eval at step %d: loss %.4f accuracy %.4f", step, eval_loss, eval_acc
-                    )
+                if step % per_epoch == 0 and step < total:  # the last step's eval comes below
+                    eval_loss, eval_acc = _evaluate(eval_loop, eval_data, writer, step)
                 if stop or (config.checkpoint_every and step % config.checkpoint_every == 0):
                     last_good, saved_step = manager.save(checkpoint_number=step), step
             if saved_step != step:
                 last_good = manager.save(checkpoint_number=step)
-            if stop:
-                guards.log_stop(stop, step, last_good)
-            else:
-                if eval_step != step:  # resumed a finished run: no loop ran
-                    eval_loss, eval_acc = (float(v) for v in eval_loop(eval_data))
-                if config.export_dir:
-                    # Every worker saves (variables are read collectively); the chief's counts.
-                    export_dir = (
-                        config.export_dir if write_dir.chief else write_dir.path + "/export"
-                    )
-                    export.export_saved_model(state.model, config.image_size, export_dir)
-                    logging.info("exported a float32 SavedModel to %s", export_dir)
-            timed_steps = step - start_step - 1  # the first loop (one step) is timed apart
-            result = RunResult(
-                model_dir=model_dir,
-                steps=step,
-                skipped_steps=int(state.skipped_steps.numpy()),
-                loss_scale=float(state.loss_scale.value.numpy()),
-                train_loss=values.get("train/loss", float("nan")),
-                eval_loss=eval_loss,
-                eval_accuracy=eval_acc,
-                # The loop calls alone: eval, histograms, profiling, saves and export excluded.
-                train_seconds=(first_step_seconds or 0.0) + timed_seconds,
-                first_step_seconds=first_step_seconds or 0.0,
-                examples_per_sec=(
-                    timed_steps * config.batch_size / timed_seconds if timed_seconds else 0.0
-                ),
-                stopped_by=stop.signal_name or "",
-                trained_steps=step - start_step,
-                weights_digest=weights_digest(state),
-            )
-            if not stop:
-                _log_done(result)
-                # A run resumed when already finished trains nothing: its zero
-                # timings must not replace the finished run's in HParams.
-                if step > start_step:
-                    summaries.write_final_metrics(writer, step, result)
-        finally:
-            profiler.stop()
-            writer.close()
-            write_dir.cleanup()
+        # The loops' own time: eval, histograms, profiling, saves and export excluded.
+        train_seconds = (first_step_seconds or 0.0) + timed_seconds
+        timed_steps = step - start_step - 1  # the first loop (one step) is timed apart
+        examples_per_sec = timed_steps * config.batch_size / timed_seconds if timed_seconds else 0.0
+        # Only the call that trained the last step has timings; a re-run keeps them.
+        if step == total and step > start_step:
+            summaries.write_final_timings(writer, step, train_seconds, examples_per_sec)
+        if stop:
+            guards.log_stop(stop, step, last_good)
+        else:
+            # From here a stop signal ends the run at once (main.py: one line, exit
+            # 128 + N): the last step is saved, and the next start, which has nothing
+            # to train, redoes the final eval, its metrics and the export.
+            eval_loss, eval_acc = _evaluate(eval_loop, eval_data, writer, step)
+            skipped = int(state.skipped_steps.numpy())
+            summaries.write_final_eval(writer, step, eval_acc, skipped)
+            if config.export_dir:
+                _export(config, write_dir, state.model)
+        result = RunResult(
+            model_dir=model_dir,
+            steps=step,
+            skipped_steps=int(state.skipped_steps.numpy()),
+            loss_scale=float(state.loss_scale.value.numpy()),
+            train_loss=values.get("train/loss", float("nan")),
+            eval_loss=eval_loss,
+            eval_accuracy=eval_acc,
+            train_seconds=train_seconds,
+            first_step_seconds=first_step_seconds or 0.0,
+            examples_per_sec=examples_per_sec,
+            stopped_by=stop.signal_name or "",
+            trained_steps=step - start_step,
+            weights_digest=weights_digest(state),
+        )
+        if not stop:
+            _log_done(result)
+    finally:
+        profiler.stop()
+        writer.close()
+        write_dir.cleanup()
     return result
 
 
@@ -534,6 +527,21 @@ def _write_run_start(writer, config, model_dir, data, input_context):
     return shown_images, shown_labels
 
 
+def _evaluate(eval_loop, eval_data, writer, step):
+    """One pass over the eval data, written as `eval/*` at `step`; returns (loss, accuracy)."""
+    loss, accuracy = (float(v) for v in eval_loop(eval_data))
+    writer.scalars(step, {"eval/loss": loss, "eval/accuracy": accuracy})
+    logging.info("eval at step %d: loss %.4f accuracy %.4f", step, loss, accuracy)
+    return loss, accuracy
+
+
+def _export(config, write_dir, model):
+    # Every worker saves (variables are read collectively); the chief's counts.
+    export_dir = config.export_dir if write_dir.chief else write_dir.path + "/export"
+    export.export_saved_model(model, config.image_size, export_dir)
+    logging.info("exported a float32 SavedModel to %s", export_dir)
+
+
 def _accumulate(totals, raw):
     """Adds one loop's statistics into `totals` (the run of skips takes the maximum)."""
     for name, value in raw.items():
@@ -544,14 +552,17 @@ def _accumulate(totals, raw):
 
 
 def _log_done(result):
+    if not result.trained_steps:  # resumed when already trained: nothing was timed
+        timing = "trained before"
+    else:
+        timing = f"in {result.train_seconds:.1f} s, first step {result.first_step_seconds:.1f} s"
+        if result.examples_per_sec:  # the first step alone gives no rate
+            timing += f", {result.examples_per_sec:.1f} ex/s"
     logging.info(
-        "done: %d steps (%d skipped) in %.1f s, first step %.1f s, %.1f ex/s, "
-        "eval accuracy %.4f, loss scale %g, weights %s",
+        "done: %d steps (%d skipped) %s, eval accuracy %.4f, loss scale %g, weights %s",
         result.steps,
         result.skipped_steps,
-        result.train_seconds,
-        result.first_step_seconds,
-        result.examples_per_sec,
+        timing,
         result.eval_accuracy,
         result.loss_scale,
         result.weights_digest,

@@ -210,14 +210,20 @@ def weight_and_gradient_histograms(variables, grads):
     return values
 
 
-def write_final_metrics(writer, step, result):
-    """The numbers the HParams dashboard shows per run (see `FINAL_METRICS`)."""
+def write_final_timings(writer, step, train_seconds, examples_per_sec):
+    """HParams' timing metrics (see `FINAL_METRICS`), from the call that trained the last step.
+
+    A later start with nothing to train does not write them: its zeros would
+    replace the training's figures.
+    """
     writer.scalars(
         step,
-        {
-            "final/eval_accuracy": result.eval_accuracy,
-            "final/examples_per_sec": result.examples_per_sec,
-            "final/skipped_steps": result.skipped_steps,
-            "final/train_seconds": result.train_seconds,
-        },
+        {"final/examples_per_sec": examples_per_sec, "final/train_seconds": train_seconds},
+    )
+
+
+def write_final_eval(writer, step, eval_accuracy, skipped_steps):
+    """HParams' other metrics, after every final eval (a re-run redoes an interrupted one)."""
+    writer.scalars(
+        step, {"final/eval_accuracy": eval_accuracy, "final/skipped_steps": skipped_steps}
     )
