@@ -131,7 +131,8 @@ flags.DEFINE_string("benchmark_json", C.benchmark_json, "--mode=benchmark: write
 flags.DEFINE_string(
     "profile_steps",
     C.profile_steps,
-    "START,END: write a TensorBoard profile trace of those training steps.",
+    "START,END: write a TensorBoard profile trace of training steps START to END, both "
+    "included (steps numbered as shown, from 1).",
 )
 
 # --- TensorBoard and diagnostics (issue 6) ---

@@ -401,12 +401,12 @@ def train_and_evaluate(config, model_dir):
         model_dir,
     )
     writer = summaries.SummaryWriter(write_dir.path)
-    profiler = StepProfiler(config.profile_steps, write_dir.path)
+    profiler = StepProfiler(config.profile_steps, write_dir.path, total)
     first_step_seconds = None
     timed_seconds = 0.0  # in the loops after the first, whose speed is measured
     values, eval_loss, eval_acc = {}, float("nan"), float("nan")
     step = start_step = int(state.step.numpy())
-    profiler.warn_if_unreached(start_step, total)
+    profiler.warn_if_unreached(start_step)
     # What an earlier run logged after the checkpoint resumed from is not shown.
     writer.session_start(step + 1)
     interval, interval_seconds = {}, 0.0  # statistics since the last scalar write
