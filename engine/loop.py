@@ -278,7 +278,7 @@ def total_train_steps(config, data):
     return config.train_steps or config.epochs * steps_per_epoch(config, data)
 
 
-def _loop_values(state, s, seconds, batch_size):
+def _loop_values(state, s, batch_size):
     steps = max(int(s["steps"]), 1)
     return {
         "train/skip_rate": 1.0 - float(s["finite_steps"]) / steps,
@@ -288,6 +288,12 @@ def _loop_values(state, s, seconds, batch_size):
         "train/learning_rate": optimizers.current_learning_rate(state.optimizer),
         "train/loss_scale": float(state.loss_scale.value.numpy()),
         "train/skipped_steps": int(state.skipped_steps.numpy()),
+    }
+
+
+def _speeds(s, seconds, batch_size):
+    steps = int(s["steps"])
+    return {
         "train/examples_per_sec": steps * batch_size / max(seconds, 1e-9),
         "train/steps_per_sec": steps / max(seconds, 1e-9),
     }
@@ -440,19 +446,20 @@ def train_and_evaluate(config, model_dir):
                 # On a stop too: the skips recorded since the last write must reach
                 # TensorBoard before the run exits, not be lost with the process.
                 if stop or _summary_due(step, total, config.summary_every, first_loop):
-                    values = _loop_values(state, interval, interval_seconds, config.batch_size)
+                    values = _loop_values(state, interval, config.batch_size)
                     readout = monitor.read_and_reset()
                     values.update(readout.scalars)
                     if first_loop:
+                        # Tracing and compilation: a time, not a speed that squashes the curve.
                         first_step_seconds = interval_seconds
                         values["train/first_step_seconds"] = interval_seconds
                     else:
+                        values.update(_speeds(interval, interval_seconds, config.batch_size))
                         timed_seconds += interval_seconds
                     interval, interval_seconds = {}, 0.0
                     writer.scalars(step, values)
                     summaries.report_nonfinite(writer, readout)
-                    rate = values["train/steps_per_sec"]
-                    summaries.log_progress(step, total, values, (total - step) / max(rate, 1e-9))
+                    summaries.log_progress(step, total, values)
                 if config.histogram_every and step % config.histogram_every == 0:
                     grads = probe(shown_images, shown_labels)
                     writer.histograms(

@@ -95,19 +95,29 @@ def format_eta(seconds):
     return str(datetime.timedelta(seconds=int(seconds)))
 
 
-def log_progress(step, total_steps, values, eta_seconds):
-    """The console line written after every loop."""
+def log_progress(step, total_steps, values):
+    """The console line written after every scalar write.
+
+    After the first step (tracing, compilation) it shows that step's time: a
+    speed or an ETA from it would be far off.
+    """
+    if "train/examples_per_sec" in values:
+        speed = f"{values['train/examples_per_sec']:.1f} ex/s"
+        remaining = (total_steps - step) / max(values["train/steps_per_sec"], 1e-9)
+        eta = f"  ETA {format_eta(remaining)}"
+    else:
+        speed, eta = f"first step {values['train/first_step_seconds']:.1f} s", ""
     logging.info(
-        "step %d/%d  loss %.4f  acc %.3f  scale %g  skipped %d  %.1f ex/s  lr %.2e  ETA %s",
+        "step %d/%d  loss %.4f  acc %.3f  scale %g  skipped %d  %s  lr %.2e%s",
         step,
         total_steps,
         values["train/loss"],
         values["train/accuracy"],
         values["train/loss_scale"],
         values["train/skipped_steps"],
-        values["train/examples_per_sec"],
+        speed,
         values["train/learning_rate"],
-        format_eta(eta_seconds),
+        eta,
     )
 
 

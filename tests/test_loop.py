@@ -1,5 +1,6 @@
 """End to end: every precision x XLA trains and writes its TensorBoard tags."""
 
+import logging
 import time
 
 import numpy as np
@@ -107,3 +108,16 @@ def test_train_seconds_are_the_training_loops_time_not_eval(tmp_path, monkeypatc
     loops = first[1] + sum((b - a) / v for a, (b, v) in zip(starts, rates, strict=True))
     assert result.train_seconds == pytest.approx(loops, rel=1e-4)
     assert scalars["final/train_seconds"] == [(4, pytest.approx(result.train_seconds, rel=1e-6))]
+
+
+def test_the_first_step_is_a_time_not_a_speed_in_tensorboard_and_on_the_console(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="absl"):
+        loop.train_and_evaluate(tiny_config(train_steps=4, steps_per_loop=2), str(tmp_path))
+    scalars = read_scalars(tmp_path)
+    assert [s for s, _ in scalars["train/first_step_seconds"]] == [1]
+    for tag in ("train/examples_per_sec", "train/steps_per_sec"):
+        assert [s for s, _ in scalars[tag]] == [3, 4], tag  # tracing would squash the curve
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert len(lines) == 3
+    assert "  first step " in lines[0] and "ex/s" not in lines[0] and "ETA" not in lines[0]
+    assert all(" ex/s  lr " in line and "  ETA " in line for line in lines[1:]), lines
