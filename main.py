@@ -104,7 +104,9 @@ flags.DEFINE_bool(
     "Deterministic ops and input order: same batches every run, bit-exact resume (slower).",
 )
 flags.DEFINE_bool(
-    "class_weighting", C.class_weighting, "Weight the loss by inverse class frequency."
+    "class_weighting",
+    C.class_weighting,
+    "Weight the loss by inverse class frequency (tfds:, folder:, ships: data).",
 )
 flags.DEFINE_bool("skip_bad_images", C.skip_bad_images, "Skip (count and log) undecodable images.")
 flags.DEFINE_string(

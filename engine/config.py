@@ -191,6 +191,12 @@ class Config:
         if not self.train_split:
             raise ConfigError("--train_split must not be empty")
         self._check_split_flags()
+        if self.class_weighting and self.dataset in BUILTIN_DATASETS:
+            # Ignored there (classes drawn uniformly), yet it would be recorded with the run.
+            raise ConfigError(
+                f"--class_weighting applies only to tfds:, folder: and ships: data; "
+                f"--dataset={self.dataset} draws its classes uniformly: drop it"
+            )
         if self.cache not in ("", "memory"):
             parent = os.path.dirname(os.path.abspath(cache_prefix(self.cache)))
             if not os.path.isdir(parent):

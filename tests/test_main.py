@@ -45,6 +45,12 @@ def _main(*args, timeout=120):
         ("--flagfile=/nonexistent/f.txt", "error: Unable to open flagfile"),
         ("--precision=fp32 --loss_scale=128", "--loss_scale applies only to --precision=mixed"),
         (
+            "--class_weighting",
+            "--class_weighting applies only to tfds:, folder: and ships: data; "
+            "--dataset=shapes draws its classes uniformly: drop it",
+        ),
+        ("--dataset=synthetic --class_weighting", "--dataset=synthetic draws its classes"),
+        (
             "--dataset=synthetic --eval_split=val",
             "--eval_split applies only to --dataset=tfds:NAME and folder:PATH; "
             "--dataset=synthetic has no named splits: drop it",
