@@ -104,7 +104,9 @@ flags.DEFINE_bool(
     "Deterministic ops and input order: same batches every run, bit-exact resume (slower).",
 )
 flags.DEFINE_bool(
-    "class_weighting", C.class_weighting, "Weight the loss by inverse class frequency."
+    "class_weighting",
+    C.class_weighting,
+    "Weight the loss by inverse class frequency (tfds:, folder:, ships: data).",
 )
 flags.DEFINE_bool("skip_bad_images", C.skip_bad_images, "Skip (count and log) undecodable images.")
 flags.DEFINE_string(
@@ -131,7 +133,8 @@ flags.DEFINE_string("benchmark_json", C.benchmark_json, "--mode=benchmark: write
 flags.DEFINE_string(
     "profile_steps",
     C.profile_steps,
-    "START,END: write a TensorBoard profile trace of those training steps.",
+    "START,END: write a TensorBoard profile trace of training steps START to END, both "
+    "included (steps numbered as shown, from 1).",
 )
 
 # --- TensorBoard and diagnostics (issue 6) ---

@@ -95,7 +95,7 @@ class Config:
     benchmark_repeats: int = 7  # interleaved fit/engine timed windows per configuration
     benchmark_steps: int = 0  # steps per timed window; 0 = steps_per_loop (one loop)
     benchmark_json: str = ""  # also write the results here
-    profile_steps: str = ""  # "START,END": TensorBoard profile trace of those steps
+    profile_steps: str = ""  # "START,END": TensorBoard profile trace of steps START..END (from 1)
     # --- TensorBoard and diagnostics (issue 6) ---
     summary_every: int = 0  # steps between scalar writes; 0 = after every loop
     histogram_every: int = 0  # steps between weight/gradient histograms; 0 = off
@@ -207,6 +207,12 @@ class Config:
         if not self.train_split:
             raise ConfigError("--train_split must not be empty")
         self._check_split_flags()
+        if self.class_weighting and self.dataset in BUILTIN_DATASETS:
+            # Ignored there (classes drawn uniformly), yet it would be recorded with the run.
+            raise ConfigError(
+                f"--class_weighting applies only to tfds:, folder: and ships: data; "
+                f"--dataset={self.dataset} draws its classes uniformly: drop it"
+            )
         if self.cache not in ("", "memory"):
             parent = os.path.dirname(os.path.abspath(cache_prefix(self.cache)))
             if not os.path.isdir(parent):
@@ -539,11 +545,14 @@ def resume_hint(config, model_dir):
 
 
 def parse_profile_steps(value):
-    """ "START,END" -> (start, end) with 0 <= start < end; ConfigError otherwise."""
+    """ "START,END" -> (start, end), steps numbered from 1, both traced; ConfigError otherwise."""
     try:
         start, end = (int(v) for v in value.split(","))
     except ValueError:
-        start, end = -1, -1
-    if not 0 <= start < end:
-        raise ConfigError(f"--profile_steps must be START,END with 0 <= START < END, got {value!r}")
+        start, end = 0, 0
+    if not 1 <= start <= end:
+        raise ConfigError(
+            f"--profile_steps must be START,END with 1 <= START <= END (steps numbered as "
+            f"shown, from 1; both traced), got {value!r}"
+        )
     return start, end

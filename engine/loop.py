@@ -199,7 +199,7 @@ class RunResult:
     train_loss: float
     eval_loss: float
     eval_accuracy: float
-    train_seconds: float
+    train_seconds: float  # in the training loops (the first included): no eval, saves, export
     first_step_seconds: float
     examples_per_sec: float
     stopped_by: str = ""  # the signal that stopped the run early, e.g. "SIGTERM"
@@ -279,7 +279,7 @@ def total_train_steps(config, data):
     return config.train_steps or config.epochs * steps_per_epoch(config, data)
 
 
-def _loop_values(state, s, seconds, batch_size):
+def _loop_values(state, s, batch_size):
     steps = max(int(s["steps"]), 1)
     return {
         "train/skip_rate": 1.0 - float(s["finite_steps"]) / steps,
@@ -289,6 +289,12 @@ def _loop_values(state, s, seconds, batch_size):
         "train/learning_rate": optimizers.current_learning_rate(state.optimizer),
         "train/loss_scale": float(state.loss_scale.value.numpy()),
         "train/skipped_steps": int(state.skipped_steps.numpy()),
+    }
+
+
+def _speeds(s, seconds, batch_size):
+    steps = int(s["steps"])
+    return {
         "train/examples_per_sec": steps * batch_size / max(seconds, 1e-9),
         "train/steps_per_sec": steps / max(seconds, 1e-9),
     }
@@ -402,21 +408,20 @@ def train_and_evaluate(config, model_dir):
         model_dir,
     )
     writer = summaries.SummaryWriter(write_dir.path)
-    profiler = StepProfiler(config.profile_steps, write_dir.path)
-    start = time.perf_counter()
+    profiler = StepProfiler(config.profile_steps, write_dir.path, total)
     first_step_seconds = None
-    train_seconds = 0.0
-    values, eval_loss, eval_acc, eval_step = {}, float("nan"), float("nan"), None
+    timed_seconds = 0.0  # in the loops after the first, whose speed is measured
+    values, eval_loss, eval_acc = {}, float("nan"), float("nan")
     step = start_step = int(state.step.numpy())
-    profiler.warn_if_unreached(start_step, total)
+    profiler.warn_if_unreached(start_step)
     # What an earlier run logged after the checkpoint resumed from is not shown.
     writer.session_start(step + 1)
     interval, interval_seconds = {}, 0.0  # statistics since the last scalar write
     if step >= total:
         logging.info("already trained to step %d of %d: nothing to train", step, total)
     # Signals are caught from here on: a SIGTERM during start-up still saves and exits 0.
-    with guards.stop_on_signals() as stop:
-        try:
+    try:
+        with guards.stop_on_signals() as stop:
             shown_images, shown_labels = _write_run_start(
                 writer, config, write_dir.path, data, pipelines[0]
             )
@@ -438,19 +443,20 @@ def train_and_evaluate(config, model_dir):
                 # On a stop or a divergence too: the skips recorded since the last write
                 # must reach TensorBoard and the log before the run ends, not be lost.
                 if diverged or stop or _summary_due(step, total, config.summary_every, first_loop):
-                    values = _loop_values(state, interval, interval_seconds, config.batch_size)
+                    values = _loop_values(state, interval, config.batch_size)
                     readout = monitor.read_and_reset()
                     values.update(readout.scalars)
                     if first_loop:
+                        # Tracing and compilation: a time, not a speed that squashes the curve.
                         first_step_seconds = interval_seconds
                         values["train/first_step_seconds"] = interval_seconds
                     else:
-                        train_seconds += interval_seconds
+                        values.update(_speeds(interval, interval_seconds, config.batch_size))
+                        timed_seconds += interval_seconds
                     interval, interval_seconds = {}, 0.0
                     writer.scalars(step, values)
                     summaries.report_nonfinite(writer, readout)
-                    rate = values["train/steps_per_sec"]
-                    summaries.log_progress(step, total, values, (total - step) / max(rate, 1e-9))
+                    summaries.log_progress(step, total, values)
                 # Before any save: a diverged state must never replace the last good checkpoint.
                 if diverged:
                     _raise_diverged(diverged, step, state, last_good)
@@ -459,59 +465,51 @@ def train_and_evaluate(config, model_dir):
                     writer.histograms(
                         step, summaries.weight_and_gradient_histograms(trainable, grads)
                     )
-                if step % per_epoch == 0 or step == total:
-                    eval_loss, eval_acc = (float(v) for v in eval_loop(eval_data))
-                    eval_step = step
-                    writer.scalars(step, {"eval/loss": eval_loss, "eval/accuracy": eval_acc})
-                    logging.info(
-                        "eval at step %d: loss %.4f accuracy %.4f", step, eval_loss, eval_acc
-                    )
+                if step % per_epoch == 0 and step < total:  # the last step's eval comes below
+                    eval_loss, eval_acc = _evaluate(eval_loop, eval_data, writer, step)
                 if stop or (config.checkpoint_every and step % config.checkpoint_every == 0):
                     last_good, saved_step = manager.save(checkpoint_number=step), step
             if saved_step != step:
                 last_good = manager.save(checkpoint_number=step)
-            if stop:
-                guards.log_stop(stop, step, last_good)
-            else:
-                if eval_step != step:  # resumed a finished run: no loop ran
-                    eval_loss, eval_acc = (float(v) for v in eval_loop(eval_data))
-                if config.export_dir:
-                    # Every worker saves (variables are read collectively); the chief's counts.
-                    export_dir = (
-                        config.export_dir if write_dir.chief else write_dir.path + "/export"
-                    )
-                    export.export_saved_model(
-                        state.model, config.image_size, data.pixel_range, export_dir
-                    )
-                    logging.info("exported a float32 SavedModel to %s", export_dir)
-            timed_steps = step - start_step - 1  # the first loop (one step) is timed apart
-            result = RunResult(
-                model_dir=model_dir,
-                steps=step,
-                skipped_steps=int(state.skipped_steps.numpy()),
-                loss_scale=float(state.loss_scale.value.numpy()),
-                train_loss=values.get("train/loss", float("nan")),
-                eval_loss=eval_loss,
-                eval_accuracy=eval_acc,
-                train_seconds=time.perf_counter() - start,
-                first_step_seconds=first_step_seconds or 0.0,
-                examples_per_sec=(
-                    timed_steps * config.batch_size / train_seconds if train_seconds else 0.0
-                ),
-                stopped_by=stop.signal_name or "",
-                trained_steps=step - start_step,
-                weights_digest=weights_digest(state),
-            )
-            if not stop:
-                _log_done(result)
-                # A run resumed when already finished trains nothing: its zero
-                # timings must not replace the finished run's in HParams.
-                if step > start_step:
-                    summaries.write_final_metrics(writer, step, result)
-        finally:
-            profiler.stop()
-            writer.close()
-            write_dir.cleanup()
+        # The loops' own time: eval, histograms, profiling, saves and export excluded.
+        train_seconds = (first_step_seconds or 0.0) + timed_seconds
+        timed_steps = step - start_step - 1  # the first loop (one step) is timed apart
+        examples_per_sec = timed_steps * config.batch_size / timed_seconds if timed_seconds else 0.0
+        # Only the call that trained the last step has timings; a re-run keeps them.
+        if step == total and step > start_step:
+            summaries.write_final_timings(writer, step, train_seconds, examples_per_sec)
+        if stop:
+            guards.log_stop(stop, step, last_good)
+        else:
+            # From here a stop signal ends the run at once (main.py: one line, exit
+            # 128 + N): the last step is saved, and the next start, which has nothing
+            # to train, redoes the final eval, its metrics and the export.
+            eval_loss, eval_acc = _evaluate(eval_loop, eval_data, writer, step)
+            skipped = int(state.skipped_steps.numpy())
+            summaries.write_final_eval(writer, step, eval_acc, skipped)
+            if config.export_dir:
+                _export(config, write_dir, state.model, data.pixel_range)
+        result = RunResult(
+            model_dir=model_dir,
+            steps=step,
+            skipped_steps=int(state.skipped_steps.numpy()),
+            loss_scale=float(state.loss_scale.value.numpy()),
+            train_loss=values.get("train/loss", float("nan")),
+            eval_loss=eval_loss,
+            eval_accuracy=eval_acc,
+            train_seconds=train_seconds,
+            first_step_seconds=first_step_seconds or 0.0,
+            examples_per_sec=examples_per_sec,
+            stopped_by=stop.signal_name or "",
+            trained_steps=step - start_step,
+            weights_digest=weights_digest(state),
+        )
+        if not stop:
+            _log_done(result)
+    finally:
+        profiler.stop()
+        writer.close()
+        write_dir.cleanup()
     return result
 
 
@@ -548,6 +546,21 @@ def _write_run_start(writer, config, model_dir, data, input_context):
     return shown_images, shown_labels
 
 
+def _evaluate(eval_loop, eval_data, writer, step):
+    """One pass over the eval data, written as `eval/*` at `step`; returns (loss, accuracy)."""
+    loss, accuracy = (float(v) for v in eval_loop(eval_data))
+    writer.scalars(step, {"eval/loss": loss, "eval/accuracy": accuracy})
+    logging.info("eval at step %d: loss %.4f accuracy %.4f", step, loss, accuracy)
+    return loss, accuracy
+
+
+def _export(config, write_dir, model, pixel_range):
+    # Every worker saves (variables are read collectively); the chief's counts.
+    export_dir = config.export_dir if write_dir.chief else write_dir.path + "/export"
+    export.export_saved_model(model, config.image_size, pixel_range, export_dir)
+    logging.info("exported a float32 SavedModel to %s", export_dir)
+
+
 def _accumulate(totals, raw):
     """Adds one loop's statistics into `totals` (the run of skips takes the maximum)."""
     for name, value in raw.items():
@@ -558,14 +571,17 @@ def _accumulate(totals, raw):
 
 
 def _log_done(result):
+    if not result.trained_steps:  # resumed when already trained: nothing was timed
+        timing = "trained before"
+    else:
+        timing = f"in {result.train_seconds:.1f} s, first step {result.first_step_seconds:.1f} s"
+        if result.examples_per_sec:  # the first step alone gives no rate
+            timing += f", {result.examples_per_sec:.1f} ex/s"
     logging.info(
-        "done: %d steps (%d skipped) in %.1f s, first step %.1f s, %.1f ex/s, "
-        "eval accuracy %.4f, loss scale %g, weights %s",
+        "done: %d steps (%d skipped) %s, eval accuracy %.4f, loss scale %g, weights %s",
         result.steps,
         result.skipped_steps,
-        result.train_seconds,
-        result.first_step_seconds,
-        result.examples_per_sec,
+        timing,
         result.eval_accuracy,
         result.loss_scale,
         result.weights_digest,

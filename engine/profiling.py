@@ -1,4 +1,4 @@
-"""`--profile_steps=START,END`: a TensorBoard profile trace of exactly those steps."""
+"""`--profile_steps=START,END`: a TensorBoard profile trace of exactly steps START to END."""
 
 import tensorflow as tf
 from absl import logging
@@ -7,43 +7,50 @@ from engine.config import parse_profile_steps
 
 
 class StepProfiler:
-    """Starts the TF profiler when step START begins and stops it after step END.
+    """Starts the TF profiler before step START and stops it after step END.
 
-    Loops are cut at START and END (`clip`), so the trace holds exactly the
-    requested steps. The trace lands in `<logdir>/plugins/profile/`, where
-    TensorBoard's profile plugin (`pip install tensorboard-plugin-profile`) finds it.
+    Steps are numbered as the console and `--inject_nonfinite` number them (the
+    first is 1), and both ends are traced. Loops are cut before START and after
+    END (`clip`), so the trace holds exactly the requested steps. The trace lands
+    in `<logdir>/plugins/profile/`, where TensorBoard's profile plugin
+    (`pip install tensorboard-plugin-profile`) finds it.
     """
 
-    def __init__(self, spec, logdir):
+    def __init__(self, spec, logdir, total):
         self._range = parse_profile_steps(spec) if spec else None
         self._logdir = logdir
+        self._total = total  # the run's last step
         self._active = False
 
-    def warn_if_unreached(self, start_step, total):
+    def warn_if_unreached(self, start_step):
         """Logs a warning when no step of the range lies in this run's steps."""
-        if self._range and (self._range[0] >= total or self._range[1] <= start_step):
+        total = self._total
+        if self._range and (self._range[0] > total or self._range[1] <= start_step):
+            trains = f"steps {start_step + 1}-{total}" if start_step < total else "no step"
             logging.warning(
-                "--profile_steps=%d,%d: this run trains from step %d to %d, so no profile "
-                "trace will be written",
+                "--profile_steps=%d,%d: this run trains %s, so no profile trace will be written",
                 *self._range,
-                start_step,
-                total,
+                trains,
             )
 
     def clip(self, step, n):
-        """The number of steps the next loop may run so it stops at a boundary."""
+        """The number of steps the next loop (after `step` steps) may run to stop at a boundary."""
         if self._range is None:
             return n
-        for boundary in self._range:
+        # Boundaries in steps done: START - 1 (the trace starts before step START) and END.
+        for boundary in (self._range[0] - 1, self._range[1]):
             if step < boundary:
                 n = min(n, boundary - step)
         return n
 
     def before_loop(self, step):
-        if self._range and not self._active and self._range[0] <= step < self._range[1]:
+        """Starts the trace if the loop about to run (from step `step + 1`) is in the range."""
+        start, end = self._range or (0, 0)
+        if not self._active and start <= step + 1 <= end:
             tf.profiler.experimental.start(self._logdir)
             self._active = True
-            logging.info("profiling steps %d-%d into %s", step, self._range[1], self._logdir)
+            last = min(end, self._total)
+            logging.info("profiling steps %d-%d into %s", step + 1, last, self._logdir)
 
     def after_loop(self, step):
         if self._active and step >= self._range[1]:

@@ -95,19 +95,29 @@ def format_eta(seconds):
     return str(datetime.timedelta(seconds=int(seconds)))
 
 
-def log_progress(step, total_steps, values, eta_seconds):
-    """The console line written after every loop."""
+def log_progress(step, total_steps, values):
+    """The console line written after every scalar write.
+
+    After the first step (tracing, compilation) it shows that step's time: a
+    speed or an ETA from it would be far off.
+    """
+    if "train/examples_per_sec" in values:
+        speed = f"{values['train/examples_per_sec']:.1f} ex/s"
+        remaining = (total_steps - step) / max(values["train/steps_per_sec"], 1e-9)
+        eta = f"  ETA {format_eta(remaining)}"
+    else:
+        speed, eta = f"first step {values['train/first_step_seconds']:.1f} s", ""
     logging.info(
-        "step %d/%d  loss %.4f  acc %.3f  scale %g  skipped %d  %.1f ex/s  lr %.2e  ETA %s",
+        "step %d/%d  loss %.4f  acc %.3f  scale %g  skipped %d  %s  lr %.2e%s",
         step,
         total_steps,
         values["train/loss"],
         values["train/accuracy"],
         values["train/loss_scale"],
         values["train/skipped_steps"],
-        values["train/examples_per_sec"],
+        speed,
         values["train/learning_rate"],
-        format_eta(eta_seconds),
+        eta,
     )
 
 
@@ -210,14 +220,20 @@ def weight_and_gradient_histograms(variables, grads):
     return values
 
 
-def write_final_metrics(writer, step, result):
-    """The numbers the HParams dashboard shows per run (see `FINAL_METRICS`)."""
+def write_final_timings(writer, step, train_seconds, examples_per_sec):
+    """HParams' timing metrics (see `FINAL_METRICS`), from the call that trained the last step.
+
+    A later start with nothing to train does not write them: its zeros would
+    replace the training's figures.
+    """
     writer.scalars(
         step,
-        {
-            "final/eval_accuracy": result.eval_accuracy,
-            "final/examples_per_sec": result.examples_per_sec,
-            "final/skipped_steps": result.skipped_steps,
-            "final/train_seconds": result.train_seconds,
-        },
+        {"final/examples_per_sec": examples_per_sec, "final/train_seconds": train_seconds},
+    )
+
+
+def write_final_eval(writer, step, eval_accuracy, skipped_steps):
+    """HParams' other metrics, after every final eval (a re-run redoes an interrupted one)."""
+    writer.scalars(
+        step, {"final/eval_accuracy": eval_accuracy, "final/skipped_steps": skipped_steps}
     )

@@ -57,17 +57,58 @@ def test_profile_steps_writes_a_trace(tmp_path):
     assert list((tmp_path / "plugins" / "profile").rglob("*.xplane.pb"))
 
 
+def _traced_steps(tmp_path, monkeypatch, caplog, **overrides):
+    """Trains; returns the steps run between the profiler's start and stop, and the log."""
+    events = []  # "start", "stop", or the number of steps an inner-loop call ran
+    monkeypatch.setattr(tf.profiler.experimental, "start", lambda logdir: events.append("start"))
+    monkeypatch.setattr(tf.profiler.experimental, "stop", lambda: events.append("stop"))
+    create_train_loop = loop.create_train_loop
+
+    def counted(*args, **kwargs):
+        train_loop = create_train_loop(*args, **kwargs)
+
+        def run(iterator, num_steps):
+            events.append(int(num_steps))
+            return train_loop(iterator, num_steps)
+
+        return run
+
+    monkeypatch.setattr(loop, "create_train_loop", counted)
+    with caplog.at_level(logging.INFO, logger="absl"):
+        loop.train_and_evaluate(tiny_config(**overrides), str(tmp_path))
+    traced, done, tracing = [], 0, False
+    for event in events:
+        if event in ("start", "stop"):
+            tracing = event == "start"
+        else:
+            if tracing:
+                traced += range(done + 1, done + event + 1)  # step numbers as the console's
+            done += event
+    return traced, [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize("spec, steps", [("2,4", [2, 3, 4]), ("1,1", [1]), ("6,9", [6])])
+def test_profile_steps_trace_steps_start_to_end_numbered_from_1(
+    tmp_path, monkeypatch, caplog, spec, steps
+):
+    traced, log = _traced_steps(
+        tmp_path, monkeypatch, caplog, train_steps=6, steps_per_loop=4, profile_steps=spec
+    )
+    assert traced == steps
+    assert any(m.startswith(f"profiling steps {steps[0]}-{steps[-1]} ") for m in log), log
+
+
 def test_profile_steps_beyond_the_run_are_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         loop.train_and_evaluate(tiny_config(train_steps=4, profile_steps="10,20"), str(tmp_path))
     assert any(
-        "--profile_steps=10,20: this run trains from step 0 to 4" in r.getMessage()
+        "--profile_steps=10,20: this run trains steps 1-4, so no" in r.getMessage()
         for r in caplog.records
     ), [r.getMessage() for r in caplog.records]
     assert not (tmp_path / "plugins" / "profile").exists()
 
 
-@pytest.mark.parametrize("spec", ["4,2", "x", "3", "-1,2"])
+@pytest.mark.parametrize("spec", ["4,2", "x", "3", "-1,2", "0,2"])
 def test_bad_profile_steps_are_rejected(spec):
     with pytest.raises(ConfigError, match="--profile_steps"):
         tiny_config(profile_steps=spec)

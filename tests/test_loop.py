@@ -1,5 +1,8 @@
 """End to end: every precision x XLA trains and writes its TensorBoard tags."""
 
+import logging
+import time
+
 import numpy as np
 import pytest
 from conftest import read_scalars, tiny_config
@@ -79,3 +82,42 @@ def test_mixed_reaches_fp32_accuracy_on_shapes(tmp_path):
     )
     assert fp32.eval_accuracy >= 0.8
     assert abs(mixed.eval_accuracy - fp32.eval_accuracy) <= 0.05
+
+
+def test_train_seconds_are_the_training_loops_time_not_eval(tmp_path, monkeypatch):
+    create_eval_loop = loop.create_eval_loop
+
+    def slow_eval_loop(*args):
+        eval_loop = create_eval_loop(*args)
+
+        def slow(dataset):
+            time.sleep(2.0)
+            return eval_loop(dataset)
+
+        return slow
+
+    monkeypatch.setattr(loop, "create_eval_loop", slow_eval_loop)
+    # Two steps an epoch: evals at steps 2 and 4, 4 s of sleep between the loops.
+    config = tiny_config(train_steps=4, steps_per_loop=2, train_examples=32)
+    result = loop.train_and_evaluate(config, str(tmp_path))
+    scalars = read_scalars(tmp_path)
+    # Each summary covers the steps since the previous one; its rate gives their time.
+    (first,) = scalars["train/first_step_seconds"]
+    rates = [(s, v) for s, v in scalars["train/steps_per_sec"] if s > first[0]]
+    starts = [first[0]] + [s for s, _ in rates[:-1]]
+    loops = first[1] + sum((b - a) / v for a, (b, v) in zip(starts, rates, strict=True))
+    assert result.train_seconds == pytest.approx(loops, rel=1e-4)
+    assert scalars["final/train_seconds"] == [(4, pytest.approx(result.train_seconds, rel=1e-6))]
+
+
+def test_the_first_step_is_a_time_not_a_speed_in_tensorboard_and_on_the_console(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="absl"):
+        loop.train_and_evaluate(tiny_config(train_steps=4, steps_per_loop=2), str(tmp_path))
+    scalars = read_scalars(tmp_path)
+    assert [s for s, _ in scalars["train/first_step_seconds"]] == [1]
+    for tag in ("train/examples_per_sec", "train/steps_per_sec"):
+        assert [s for s, _ in scalars[tag]] == [3, 4], tag  # tracing would squash the curve
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert len(lines) == 3
+    assert "  first step " in lines[0] and "ex/s" not in lines[0] and "ETA" not in lines[0]
+    assert all(" ex/s  lr " in line and "  ETA " in line for line in lines[1:]), lines

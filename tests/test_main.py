@@ -55,6 +55,12 @@ def _main(*args, timeout=120):
             "drop them (choose precisions and XLA with --compare, e.g. --compare=fp32,",
         ),
         (
+            "--class_weighting",
+            "--class_weighting applies only to tfds:, folder: and ships: data; "
+            "--dataset=shapes draws its classes uniformly: drop it",
+        ),
+        ("--dataset=synthetic --class_weighting", "--dataset=synthetic draws its classes"),
+        (
             "--dataset=synthetic --eval_split=val",
             "--eval_split applies only to --dataset=tfds:NAME and folder:PATH; "
             "--dataset=synthetic has no named splits: drop it",

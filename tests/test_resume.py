@@ -275,3 +275,80 @@ def test_a_stopped_compare_without_model_dir_names_the_folder_to_rerun_with(tmp_
     assert again.returncode == 0, stderr[-2000:]
     assert f"resuming from {named}/fp32/checkpoints/ckpt-{stopped_at} " in stderr
     assert _latest_step(os.path.join(named, "mixed_bf16")) == stopped_at + 2
+
+
+def _main_in_process(*args):
+    """main.py's exit status, run in this process (the same exit path, no new TensorFlow)."""
+    import main
+
+    main.FLAGS.unparse_flags()
+    main.FLAGS(["main.py", *args])
+    try:
+        main.main(["main.py"])
+    except SystemExit as e:
+        return e.code
+    finally:
+        main.FLAGS.unparse_flags()
+    return 0
+
+
+def _signal_when_called(function, signum):
+    """`function`, but the process gets `signum` as it starts (the first call only)."""
+    calls = []
+
+    def wrapped(*args):
+        if not calls:
+            calls.append(signum)
+            os.kill(os.getpid(), signum)
+        return function(*args)
+
+    return wrapped
+
+
+@pytest.mark.parametrize(
+    "during, signum", [("export", signal.SIGTERM), ("eval", signal.SIGINT)], ids=["export", "eval"]
+)
+def test_a_stop_during_the_final_eval_or_export_exits_128_n_and_a_rerun_finishes_it(
+    tmp_path, capsys, caplog, monkeypatch, during, signum
+):
+    from conftest import read_scalars
+
+    from engine import export, loop
+
+    run, export_dir = tmp_path / "run", tmp_path / "export"
+    plain = [f for f in RUN if f != "--deterministic" and not f.startswith("--inject")]
+    args = [*plain, "--train_steps=4", f"--model_dir={run}", f"--export_dir={export_dir}"]
+    args.append("--verbosity=0")  # absl's INFO lines reach caplog
+    with monkeypatch.context() as patch:
+        if during == "export":
+            stopped = _signal_when_called(export.export_saved_model, signum)
+            patch.setattr(export, "export_saved_model", stopped)
+        else:  # the only eval: an epoch is 16 steps
+            create = loop.create_eval_loop
+            patch.setattr(
+                loop, "create_eval_loop", lambda *a: _signal_when_called(create(*a), signum)
+            )
+        assert _main_in_process(*args) == 128 + signum
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: stopped by {signum.name}; checkpoints already written are kept: "
+        "rerun the same command to resume"
+    )
+    assert _latest_step(run) == 4  # saved before the eval and the export
+    assert not (export_dir / "saved_model.pb").exists()
+    scalars = read_scalars(run)
+    assert [s for s, _ in scalars["final/train_seconds"]] == [4]  # the training's timings
+    # An eval that finished wrote its metrics before the export began.
+    assert ("final/eval_accuracy" in scalars) == (during == "export")
+    # The same command again: nothing to train; the eval, its metrics and the export.
+    with caplog.at_level("INFO"):
+        assert _main_in_process(*args) == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert "already trained to step 4 of 4: nothing to train" in messages
+    assert any(m.startswith("done: 4 steps (0 skipped) trained before, eval") for m in messages)
+    assert (export_dir / "saved_model.pb").exists()
+    scalars = read_scalars(run)
+    evals = 2 if during == "export" else 1  # the export's run evaluated once already
+    for tag in ("final/eval_accuracy", "final/skipped_steps", "eval/accuracy"):
+        assert [s for s, _ in scalars[tag]] == [4] * evals, tag
+    (speed,) = scalars["final/examples_per_sec"]
+    assert speed[0] == 4 and speed[1] > 0  # kept: not replaced by the re-run's zero
