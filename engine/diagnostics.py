@@ -13,7 +13,6 @@ into variables here and read back when the outer loop writes summaries:
 
 import collections
 
-import keras
 import tensorflow as tf
 
 Readout = collections.namedtuple("Readout", ["events", "dropped", "scalars"])
@@ -124,14 +123,16 @@ class StepMonitor(tf.Module):
         return Readout(events, count - kept, scalars)
 
 
-def create_gradient_probe(model, loss_scale):
+def create_gradient_probe(train_step):
     """Returns `probe(images, labels) -> unscaled float32 gradients`, changing nothing.
 
     For the gradient histograms (`--histogram_every`): the training step keeps
     its gradients inside the graph, so the host recomputes them on a fixed batch
-    at the current weights and scale. BatchNorm statistics are put back, so the
-    probe leaves training exactly as it found it.
+    at the current weights and scale, with the step's own loss (class weights
+    included) averaged over that batch. BatchNorm statistics are put back, so
+    the probe leaves training exactly as it found it.
     """
+    model, loss_scale = train_step.model, train_step.loss_scale
     trainable = model.trainable_variables
     stateful = model.non_trainable_variables
 
@@ -140,9 +141,7 @@ def create_gradient_probe(model, loss_scale):
         saved = [tf.identity(v.value) for v in stateful]
         with tf.GradientTape() as tape:
             logits = model(images, training=True)
-            loss = tf.reduce_mean(
-                keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
-            )
+            loss = tf.reduce_mean(train_step.per_example_loss(labels, logits))
             scaled_loss = loss_scale.scale(loss)
         grads = loss_scale.unscale(tape.gradient(scaled_loss, trainable))
         for var, value in zip(stateful, saved, strict=True):

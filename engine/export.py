@@ -1,6 +1,13 @@
 """`--export_dir`: a SavedModel that serves float32 images -> float32 class probabilities."""
 
+import os
+import shutil
+
 import tensorflow as tf
+from absl import logging
+
+# What `tf.saved_model.save` writes into its folder.
+SAVED_MODEL_ENTRIES = frozenset({"saved_model.pb", "fingerprint.pb", "variables", "assets"})
 
 
 class ServingModule(tf.Module):
@@ -35,5 +42,38 @@ def export_saved_model(model, image_size, pixel_range, export_dir):
     `images` are float32 in [0, 1]; `pixel_range` is what the model was trained on.
     """
     module = ServingModule(model, image_size, pixel_range)
-    tf.saved_model.save(module, export_dir, signatures={"serving_default": module.serve})
+    save = lambda path: tf.saved_model.save(
+        module, path, signatures={"serving_default": module.serve}
+    )
+    if "://" in export_dir:  # object stores have no rename
+        save(export_dir)
+        return module
+    export_dir = os.path.normpath(export_dir)
+    partial, old = f"{export_dir}.partial", f"{export_dir}.old"
+    if not os.path.exists(export_dir) and os.path.isdir(old):
+        os.rename(old, export_dir)  # an export stopped between its two renames
+    if not _replaceable(export_dir):
+        logging.warning(
+            "%s holds files that are not a SavedModel's: the export is written among them, "
+            "and a stop during it can leave it half-written",
+            export_dir,
+        )
+        save(export_dir)
+        return module
+    # Written beside it, then renamed into place: a stop (or a failure) during the
+    # export leaves the previous export whole, or no folder at all.
+    for leftover in (partial, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    save(partial)
+    if os.path.isdir(export_dir) and os.listdir(export_dir):
+        os.rename(export_dir, old)
+    os.replace(partial, export_dir)  # onto an empty folder too
+    shutil.rmtree(old, ignore_errors=True)
     return module
+
+
+def _replaceable(export_dir):
+    """Whether `export_dir` is absent, empty or a SavedModel alone (ours to replace)."""
+    if not os.path.isdir(export_dir):
+        return not os.path.exists(export_dir)
+    return set(os.listdir(export_dir)) <= SAVED_MODEL_ENTRIES

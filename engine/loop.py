@@ -425,7 +425,7 @@ def train_and_evaluate(config, model_dir):
             shown_images, shown_labels = _write_run_start(
                 writer, config, write_dir.path, data, pipelines[0]
             )
-            probe = diagnostics.create_gradient_probe(state.model, state.loss_scale)
+            probe = diagnostics.create_gradient_probe(train_step)
             while step < total and not stop:
                 first_loop = first_step_seconds is None
                 n = profiler.clip(step, _loop_size(config, step, total, per_epoch, first_loop))

@@ -285,15 +285,18 @@ class TrainStep:
             out.update(diagnostics.float16_range_fractions(grads, self.loss_scale.value))
         return out
 
+    def per_example_loss(self, labels, logits):
+        """Each example's float32 cross-entropy, weighted by its class's weight if any."""
+        per_example = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+        if self.class_weights is not None:
+            per_example *= tf.gather(self.class_weights, labels)
+        return per_example
+
     def _gradients(self, images, labels, number):
         """One (micro-)batch: unscaled float32 gradients, loss share, correct count."""
         with tf.GradientTape() as tape:
             logits = self.model(images, training=True)
-            per_example = keras.losses.sparse_categorical_crossentropy(
-                labels, logits, from_logits=True
-            )
-            if self.class_weights is not None:
-                per_example *= tf.gather(self.class_weights, labels)
+            per_example = self.per_example_loss(labels, logits)
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch_size)
             scaled_loss = self.loss_scale.scale(loss)
         scaled_grads = tape.gradient(scaled_loss, self.trainable)

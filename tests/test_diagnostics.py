@@ -1,12 +1,16 @@
 """The graph-side records behind the TensorBoard diagnostics, and the injection hook."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from engine import diagnostics
 from engine.config import Config, ConfigError, parse_compare, parse_inject_nonfinite
-from engine.train_step import inject_nonfinite
+from engine.loss_scale import NoOpLossScale
+from engine.precision import get_policy
+from engine.train_step import create_train_step, inject_nonfinite
+from models import create_model
 
 
 def test_float16_range_fractions_use_float16s_own_rounding():
@@ -94,3 +98,21 @@ def test_compare_and_inject_specs_parse():
     assert parse_inject_nonfinite("3,5@conv") == (((3, 4), (5, 6)), "conv")
     assert parse_inject_nonfinite("10:20,25:") == (((10, 20), (25, None)), "")
     assert parse_inject_nonfinite("") is None
+
+
+def test_gradient_probe_weights_the_loss_as_the_step_does():
+    # Class 0 weighs nothing: on a batch of class 0 alone, the gradients the
+    # step would apply are zero, and so must be the histograms' gradients.
+    keras.utils.set_random_seed(0)
+    model = create_model("tiny", 2, 16, get_policy("fp32").keras_policy)
+    optimizer = keras.optimizers.SGD(0.1)
+    optimizer.build(model.trainable_variables)
+    images = tf.random.stateless_uniform([4, 16, 16, 3], [0, 4])
+    labels = tf.zeros([4], tf.int32)
+
+    def probe_grads(class_weights):
+        step = create_train_step(model, optimizer, NoOpLossScale(), 4, class_weights=class_weights)
+        return diagnostics.create_gradient_probe(step)(images, labels)
+
+    assert any(float(tf.reduce_max(tf.abs(g))) > 0 for g in probe_grads(None))
+    assert all(float(tf.reduce_max(tf.abs(g))) == 0 for g in probe_grads([0.0, 2.0]))

@@ -4,13 +4,14 @@ import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import ROOT, tiny_config
 from image_trees import make_folder_tree
 
-from engine import checkpointing, loop
+from engine import checkpointing, export, loop
 from engine.precision import get_policy
 from input_pipeline import create_data, shapes
 from models import create_model
@@ -112,3 +113,60 @@ def test_exported_model_normalises_unit_images_as_training_did(tmp_path, dataset
     serve = tf.saved_model.load(config.export_dir).signatures["serving_default"]
     served = serve(images=tf.constant(unit))["probabilities"].numpy()
     np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-6)
+
+
+def _tiny_model(seed):
+    keras.utils.set_random_seed(seed)
+    return create_model("tiny", 3, 16, get_policy("fp32").keras_policy)
+
+
+def _serve(export_dir, images):
+    serve = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
+    return serve(images=tf.constant(images))["probabilities"].numpy()
+
+
+def _stopping(real_save):
+    def save_then_stop(module, path, **kwargs):
+        real_save(module, path, **kwargs)  # files on disk, the export not yet complete
+        raise KeyboardInterrupt
+
+    return save_then_stop
+
+
+def test_a_stop_during_an_export_leaves_the_previous_export_whole(tmp_path, monkeypatch):
+    images = tf.random.stateless_uniform([2, 16, 16, 3], [0, 2]).numpy()
+    target = tmp_path / "export"
+    export.export_saved_model(_tiny_model(0), 16, (0.0, 1.0), str(target))
+    before = _serve(target, images)
+    with monkeypatch.context() as patch:
+        patch.setattr(tf.saved_model, "save", _stopping(tf.saved_model.save))
+        with pytest.raises(KeyboardInterrupt):
+            export.export_saved_model(_tiny_model(1), 16, (0.0, 1.0), str(target))
+    np.testing.assert_array_equal(_serve(target, images), before)
+    # The next export replaces it whole and leaves nothing beside it.
+    export.export_saved_model(_tiny_model(1), 16, (0.0, 1.0), str(target))
+    assert not np.allclose(_serve(target, images), before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_an_export_stopped_between_its_renames_is_recovered(tmp_path, monkeypatch):
+    images = tf.random.stateless_uniform([2, 16, 16, 3], [0, 3]).numpy()
+    target = tmp_path / "export"
+    export.export_saved_model(_tiny_model(0), 16, (0.0, 1.0), str(target))
+    before = _serve(target, images)
+    target.rename(tmp_path / "export.old")  # the old export moved aside, the new not yet in
+    (tmp_path / "export.partial").mkdir()
+    with monkeypatch.context() as patch:  # and the next export stops too
+        patch.setattr(tf.saved_model, "save", _stopping(tf.saved_model.save))
+        with pytest.raises(KeyboardInterrupt):
+            export.export_saved_model(_tiny_model(1), 16, (0.0, 1.0), str(target))
+    np.testing.assert_array_equal(_serve(target, images), before)
+
+
+def test_an_export_among_other_files_keeps_them(tmp_path, caplog):
+    target = tmp_path / "export"
+    target.mkdir()
+    (target / "README.txt").write_text("mine")
+    export.export_saved_model(_tiny_model(0), 16, (0.0, 1.0), str(target))
+    assert (target / "README.txt").read_text() == "mine" and (target / "saved_model.pb").exists()
+    assert "holds files that are not a SavedModel's" in caplog.text
