@@ -208,34 +208,12 @@ flags.DEFINE_integer(
 FLAGS = flags.FLAGS
 
 
-# Flags holding a local path. The shell leaves `~` in `--data_dir=~/x` as it is
-# (it expands a tilde only at the start of a word), and TFDS would then look in
-# a folder named `~` under the working directory.
-PATH_FLAGS = (
-    "model_dir",
-    "data_dir",
-    "cache",
-    "export_dir",
-    "benchmark_json",
-    "predict_csv",
-    "predictions_csv",
-)
-
-
-def _expand_home(name, value):
-    if name in PATH_FLAGS:
-        return os.path.expanduser(value)
-    if name == "dataset" and value.startswith(config_lib.DATASET_PREFIXES):
-        prefix, _, path = value.partition(":")
-        if prefix != "tfds":
-            return f"{prefix}:{os.path.expanduser(path)}"
-    return value
-
-
 def config_from_flags():
     """Builds the validated `Config` from the parsed flags (`~` in paths expanded)."""
     fields = {f.name for f in config_lib.dataclasses.fields(config_lib.Config)}
-    return config_lib.Config(**{name: _expand_home(name, FLAGS[name].value) for name in fields})
+    return config_lib.Config(
+        **{name: config_lib.expand_home(name, FLAGS[name].value) for name in fields}
+    )
 
 
 def _parse_flags(argv):

@@ -27,7 +27,13 @@ import tensorflow as tf
 from absl import logging
 
 from engine import guards
-from engine.config import SPLIT_DATASETS, SPLIT_FLAGS, ConfigError, dataset_path
+from engine.config import (
+    SPLIT_DATASETS,
+    SPLIT_FLAGS,
+    ConfigError,
+    absolute_dataset,
+    dataset_path,
+)
 
 CONFIG_FILE = "config.json"
 # The class names in label order: a `folder:` data set takes them from its folders,
@@ -247,7 +253,9 @@ def prepare_model_dir(config, model_dir, class_names=None):
     try:
         tf.io.gfile.makedirs(directory)
         check_writable(model_dir)  # a ConfigError of its own, not caught here
-        _write_json(os.path.join(directory, CONFIG_FILE), dataclasses.asdict(config))
+        # The data set's PATH absolute: a resume from another folder must name it exactly.
+        record = dataclasses.asdict(config) | {"dataset": absolute_dataset(config.dataset)}
+        _write_json(os.path.join(directory, CONFIG_FILE), record)
         if class_names is not None:
             _write_json(os.path.join(directory, CLASSES_FILE), list(class_names))
     except (OSError, tf.errors.OpError) as e:
@@ -342,11 +350,12 @@ def check_compatible(config, directory, fields=RESUME_FIELDS):
 def _same_data_set(name, saved, new):
     """Whether `--dataset=new` names the data set config.json records as `saved`.
 
-    The same kind and PATH, spelled another way. config.json records PATH as
-    given: a relative one was resolved against a folder it does not record, so
-    it may have named any folder whose absolute path ends with it (the same
-    relative PATH has always resumed from any folder). The absolute spelling
-    flags.txt writes (`config.to_flagfile`) therefore matches it.
+    The same kind and PATH, spelled another way. config.json records PATH
+    absolute. Runs written before it did recorded PATH as given: a relative one
+    was resolved against a folder it does not record, so it may have named any
+    folder whose absolute path ends with it (the same relative PATH resumed
+    from any folder), and the absolute spelling flags.txt writes matches it.
+    A PATH of only `.` and `..` names no folder in particular: it matches none.
     """
     if name != "dataset" or str(saved).split(":")[0] != new.split(":")[0]:
         return False
@@ -360,7 +369,7 @@ def _same_data_set(name, saved, new):
     tail = [p for p in os.path.normpath(saved_path).split(os.sep) if p not in (os.curdir, "")]
     while tail and tail[0] == os.pardir:
         tail.pop(0)
-    return not tail or new_parts[-len(tail) :] == tail
+    return bool(tail) and new_parts[-len(tail) :] == tail
 
 
 def load_config(directory):

@@ -38,6 +38,8 @@ BENCHMARK_REFUSED_FLAGS = (
     "class_weighting",
     "precision_diagnostics",
     "inject_nonfinite",
+    # The benchmark's workers never turn on TF's op determinism (`train_and_evaluate` does).
+    "deterministic",
 )
 
 
@@ -235,8 +237,7 @@ class Config:
         # resume without them refused.
         if self.dataset.startswith(SPLIT_DATASETS):
             return
-        defaults = _defaults()
-        given = [f"--{name}" for name in SPLIT_FLAGS if getattr(self, name) != defaults[name]]
+        given = _given_flags(self, SPLIT_FLAGS)
         if given:
             verb, them = ("applies", "it") if len(given) == 1 else ("apply", "them")
             raise ConfigError(
@@ -287,18 +288,17 @@ class Config:
         # Ignored, they would leave a table that measured something else than asked.
         if self.mode != "benchmark":
             return
-        defaults = _defaults()
-        given = [name for name in BENCHMARK_REFUSED_FLAGS if getattr(self, name) != defaults[name]]
+        given = _given_flags(self, BENCHMARK_REFUSED_FLAGS)
         if not given:
             return
         verb, them = ("does", "it") if len(given) == 1 else ("do", "them")
         choose = (
             " (choose precisions and XLA with --compare, e.g. --compare=fp32,mixed_bf16+xla)"
-            if {"precision", "xla"} & set(given)
+            if {"--precision", "--xla"} & set(given)
             else ""
         )
         raise ConfigError(
-            f"{', '.join(f'--{name}' for name in given)} {verb} not apply to --mode=benchmark, "
+            f"{', '.join(given)} {verb} not apply to --mode=benchmark, "
             f"which times the single-device training step of each --compare configuration "
             f"against Keras fit: drop {them}{choose}"
         )
@@ -332,12 +332,7 @@ class Config:
         """
         if self.mode != "train" or self.precision == "mixed":
             return
-        defaults = self.without_loss_scale_flags()
-        given = [
-            f"--{name}"
-            for name in LOSS_SCALE_FLAGS
-            if getattr(self, name) != getattr(defaults, name)
-        ]
+        given = _given_flags(self, LOSS_SCALE_FLAGS)
         if given:
             verb, them = ("applies", "it") if len(given) == 1 else ("apply", "them")
             raise ConfigError(
@@ -358,6 +353,12 @@ class Config:
 def _defaults():
     """Every field's default, by name: what a flag left unset holds."""
     return {f.name: f.default for f in dataclasses.fields(Config)}
+
+
+def _given_flags(config, names):
+    """`--name` for each of `names` that `config` sets away from its default."""
+    defaults = _defaults()
+    return [f"--{name}" for name in names if getattr(config, name) != defaults[name]]
 
 
 def cache_prefix(cache):
@@ -488,13 +489,31 @@ def dataset_path(dataset):
     return path if colon and kind in ("folder", "ships") else None
 
 
-def _replayable(name, value):
-    """`value` of flag `name` as flags.txt writes it: the same files from any folder."""
+def expand_home(name, value):
+    """`value` of flag `name` with `~` at the start of a local path expanded.
+
+    The shell leaves `~` in `--data_dir=~/x` alone (it expands a tilde only at
+    the start of a word), and neither TFDS nor `open()` expands it: they would
+    use a folder named `~` in the working directory.
+    """
     if name == "dataset" and dataset_path(value) is not None:
         kind, path = value.split(":", 1)
-        return f"{kind}:{absolute_path(path)}"
-    if name == "data_dir":
-        return absolute_path(os.path.expanduser(value))  # TFDS expands `~` itself
+        return f"{kind}:{os.path.expanduser(path)}"
+    return os.path.expanduser(value) if name in PATH_FLAGS else value
+
+
+def absolute_dataset(dataset):
+    """`--dataset` with a local relative `folder:`/`ships:` PATH made absolute."""
+    if dataset_path(dataset) is None:
+        return dataset
+    kind, path = dataset.split(":", 1)
+    return f"{kind}:{absolute_path(path)}"
+
+
+def _replayable(name, value):
+    """`value` of flag `name` as flags.txt writes it: the same files from any folder."""
+    if name == "dataset":
+        return absolute_dataset(value)
     if name in PATH_FLAGS and not (name == "cache" and value == "memory"):
         return absolute_path(value)
     return value

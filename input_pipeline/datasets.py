@@ -220,8 +220,8 @@ def _tfds_data(config, name):
         if labels.size == 0:
             raise preprocessing.DataError(f"--dataset=tfds:{name}: split {split!r} is empty")
     # full_name ("mnist/3.0.1") pins the version: a bare name follows the installed TFDS.
-    # --data_dir absolute (TFDS expands ~), so a replayed flags.txt finds the same cache.
-    data_dir = absolute_path(os.path.expanduser(config.data_dir))
+    # --data_dir absolute, so a replayed flags.txt finds the same cache.
+    data_dir = absolute_path(config.data_dir)
     key = (name, builder.info.full_name, data_dir)
 
     train_fn = preprocessing.create_train_fn(

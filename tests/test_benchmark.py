@@ -354,6 +354,7 @@ def test_a_json_file_that_cannot_be_written_keeps_the_table(tmp_path, monkeypatc
         ("class_weighting", True),
         ("precision_diagnostics", True),
         ("inject_nonfinite", "3"),
+        ("deterministic", True),
     ],
 )
 def test_flags_the_benchmark_cannot_honour_are_refused(name, value):

@@ -2,6 +2,7 @@
 
 import contextlib
 import glob
+import json
 import logging
 import os
 import subprocess
@@ -361,26 +362,45 @@ def test_fresh_overwrite_that_cannot_delete_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "dataset, resumes",
+    "recorded, dataset, resumes",
     [
-        ("folder:/elsewhere/project/data/imgs", True),  # flags.txt's absolute spelling
-        ("folder:data/imgs/", True),
-        ("folder:/elsewhere/data/other", False),
-        ("folder:/elsewhere/imgs", False),
-        ("ships:/elsewhere/data/imgs", False),
+        ("folder:data/imgs", "folder:/elsewhere/project/data/imgs", True),  # flags.txt's
+        ("folder:data/imgs", "folder:data/imgs/", True),
+        ("folder:data/imgs", "folder:/elsewhere/data/other", False),
+        ("folder:data/imgs", "folder:/elsewhere/imgs", False),
+        ("folder:data/imgs", "ships:/elsewhere/data/imgs", False),
+        # Only `.` and `..`: no folder in particular, so none matches.
+        ("folder:.", "folder:/some/other/data", False),
+        ("ships:../..", "ships:/tmp", False),
     ],
 )
-def test_a_relative_dataset_path_resumes_under_any_absolute_path_ending_with_it(
-    tmp_path, dataset, resumes
+def test_an_older_runs_relative_dataset_path_resumes_under_an_absolute_path_ending_with_it(
+    tmp_path, recorded, dataset, resumes
 ):
-    # config.json keeps PATH as given; from any folder it named a folder ending with it.
-    _fake_checkpoint(tmp_path, tiny_config(dataset="folder:data/imgs"))
+    # Runs written before config.json recorded PATH absolute kept it as given;
+    # from any folder it named a folder ending with it.
+    _fake_checkpoint(tmp_path, tiny_config(dataset=recorded))
+    config_json = tmp_path / "checkpoints" / "config.json"
+    config_json.write_text(json.dumps({**json.loads(config_json.read_text()), "dataset": recorded}))
     directory = str(tmp_path / "checkpoints")
     if resumes:
         checkpointing.check_compatible(tiny_config(dataset=dataset), directory)
     else:
-        with pytest.raises(ConfigError, match="resume with --dataset=folder:data/imgs"):
+        with pytest.raises(ConfigError, match=f"resume with --dataset={recorded}"):
             checkpointing.check_compatible(tiny_config(dataset=dataset), directory)
+
+
+def test_config_json_records_the_data_sets_path_absolute(tmp_path, monkeypatch):
+    # Recorded as given, `folder:data` would later match any folder named data.
+    monkeypatch.chdir(tmp_path)
+    _fake_checkpoint(tmp_path / "run", tiny_config(dataset="folder:data"))
+    directory = str(tmp_path / "run" / "checkpoints")
+    saved = json.loads((tmp_path / "run" / "checkpoints" / "config.json").read_text())
+    assert saved["dataset"] == f"folder:{tmp_path / 'data'}"
+    checkpointing.check_compatible(tiny_config(dataset="folder:data"), directory)
+    checkpointing.check_compatible(tiny_config(dataset=f"folder:{tmp_path}/data"), directory)
+    with pytest.raises(ConfigError, match="does not match the checkpoints"):
+        checkpointing.check_compatible(tiny_config(dataset="folder:/elsewhere/data"), directory)
 
 
 def test_the_flagfile_never_replays_fresh_or_overwrite():
