@@ -1,42 +1,34 @@
 """`--mode=compare` from the command line: one run per configuration, a table, quiet logs."""
 
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
-from conftest import ROOT, read_texts
+from conftest import read_texts, run_main
 
 from engine import compare, loop
 from engine.config import Config
 
 CONFIGURATIONS = ("fp32", "mixed-xla", "mixed_bf16")
+# An epoch is 8 steps: with fewer, the only eval is the final one.
+TINY = ["--model=tiny", "--image_size=16", "--batch_size=8", "--steps_per_loop=2"]
+TINY += ["--train_examples=64", "--eval_examples=32"]
 
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
     logdir = tmp_path_factory.mktemp("compare")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "main.py"),
-            "--mode=compare",
-            "--compare=fp32,mixed+xla,mixed_bf16",
-            "--model=tiny",
-            "--image_size=16",
-            "--train_steps=4",
-            "--steps_per_loop=2",
-            "--train_examples=64",
-            "--eval_examples=32",
-            "--verbosity=-1",
-            f"--model_dir={logdir}",
-            f"--export_dir={logdir}/export",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
+    proc = run_main(
+        "--mode=compare",
+        "--compare=fp32,mixed+xla,mixed_bf16",
+        "--model=tiny",
+        "--image_size=16",
+        "--train_steps=4",
+        "--steps_per_loop=2",
+        "--train_examples=64",
+        "--eval_examples=32",
+        "--verbosity=-1",
+        f"--model_dir={logdir}",
+        f"--export_dir={logdir}/export",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return logdir, proc
@@ -80,9 +72,9 @@ def test_compare_rerun_in_a_finished_folder_does_not_report_zero_timings(compare
     shutil.copytree(logdir, copy)  # the other tests read the original
     args = [
         a.replace(str(logdir), str(copy)) if a.startswith(("--model_dir", "--export_dir")) else a
-        for a in first.args
+        for a in first.args[2:]  # after python and main.py
     ]
-    again = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    again = run_main(*args)
     assert again.returncode == 0, again.stderr[-3000:]
     before = [line for line in first.stdout.splitlines() if line.startswith("|")][2:]
     after = [line for line in again.stdout.splitlines() if line.startswith("|")][2:]
@@ -203,28 +195,15 @@ def test_a_diverging_configuration_is_a_row_and_the_rest_still_run(tmp_path, mon
 
 
 def test_compare_goes_on_after_a_divergence_and_exits_3(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "main.py"),
-            "--mode=compare",
-            "--compare=mixed,fp32",
-            "--model=tiny",
-            "--image_size=16",
-            "--batch_size=8",
-            "--train_steps=12",
-            "--steps_per_loop=2",
-            "--train_examples=64",
-            "--eval_examples=32",
-            f"--model_dir={tmp_path}",
-            "--inject_nonfinite=1:8",
-            "--max_consecutive_skips=3",
-            "--verbosity=-1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
+    proc = run_main(
+        "--mode=compare",
+        "--compare=mixed,fp32",
+        *TINY,
+        "--train_steps=12",
+        f"--model_dir={tmp_path}",
+        "--inject_nonfinite=1:8",
+        "--max_consecutive_skips=3",
+        "--verbosity=-1",
     )
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert (tmp_path / "fp32" / "flags.txt").exists()  # the second configuration ran
