@@ -11,6 +11,12 @@ comparison: the others still run, and the command then fails as a diverged
 training run does (`guards.TrainingDiverged`, exit status 3). Its folder keeps
 its last good checkpoint, so rerunning the comparison resumes it from there
 like any unfinished configuration.
+
+A stop signal ends the comparison, with the table of what ran so far. Caught
+by a configuration's training loop, it saves and the command exits 0. Outside
+that loop (start-up, the final eval, the export) it unwinds at once: the
+configuration is an `unfinished` row and the command ends as interrupted
+(main.py: exit 128 + N).
 """
 
 import math
@@ -38,7 +44,10 @@ STEPS_NOTE = (
     "nothing timed now (its own timings are in its HParams `final/*`); "
     "`(stopped by SIG...)`: stopped early, eval accuracy is from its last eval (— if none "
     "ran); `diverged at step N`: the divergence guard stopped it there, without saving "
-    "(a rerun resumes it from its last good checkpoint), so no eval accuracy"
+    "(a rerun resumes it from its last good checkpoint), so no eval accuracy; `unfinished "
+    "(stopped by SIG...)`: a signal ended it outside its training loop (start-up, final eval, "
+    "export) or a second one inside it, so no figures (a rerun resumes it from its last "
+    "checkpoint)"
 )
 
 
@@ -93,9 +102,41 @@ def compare(config, model_dir):
     """Trains `config` once per `--compare` entry; returns [(run name, RunResult)].
 
     Raises:
+      KeyboardInterrupt, guards.Terminated: after the table, if a stop signal
+        ended a configuration outside its training loop.
       guards.TrainingDiverged: after the table, if a configuration diverged.
     """
     results = []
+    for name, run_config in _configurations(config, model_dir):
+        try:
+            result = _train(run_config, name)
+        except (KeyboardInterrupt, guards.Terminated) as e:
+            # On its way to main.py, which ends the command: what ran is reported first.
+            stopped_by = "SIGINT" if isinstance(e, KeyboardInterrupt) else "SIGTERM"
+            _report(results, model_dir, unfinished=(name, stopped_by))
+            raise
+        results.append((name, result))
+        if result.stopped_by:
+            # The signal was for the whole comparison, not one configuration.
+            logging.info(
+                "%s: stopped; %s and train the rest",
+                result.stopped_by,
+                config_lib.resume_hint(config, model_dir),
+            )
+            break
+    _report(results, model_dir)
+    diverged = [f"{name} (step {r.steps}: {r.diverged})" for name, r in results if r.diverged]
+    if diverged:
+        # As a diverged training run ends: exit status 3, one line.
+        raise guards.TrainingDiverged(
+            f"training diverged in {len(diverged)} of {len(results)} configurations: "
+            f"{', '.join(diverged)}; see the table above"
+        )
+    return results
+
+
+def _configurations(config, model_dir):
+    """(run name, its training `Config`) for each `--compare` entry."""
     for precision, xla in config_lib.parse_compare(config.compare):
         name = run_name(precision, xla)
         run_config = config.replace(
@@ -110,30 +151,25 @@ def compare(config, model_dir):
             # The loss-scale flags are float16's: a run without a loss scale keeps
             # the defaults, so its flags.txt replays and its folder resumes alone.
             run_config = run_config.without_loss_scale_flags()
-        result = _train(run_config, name)
-        results.append((name, result))
-        if result.stopped_by:
-            # The signal was for the whole comparison, not one configuration.
-            logging.info(
-                "%s: stopped; %s and train the rest",
-                result.stopped_by,
-                config_lib.resume_hint(config, model_dir),
-            )
-            break
-    table = summaries.markdown_table(HEADER, table_rows(results)) + "\n\n" + STEPS_NOTE
+        yield name, run_config
+
+
+def _report(results, model_dir, unfinished=None):
+    """Prints the table and writes it as `compare/table` in `model_dir`.
+
+    `unfinished`: (run name, signal) of a configuration that a signal ended
+    outside its training loop, a row with no figures.
+    """
+    rows = table_rows(results)
+    if unfinished:
+        name, stopped_by = unfinished
+        rows.append((name, f"unfinished (stopped by {stopped_by})", *["—"] * 6))
+    table = summaries.markdown_table(HEADER, rows) + "\n\n" + STEPS_NOTE
     # print, not logging: the table is the command's output, even at --verbosity=-1.
-    print(f"comparison of {len(results)} configurations under {model_dir}:\n{table}", flush=True)
+    print(f"comparison of {len(rows)} configurations under {model_dir}:\n{table}", flush=True)
     writer = summaries.SummaryWriter(model_dir)
     writer.text(0, "compare/table", table)
     writer.close()
-    diverged = [f"{name} (step {r.steps}: {r.diverged})" for name, r in results if r.diverged]
-    if diverged:
-        # As a diverged training run ends: exit status 3, one line.
-        raise guards.TrainingDiverged(
-            f"training diverged in {len(diverged)} of {len(results)} configurations: "
-            f"{', '.join(diverged)}; see the table above"
-        )
-    return results
 
 
 def _train(run_config, name):

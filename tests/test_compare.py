@@ -1,9 +1,10 @@
 """`--mode=compare` from the command line: one run per configuration, a table, quiet logs."""
 
 import shutil
+import signal
 
 import pytest
-from conftest import read_texts, run_main
+from conftest import main_in_process, read_texts, run_main
 
 from engine import compare, loop
 from engine.config import Config
@@ -216,3 +217,47 @@ def test_compare_goes_on_after_a_divergence_and_exits_3(tmp_path):
         "in a row), fp32 (step 5: 5 steps skipped in a row); see the table above"
     )
     assert "Traceback" not in proc.stderr
+
+
+def _rows(out):
+    return [line for line in out.splitlines() if line.startswith("|")][2:]
+
+
+def test_a_stop_during_a_final_eval_prints_the_table_so_far_then_exits_128_n(
+    tmp_path, monkeypatch, capsys
+):
+    create = loop.create_eval_loop
+    made = []
+
+    def eval_loop_for(*args):
+        made.append(create(*args))
+        if len(made) == 1:  # fp32's
+            return made[0]
+
+        def interrupted(dataset):
+            raise KeyboardInterrupt  # Ctrl-C outside the training loop
+
+        return interrupted
+
+    args = ["--mode=compare", "--compare=fp32,mixed_bf16", *TINY, "--train_steps=2"]
+    args.append(f"--model_dir={tmp_path}")
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "create_eval_loop", eval_loop_for)
+        assert main_in_process(*args) == 128 + signal.SIGINT
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines()[-1] == (
+        "error: stopped by SIGINT; checkpoints already written are kept: "
+        "rerun the same command to resume"
+    )
+    rows = _rows(out)
+    assert rows[0].startswith("| fp32 | 2 | ")
+    assert rows[1] == "| mixed_bf16 | unfinished (stopped by SIGINT) | — | — | — | — | — | — |"
+    (written,) = read_texts(tmp_path)["compare/table"]
+    assert _rows(written[1]) == rows
+    # As the hint says: the rerun trains nothing, evaluates mixed_bf16 and reports both.
+    assert main_in_process(*args) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert [r.split(" | ")[:2] for r in rows] == [
+        ["| fp32", "2 (trained before)"],
+        ["| mixed_bf16", "2 (trained before)"],
+    ]
