@@ -13,10 +13,11 @@ its last good checkpoint, so rerunning the comparison resumes it from there
 like any unfinished configuration.
 
 A stop signal ends the comparison, with the table of what ran so far. Caught
-by a configuration's training loop, it saves and the command exits 0. Outside
-that loop (start-up, the final eval, the export) it unwinds at once: the
-configuration is an `unfinished` row and the command ends as interrupted
-(main.py: exit 128 + N).
+by a configuration's training loop, it saves and the command exits 0, or, if
+a configuration diverged, ends as interrupted (main.py: exit 128 + N), not as
+diverged: the rest never ran, and a rerun trains them. Outside that loop
+(start-up, the final eval, the export) it unwinds at once: the configuration is
+an `unfinished` row and the command ends as interrupted.
 """
 
 import math
@@ -103,7 +104,8 @@ def compare(config, model_dir):
 
     Raises:
       KeyboardInterrupt, guards.Terminated: after the table, if a stop signal
-        ended a configuration outside its training loop.
+        ended a configuration outside its training loop, or stopped the
+        comparison after a configuration diverged.
       guards.TrainingDiverged: after the table, if a configuration diverged.
     """
     results = []
@@ -114,6 +116,7 @@ def compare(config, model_dir):
             # On its way to main.py, which ends the command: what ran is reported first.
             stopped_by = "SIGINT" if isinstance(e, KeyboardInterrupt) else "SIGTERM"
             _report(results, model_dir, unfinished=(name, stopped_by))
+            _warn_diverged(results, len(results) + 1)
             raise
         results.append((name, result))
         if result.stopped_by:
@@ -125,13 +128,14 @@ def compare(config, model_dir):
             )
             break
     _report(results, model_dir)
-    diverged = [f"{name} (step {r.steps}: {r.diverged})" for name, r in results if r.diverged]
+    stopped_by = results[-1][1].stopped_by
+    if stopped_by and _warn_diverged(results, len(results)):
+        # Interrupted, not exit 3 ("do not retry"): the rest never ran, a rerun trains them.
+        raise KeyboardInterrupt if stopped_by == "SIGINT" else guards.Terminated()
+    diverged = _diverged(results, len(results))
     if diverged:
         # As a diverged training run ends: exit status 3, one line.
-        raise guards.TrainingDiverged(
-            f"training diverged in {len(diverged)} of {len(results)} configurations: "
-            f"{', '.join(diverged)}; see the table above"
-        )
+        raise guards.TrainingDiverged(f"{diverged}; see the table above")
     return results
 
 
@@ -170,6 +174,25 @@ def _report(results, model_dir, unfinished=None):
     writer = summaries.SummaryWriter(model_dir)
     writer.text(0, "compare/table", table)
     writer.close()
+
+
+def _diverged(results, configurations):
+    """One line naming those of `configurations` (a count) that diverged, or "" if none did."""
+    diverged = [f"{name} (step {r.steps}: {r.diverged})" for name, r in results if r.diverged]
+    if not diverged:
+        return ""
+    return (
+        f"training diverged in {len(diverged)} of {configurations} configurations: "
+        f"{', '.join(diverged)}"
+    )
+
+
+def _warn_diverged(results, configurations):
+    """Logs what diverged where a stop ends the command (its line names only the signal)."""
+    diverged = _diverged(results, configurations)
+    if diverged:
+        logging.warning("%s; the comparison was stopped before the rest ran", diverged)
+    return diverged
 
 
 def _train(run_config, name):

@@ -261,3 +261,41 @@ def test_a_stop_during_a_final_eval_prints_the_table_so_far_then_exits_128_n(
         ["| fp32", "2 (trained before)"],
         ["| mixed_bf16", "2 (trained before)"],
     ]
+
+
+@pytest.mark.parametrize("where", ["in the loop", "outside it"])
+def test_a_stop_after_a_divergence_ends_the_comparison_as_stopped_not_diverged(
+    tmp_path, monkeypatch, capsys, caplog, where
+):
+    from engine import guards
+
+    def fake_train(config, model_dir):
+        if config.precision == "mixed":
+            raise guards.TrainingDiverged(
+                "training diverged: ...", step=5, reason="non-finite loss", skipped_steps=2
+            )
+        if where == "outside it":  # start-up, the final eval or the export
+            raise guards.Terminated
+        return _result(3, 3, "SIGTERM")  # the loop saved and returned
+
+    monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
+    args = ["--mode=compare", "--compare=mixed,fp32,mixed_bf16", f"--model_dir={tmp_path}"]
+    with caplog.at_level("WARNING"):
+        # Not 3 ("do not retry"): mixed_bf16 never ran, the same command trains it.
+        assert main_in_process(*args, "--model=tiny") == 128 + signal.SIGTERM
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines()[-1] == (
+        "error: stopped by SIGTERM; checkpoints already written are kept: "
+        "rerun the same command to resume"
+    )
+    rows = _rows(out)
+    assert rows[0] == "| mixed | diverged at step 5 (non-finite loss) | — | — | — | 2 | — | — |"
+    stopped = (
+        "3 (stopped by SIGTERM)" if where == "in the loop" else "unfinished (stopped by SIGTERM)"
+    )
+    assert [r.split(" | ")[:2] for r in rows[1:]] == [["| fp32", stopped]]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert (
+        "training diverged in 1 of 2 configurations: mixed (step 5: non-finite loss); "
+        "the comparison was stopped before the rest ran"
+    ) in warnings
