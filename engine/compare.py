@@ -11,6 +11,13 @@ comparison: the others still run, and the command then fails as a diverged
 training run does (`guards.TrainingDiverged`, exit status 3). Its folder keeps
 its last good checkpoint, so rerunning the comparison resumes it from there
 like any unfinished configuration.
+
+A stop signal ends the comparison, with the table of what ran so far. Caught
+by a configuration's training loop, it saves and the command exits 0, or, if
+a configuration diverged, ends as interrupted (main.py: exit 128 + N), not as
+diverged: the rest never ran, and a rerun trains them. Outside that loop
+(start-up, the final eval, the export) it unwinds at once: the configuration is
+an `unfinished` row and the command ends as interrupted.
 """
 
 import math
@@ -38,7 +45,10 @@ STEPS_NOTE = (
     "nothing timed now (its own timings are in its HParams `final/*`); "
     "`(stopped by SIG...)`: stopped early, eval accuracy is from its last eval (— if none "
     "ran); `diverged at step N`: the divergence guard stopped it there, without saving "
-    "(a rerun resumes it from its last good checkpoint), so no eval accuracy"
+    "(a rerun resumes it from its last good checkpoint), so no eval accuracy; `unfinished "
+    "(stopped by SIG...)`: a signal ended it outside its training loop (start-up, final eval, "
+    "export) or a second one inside it, so no figures (a rerun resumes it from its last "
+    "checkpoint)"
 )
 
 
@@ -93,9 +103,44 @@ def compare(config, model_dir):
     """Trains `config` once per `--compare` entry; returns [(run name, RunResult)].
 
     Raises:
+      KeyboardInterrupt, guards.Terminated: after the table, if a stop signal
+        ended a configuration outside its training loop, or stopped the
+        comparison after a configuration diverged.
       guards.TrainingDiverged: after the table, if a configuration diverged.
     """
     results = []
+    for name, run_config in _configurations(config, model_dir):
+        try:
+            result = _train(run_config, name)
+        except (KeyboardInterrupt, guards.Terminated) as e:
+            # On its way to main.py, which ends the command: what ran is reported first.
+            stopped_by = "SIGINT" if isinstance(e, KeyboardInterrupt) else "SIGTERM"
+            _report(results, model_dir, unfinished=(name, stopped_by))
+            _warn_diverged(results, len(results) + 1)
+            raise
+        results.append((name, result))
+        if result.stopped_by:
+            # The signal was for the whole comparison, not one configuration.
+            logging.info(
+                "%s: stopped; %s and train the rest",
+                result.stopped_by,
+                config_lib.resume_hint(config, model_dir),
+            )
+            break
+    _report(results, model_dir)
+    stopped_by = results[-1][1].stopped_by
+    if stopped_by and _warn_diverged(results, len(results)):
+        # Interrupted, not exit 3 ("do not retry"): the rest never ran, a rerun trains them.
+        raise KeyboardInterrupt if stopped_by == "SIGINT" else guards.Terminated()
+    diverged = _diverged(results, len(results))
+    if diverged:
+        # As a diverged training run ends: exit status 3, one line.
+        raise guards.TrainingDiverged(f"{diverged}; see the table above")
+    return results
+
+
+def _configurations(config, model_dir):
+    """(run name, its training `Config`) for each `--compare` entry."""
     for precision, xla in config_lib.parse_compare(config.compare):
         name = run_name(precision, xla)
         run_config = config.replace(
@@ -110,30 +155,44 @@ def compare(config, model_dir):
             # The loss-scale flags are float16's: a run without a loss scale keeps
             # the defaults, so its flags.txt replays and its folder resumes alone.
             run_config = run_config.without_loss_scale_flags()
-        result = _train(run_config, name)
-        results.append((name, result))
-        if result.stopped_by:
-            # The signal was for the whole comparison, not one configuration.
-            logging.info(
-                "%s: stopped; %s and train the rest",
-                result.stopped_by,
-                config_lib.resume_hint(config, model_dir),
-            )
-            break
-    table = summaries.markdown_table(HEADER, table_rows(results)) + "\n\n" + STEPS_NOTE
+        yield name, run_config
+
+
+def _report(results, model_dir, unfinished=None):
+    """Prints the table and writes it as `compare/table` in `model_dir`.
+
+    `unfinished`: (run name, signal) of a configuration that a signal ended
+    outside its training loop, a row with no figures.
+    """
+    rows = table_rows(results)
+    if unfinished:
+        name, stopped_by = unfinished
+        rows.append((name, f"unfinished (stopped by {stopped_by})", *["—"] * 6))
+    table = summaries.markdown_table(HEADER, rows) + "\n\n" + STEPS_NOTE
     # print, not logging: the table is the command's output, even at --verbosity=-1.
-    print(f"comparison of {len(results)} configurations under {model_dir}:\n{table}", flush=True)
+    print(f"comparison of {len(rows)} configurations under {model_dir}:\n{table}", flush=True)
     writer = summaries.SummaryWriter(model_dir)
     writer.text(0, "compare/table", table)
     writer.close()
+
+
+def _diverged(results, configurations):
+    """One line naming those of `configurations` (a count) that diverged, or "" if none did."""
     diverged = [f"{name} (step {r.steps}: {r.diverged})" for name, r in results if r.diverged]
+    if not diverged:
+        return ""
+    return (
+        f"training diverged in {len(diverged)} of {configurations} configurations: "
+        f"{', '.join(diverged)}"
+    )
+
+
+def _warn_diverged(results, configurations):
+    """Logs what diverged where a stop ends the command (its line names only the signal)."""
+    diverged = _diverged(results, configurations)
     if diverged:
-        # As a diverged training run ends: exit status 3, one line.
-        raise guards.TrainingDiverged(
-            f"training diverged in {len(diverged)} of {len(results)} configurations: "
-            f"{', '.join(diverged)}; see the table above"
-        )
-    return results
+        logging.warning("%s; the comparison was stopped before the rest ran", diverged)
+    return diverged
 
 
 def _train(run_config, name):

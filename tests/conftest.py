@@ -70,6 +70,21 @@ def run_main(*args, timeout=300, cwd=ROOT, **kwargs):
     )
 
 
+def main_in_process(*args):
+    """main.py's exit status, run in this process (the same exit path, no new TensorFlow)."""
+    import main
+
+    main.FLAGS.unparse_flags()
+    main.FLAGS(["main.py", *args])
+    try:
+        main.main(["main.py"])
+    except SystemExit as e:
+        return e.code
+    finally:
+        main.FLAGS.unparse_flags()
+    return 0
+
+
 def tf_make_ndarray(proto):
     import tensorflow as tf
 

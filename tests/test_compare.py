@@ -1,42 +1,35 @@
 """`--mode=compare` from the command line: one run per configuration, a table, quiet logs."""
 
-import os
 import shutil
-import subprocess
-import sys
+import signal
 
 import pytest
-from conftest import ROOT, read_texts
+from conftest import main_in_process, read_texts, run_main
 
 from engine import compare, loop
 from engine.config import Config
 
 CONFIGURATIONS = ("fp32", "mixed-xla", "mixed_bf16")
+# An epoch is 8 steps: with fewer, the only eval is the final one.
+TINY = ["--model=tiny", "--image_size=16", "--batch_size=8", "--steps_per_loop=2"]
+TINY += ["--train_examples=64", "--eval_examples=32"]
 
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
     logdir = tmp_path_factory.mktemp("compare")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "main.py"),
-            "--mode=compare",
-            "--compare=fp32,mixed+xla,mixed_bf16",
-            "--model=tiny",
-            "--image_size=16",
-            "--train_steps=4",
-            "--steps_per_loop=2",
-            "--train_examples=64",
-            "--eval_examples=32",
-            "--verbosity=-1",
-            f"--model_dir={logdir}",
-            f"--export_dir={logdir}/export",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
+    proc = run_main(
+        "--mode=compare",
+        "--compare=fp32,mixed+xla,mixed_bf16",
+        "--model=tiny",
+        "--image_size=16",
+        "--train_steps=4",
+        "--steps_per_loop=2",
+        "--train_examples=64",
+        "--eval_examples=32",
+        "--verbosity=-1",
+        f"--model_dir={logdir}",
+        f"--export_dir={logdir}/export",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return logdir, proc
@@ -80,9 +73,9 @@ def test_compare_rerun_in_a_finished_folder_does_not_report_zero_timings(compare
     shutil.copytree(logdir, copy)  # the other tests read the original
     args = [
         a.replace(str(logdir), str(copy)) if a.startswith(("--model_dir", "--export_dir")) else a
-        for a in first.args
+        for a in first.args[2:]  # after python and main.py
     ]
-    again = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    again = run_main(*args)
     assert again.returncode == 0, again.stderr[-3000:]
     before = [line for line in first.stdout.splitlines() if line.startswith("|")][2:]
     after = [line for line in again.stdout.splitlines() if line.startswith("|")][2:]
@@ -203,28 +196,15 @@ def test_a_diverging_configuration_is_a_row_and_the_rest_still_run(tmp_path, mon
 
 
 def test_compare_goes_on_after_a_divergence_and_exits_3(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "main.py"),
-            "--mode=compare",
-            "--compare=mixed,fp32",
-            "--model=tiny",
-            "--image_size=16",
-            "--batch_size=8",
-            "--train_steps=12",
-            "--steps_per_loop=2",
-            "--train_examples=64",
-            "--eval_examples=32",
-            f"--model_dir={tmp_path}",
-            "--inject_nonfinite=1:8",
-            "--max_consecutive_skips=3",
-            "--verbosity=-1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
+    proc = run_main(
+        "--mode=compare",
+        "--compare=mixed,fp32",
+        *TINY,
+        "--train_steps=12",
+        f"--model_dir={tmp_path}",
+        "--inject_nonfinite=1:8",
+        "--max_consecutive_skips=3",
+        "--verbosity=-1",
     )
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert (tmp_path / "fp32" / "flags.txt").exists()  # the second configuration ran
@@ -237,3 +217,85 @@ def test_compare_goes_on_after_a_divergence_and_exits_3(tmp_path):
         "in a row), fp32 (step 5: 5 steps skipped in a row); see the table above"
     )
     assert "Traceback" not in proc.stderr
+
+
+def _rows(out):
+    return [line for line in out.splitlines() if line.startswith("|")][2:]
+
+
+def test_a_stop_during_a_final_eval_prints_the_table_so_far_then_exits_128_n(
+    tmp_path, monkeypatch, capsys
+):
+    create = loop.create_eval_loop
+    made = []
+
+    def eval_loop_for(*args):
+        made.append(create(*args))
+        if len(made) == 1:  # fp32's
+            return made[0]
+
+        def interrupted(dataset):
+            raise KeyboardInterrupt  # Ctrl-C outside the training loop
+
+        return interrupted
+
+    args = ["--mode=compare", "--compare=fp32,mixed_bf16", *TINY, "--train_steps=2"]
+    args.append(f"--model_dir={tmp_path}")
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "create_eval_loop", eval_loop_for)
+        assert main_in_process(*args) == 128 + signal.SIGINT
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines()[-1] == (
+        "error: stopped by SIGINT; checkpoints already written are kept: "
+        "rerun the same command to resume"
+    )
+    rows = _rows(out)
+    assert rows[0].startswith("| fp32 | 2 | ")
+    assert rows[1] == "| mixed_bf16 | unfinished (stopped by SIGINT) | — | — | — | — | — | — |"
+    (written,) = read_texts(tmp_path)["compare/table"]
+    assert _rows(written[1]) == rows
+    # As the hint says: the rerun trains nothing, evaluates mixed_bf16 and reports both.
+    assert main_in_process(*args) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert [r.split(" | ")[:2] for r in rows] == [
+        ["| fp32", "2 (trained before)"],
+        ["| mixed_bf16", "2 (trained before)"],
+    ]
+
+
+@pytest.mark.parametrize("where", ["in the loop", "outside it"])
+def test_a_stop_after_a_divergence_ends_the_comparison_as_stopped_not_diverged(
+    tmp_path, monkeypatch, capsys, caplog, where
+):
+    from engine import guards
+
+    def fake_train(config, model_dir):
+        if config.precision == "mixed":
+            raise guards.TrainingDiverged(
+                "training diverged: ...", step=5, reason="non-finite loss", skipped_steps=2
+            )
+        if where == "outside it":  # start-up, the final eval or the export
+            raise guards.Terminated
+        return _result(3, 3, "SIGTERM")  # the loop saved and returned
+
+    monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
+    args = ["--mode=compare", "--compare=mixed,fp32,mixed_bf16", f"--model_dir={tmp_path}"]
+    with caplog.at_level("WARNING"):
+        # Not 3 ("do not retry"): mixed_bf16 never ran, the same command trains it.
+        assert main_in_process(*args, "--model=tiny") == 128 + signal.SIGTERM
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines()[-1] == (
+        "error: stopped by SIGTERM; checkpoints already written are kept: "
+        "rerun the same command to resume"
+    )
+    rows = _rows(out)
+    assert rows[0] == "| mixed | diverged at step 5 (non-finite loss) | — | — | — | 2 | — | — |"
+    stopped = (
+        "3 (stopped by SIGTERM)" if where == "in the loop" else "unfinished (stopped by SIGTERM)"
+    )
+    assert [r.split(" | ")[:2] for r in rows[1:]] == [["| fp32", stopped]]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert (
+        "training diverged in 1 of 2 configurations: mixed (step 5: non-finite loss); "
+        "the comparison was stopped before the rest ran"
+    ) in warnings

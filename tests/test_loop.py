@@ -85,7 +85,8 @@ def test_mixed_reaches_fp32_accuracy_on_shapes(tmp_path):
 
 
 def test_train_seconds_are_the_training_loops_time_not_eval(tmp_path, monkeypatch):
-    create_eval_loop = loop.create_eval_loop
+    create_eval_loop, create_train_loop = loop.create_eval_loop, loop.create_train_loop
+    calls = []  # (start, end) of each training loop call, on the wall clock
 
     def slow_eval_loop(*args):
         eval_loop = create_eval_loop(*args)
@@ -96,9 +97,20 @@ def test_train_seconds_are_the_training_loops_time_not_eval(tmp_path, monkeypatc
 
         return slow
 
+    def clocked_train_loop(*args):
+        train_loop = create_train_loop(*args)
+
+        def clocked(*loop_args):
+            start = time.perf_counter()
+            train_loop(*loop_args)
+            calls.append((start, time.perf_counter()))
+
+        return clocked
+
     monkeypatch.setattr(loop, "create_eval_loop", slow_eval_loop)
-    # Two steps an epoch: evals at steps 2 and 4, 4 s of sleep between the loops.
-    config = tiny_config(train_steps=4, steps_per_loop=2, train_examples=32)
+    monkeypatch.setattr(loop, "create_train_loop", clocked_train_loop)
+    # Two steps an epoch: evals at steps 2 and 4 (4 s of sleep between the loops) and 6.
+    config = tiny_config(train_steps=6, steps_per_loop=2, train_examples=32)
     result = loop.train_and_evaluate(config, str(tmp_path))
     scalars = read_scalars(tmp_path)
     # Each summary covers the steps since the previous one; its rate gives their time.
@@ -107,7 +119,11 @@ def test_train_seconds_are_the_training_loops_time_not_eval(tmp_path, monkeypatc
     starts = [first[0]] + [s for s, _ in rates[:-1]]
     loops = first[1] + sum((b - a) / v for a, (b, v) in zip(starts, rates, strict=True))
     assert result.train_seconds == pytest.approx(loops, rel=1e-4)
-    assert scalars["final/train_seconds"] == [(4, pytest.approx(result.train_seconds, rel=1e-6))]
+    assert scalars["final/train_seconds"] == [(6, pytest.approx(result.train_seconds, rel=1e-6))]
+    # Against the wall clock too (the intervals above would take in a timed eval):
+    # from the first loop's start to the last one's end, less the evals' sleep.
+    wall = calls[-1][1] - calls[0][0]
+    assert result.train_seconds < wall - 4.0 + 0.5
 
 
 def test_the_first_step_is_a_time_not_a_speed_in_tensorboard_and_on_the_console(tmp_path, caplog):

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import ROOT
+from conftest import ROOT, main_in_process
 
 from models import create_model
 
@@ -240,24 +240,27 @@ def test_sigterm_without_model_dir_names_the_folder_to_rerun_with(tmp_path):
     assert _latest_step(named) == stopped_at + 3
 
 
-def test_a_stop_during_start_up_without_model_dir_names_the_folder(tmp_path):
-    proc = _start_in(tmp_path, *QUICK, "--train_steps=6")
-    deadline = time.time() + 120
-    while not list(tmp_path.glob("runs/*/checkpoints/config.json")):
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGTERM)
-    stderr = _log(proc)
+def test_a_stop_during_start_up_without_model_dir_names_the_folder(
+    tmp_path, capsys, caplog, monkeypatch
+):
+    from engine import loop
+
+    monkeypatch.chdir(tmp_path)  # runs/ is made in the working directory
+    with monkeypatch.context() as patch:
+        # Surely start-up: the folder is made, the model not yet built.
+        stopped = _signal_when_called(loop.build_state, signal.SIGTERM)
+        patch.setattr(loop, "build_state", stopped)
+        assert main_in_process(*QUICK, "--train_steps=6") == 128 + signal.SIGTERM
+    stderr = capsys.readouterr().err
     named = _named_folder(stderr, tmp_path)
-    if proc.returncode != 0:  # 0: it reached the loop, which saved (tested above)
-        assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
-        assert stderr.strip().splitlines()[-1] == (
-            "error: stopped by SIGTERM; checkpoints already written are kept: "
-            f"rerun with --model_dir={named} to resume"
-        )
-    again = _start_in(tmp_path, *QUICK, "--train_steps=6", f"--model_dir={named}")
-    stderr = _log(again)
-    assert again.returncode == 0 and "done: 6 steps" in stderr, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == (
+        "error: stopped by SIGTERM; checkpoints already written are kept: "
+        f"rerun with --model_dir={named} to resume"
+    )
+    with caplog.at_level("INFO"):
+        again = (*QUICK, "--train_steps=6", f"--model_dir={named}", "--verbosity=0")
+        assert main_in_process(*again) == 0
+    assert any(r.getMessage().startswith("done: 6 steps") for r in caplog.records)
     assert len(list((tmp_path / "runs").iterdir())) == 1  # no new folder
 
 
@@ -275,21 +278,6 @@ def test_a_stopped_compare_without_model_dir_names_the_folder_to_rerun_with(tmp_
     assert again.returncode == 0, stderr[-2000:]
     assert f"resuming from {named}/fp32/checkpoints/ckpt-{stopped_at} " in stderr
     assert _latest_step(os.path.join(named, "mixed_bf16")) == stopped_at + 2
-
-
-def _main_in_process(*args):
-    """main.py's exit status, run in this process (the same exit path, no new TensorFlow)."""
-    import main
-
-    main.FLAGS.unparse_flags()
-    main.FLAGS(["main.py", *args])
-    try:
-        main.main(["main.py"])
-    except SystemExit as e:
-        return e.code
-    finally:
-        main.FLAGS.unparse_flags()
-    return 0
 
 
 def _signal_when_called(function, signum):
@@ -328,7 +316,7 @@ def test_a_stop_during_the_final_eval_or_export_exits_128_n_and_a_rerun_finishes
             patch.setattr(
                 loop, "create_eval_loop", lambda *a: _signal_when_called(create(*a), signum)
             )
-        assert _main_in_process(*args) == 128 + signum
+        assert main_in_process(*args) == 128 + signum
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: stopped by {signum.name}; checkpoints already written are kept: "
         "rerun the same command to resume"
@@ -341,7 +329,7 @@ def test_a_stop_during_the_final_eval_or_export_exits_128_n_and_a_rerun_finishes
     assert ("final/eval_accuracy" in scalars) == (during == "export")
     # The same command again: nothing to train; the eval, its metrics and the export.
     with caplog.at_level("INFO"):
-        assert _main_in_process(*args) == 0
+        assert main_in_process(*args) == 0
     messages = [r.getMessage() for r in caplog.records]
     assert "already trained to step 4 of 4: nothing to train" in messages
     assert any(m.startswith("done: 4 steps (0 skipped) trained before, eval") for m in messages)
