@@ -2,12 +2,16 @@
 
 import os
 import shutil
+import tempfile
 
 import tensorflow as tf
 from absl import logging
 
 # What `tf.saved_model.save` writes into its folder.
 SAVED_MODEL_ENTRIES = frozenset({"saved_model.pb", "fingerprint.pb", "variables", "assets"})
+# The folders an export makes beside its own, `.<name>.<kind><random>`: only
+# these are ever renamed into place or deleted, never a user's `<name>.old`.
+NEW, OLD = "export-new-", "export-old-"
 
 
 class ServingModule(tf.Module):
@@ -49,9 +53,8 @@ def export_saved_model(model, image_size, pixel_range, export_dir):
         save(export_dir)
         return module
     export_dir = os.path.normpath(export_dir)
-    partial, old = f"{export_dir}.partial", f"{export_dir}.old"
-    if not os.path.exists(export_dir) and os.path.isdir(old):
-        os.rename(old, export_dir)  # an export stopped between its two renames
+    os.makedirs(os.path.dirname(export_dir) or os.curdir, exist_ok=True)
+    _recover(export_dir)
     if not _replaceable(export_dir):
         logging.warning(
             "%s holds files that are not a SavedModel's: the export is written among them, "
@@ -60,15 +63,7 @@ def export_saved_model(model, image_size, pixel_range, export_dir):
         )
         save(export_dir)
         return module
-    # Written beside it, then renamed into place: a stop (or a failure) during the
-    # export leaves the previous export whole, or no folder at all.
-    for leftover in (partial, old):
-        shutil.rmtree(leftover, ignore_errors=True)
-    save(partial)
-    if os.path.isdir(export_dir) and os.listdir(export_dir):
-        os.rename(export_dir, old)
-    os.replace(partial, export_dir)  # onto an empty folder too
-    shutil.rmtree(old, ignore_errors=True)
+    _write_beside(save, export_dir)
     return module
 
 
@@ -77,3 +72,54 @@ def _replaceable(export_dir):
     if not os.path.isdir(export_dir):
         return not os.path.exists(export_dir)
     return set(os.listdir(export_dir)) <= SAVED_MODEL_ENTRIES
+
+
+def _write_beside(save, export_dir):
+    """Saves into a new folder beside `export_dir`, then renames it into place.
+
+    A stop (or a failure) during the export leaves the previous export whole,
+    or no folder at all.
+    """
+    staging = _make_temp(export_dir, NEW)
+    try:
+        new = os.path.join(staging, os.path.basename(export_dir))
+        save(new)  # tf.saved_model.save makes `new` as it makes any folder
+        _rename_into_place(new, export_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # a stop or failure leaves nothing
+
+
+def _rename_into_place(new, export_dir):
+    """Moves `new` onto `export_dir`, the previous export aside first, then deleted."""
+    old = None
+    if os.path.isdir(export_dir) and os.listdir(export_dir):
+        old = os.path.join(_make_temp(export_dir, OLD), os.path.basename(export_dir))
+        os.rename(export_dir, old)
+    os.rename(new, export_dir)  # onto an empty folder too
+    if old:
+        shutil.rmtree(os.path.dirname(old), ignore_errors=True)
+
+
+def _make_temp(export_dir, kind):
+    """A new, empty folder beside `export_dir`, named `.<name>.<kind><random>`."""
+    parent, name = os.path.split(export_dir)
+    return tempfile.mkdtemp(dir=parent or os.curdir, prefix=f".{name}.{kind}")
+
+
+def _ours(export_dir, kind):
+    """The folders beside `export_dir` that `_make_temp(export_dir, kind)` made."""
+    parent, name = os.path.split(export_dir)
+    prefix = f".{name}.{kind}"
+    found = [os.path.join(parent, e) for e in os.listdir(parent or os.curdir)]
+    return [p for p in found if os.path.basename(p).startswith(prefix) and os.path.isdir(p)]
+
+
+def _recover(export_dir):
+    """Puts back an export stopped between its two renames; deletes what stops left beside it."""
+    if not os.path.lexists(export_dir):
+        moved = [os.path.join(d, os.path.basename(export_dir)) for d in _ours(export_dir, OLD)]
+        moved = [p for p in moved if os.path.isdir(p)]
+        if moved:  # one, unless several exports stopped there in a row: the newest
+            os.rename(max(moved, key=os.path.getmtime), export_dir)
+    for leftover in _ours(export_dir, NEW) + _ours(export_dir, OLD):
+        shutil.rmtree(leftover, ignore_errors=True)

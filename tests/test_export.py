@@ -125,6 +125,15 @@ def _serve(export_dir, images):
     return serve(images=tf.constant(images))["probabilities"].numpy()
 
 
+def _serve_model(model, images):
+    """What an export of `model` serves, computed without one."""
+    return (
+        export.ServingModule(model, 16, (0.0, 1.0))
+        .serve(tf.constant(images))["probabilities"]
+        .numpy()
+    )
+
+
 def _stopping(real_save):
     def save_then_stop(module, path, **kwargs):
         real_save(module, path, **kwargs)  # files on disk, the export not yet complete
@@ -149,18 +158,49 @@ def test_a_stop_during_an_export_leaves_the_previous_export_whole(tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
 
 
+def _beside(folder):
+    """The names in `folder`'s parent (an export's temporary folders start with a dot)."""
+    return sorted(p.name for p in folder.parent.iterdir())
+
+
 def test_an_export_stopped_between_its_renames_is_recovered(tmp_path, monkeypatch):
     images = tf.random.stateless_uniform([2, 16, 16, 3], [0, 3]).numpy()
     target = tmp_path / "export"
     export.export_saved_model(_tiny_model(0), 16, (0.0, 1.0), str(target))
     before = _serve(target, images)
-    target.rename(tmp_path / "export.old")  # the old export moved aside, the new not yet in
-    (tmp_path / "export.partial").mkdir()
+    (tmp_path / "export.old").mkdir()  # a user's folder: never taken for the previous export
+    real_rename = os.rename
+
+    def stop_at_second_rename(src, dst):
+        if ".export-new-" in src:  # the old export is moved aside, the new one not yet in
+            raise KeyboardInterrupt
+        real_rename(src, dst)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "rename", stop_at_second_rename)
+        with pytest.raises(KeyboardInterrupt):
+            export.export_saved_model(_tiny_model(1), 16, (0.0, 1.0), str(target))
+    assert not target.exists()
     with monkeypatch.context() as patch:  # and the next export stops too
         patch.setattr(tf.saved_model, "save", _stopping(tf.saved_model.save))
         with pytest.raises(KeyboardInterrupt):
             export.export_saved_model(_tiny_model(1), 16, (0.0, 1.0), str(target))
     np.testing.assert_array_equal(_serve(target, images), before)
+    assert _beside(target) == ["export", "export.old"] and not os.listdir(tmp_path / "export.old")
+
+
+def test_user_folders_named_like_an_export_s_own_survive_it(tmp_path):
+    images = tf.random.stateless_uniform([2, 16, 16, 3], [0, 4]).numpy()
+    old, partial, target = tmp_path / "model.old", tmp_path / "model.partial", tmp_path / "model"
+    export.export_saved_model(_tiny_model(0), 16, (0.0, 1.0), str(old))  # a user's export
+    partial.mkdir()
+    (partial / "notes.txt").write_text("mine")
+    for model_seed in (1, 2):  # first into an absent folder, then over an export
+        export.export_saved_model(_tiny_model(model_seed), 16, (0.0, 1.0), str(target))
+    np.testing.assert_array_equal(_serve(old, images), _serve_model(_tiny_model(0), images))
+    np.testing.assert_array_equal(_serve(target, images), _serve_model(_tiny_model(2), images))
+    assert (partial / "notes.txt").read_text() == "mine" and os.listdir(partial) == ["notes.txt"]
+    assert _beside(target) == ["model", "model.old", "model.partial"]
 
 
 def test_an_export_among_other_files_keeps_them(tmp_path, caplog):
