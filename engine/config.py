@@ -552,15 +552,15 @@ def default_model_dir(config):
     return os.path.join("runs", f"{stamp}-{config.precision}{'-xla' if config.xla else ''}")
 
 
-def resume_hint(config, model_dir):
+def resume_hint(config, model_dir, purpose="resume"):
     """How to resume the command that ran `config` in `model_dir`, for stop messages.
 
     Without --model_dir the same command would start a new timestamped folder:
     the hint names the one this run wrote.
     """
     if config.model_dir:
-        return "rerun the same command to resume"
-    return f"rerun with --model_dir={os.path.abspath(model_dir)} to resume"
+        return f"rerun the same command to {purpose}"
+    return f"rerun with --model_dir={os.path.abspath(model_dir)} to {purpose}"
 
 
 def parse_profile_steps(value):

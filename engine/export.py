@@ -2,12 +2,29 @@
 
 import os
 import shutil
+import tempfile
 
 import tensorflow as tf
 from absl import logging
 
 # What `tf.saved_model.save` writes into its folder.
 SAVED_MODEL_ENTRIES = frozenset({"saved_model.pb", "fingerprint.pb", "variables", "assets"})
+# The folders an export makes beside its own, `.<name>.<kind><random>`: only
+# these are ever renamed into place or deleted, never a user's `<name>.old`.
+NEW, OLD = "export-new-", "export-old-"
+# What a folder that cannot be written raises (TensorFlow's file system: OpErrors).
+WRITE_ERRORS = (
+    OSError,
+    tf.errors.PermissionDeniedError,
+    tf.errors.ResourceExhaustedError,
+    tf.errors.NotFoundError,
+    tf.errors.FailedPreconditionError,
+    tf.errors.UnavailableError,
+)
+
+
+class ExportError(Exception):
+    """The SavedModel could not be written; the training it exports is saved."""
 
 
 class ServingModule(tf.Module):
@@ -40,36 +57,48 @@ def export_saved_model(model, image_size, pixel_range, export_dir):
     """Writes the SavedModel; signature `serving_default(images) -> {"probabilities"}`.
 
     `images` are float32 in [0, 1]; `pixel_range` is what the model was trained on.
+
+    Raises:
+      ExportError: the folder could not be written (the message says why).
     """
     module = ServingModule(model, image_size, pixel_range)
     save = lambda path: tf.saved_model.save(
         module, path, signatures={"serving_default": module.serve}
     )
+    try:
+        _write(save, export_dir)
+    except WRITE_ERRORS as e:
+        raise ExportError(f"the SavedModel could not be written to {export_dir}: {e}") from e
+    return module
+
+
+def _write(save, export_dir):
+    """Saves beside `export_dir` and renames into place, or into it, with a warning, if not."""
     if "://" in export_dir:  # object stores have no rename
         save(export_dir)
-        return module
+        return
     export_dir = os.path.normpath(export_dir)
-    partial, old = f"{export_dir}.partial", f"{export_dir}.old"
-    if not os.path.exists(export_dir) and os.path.isdir(old):
-        os.rename(old, export_dir)  # an export stopped between its two renames
-    if not _replaceable(export_dir):
+    os.makedirs(os.path.dirname(export_dir) or os.curdir, exist_ok=True)
+    _recover(export_dir)
+    reason = _in_place_reason(export_dir) or _write_beside(save, export_dir)
+    if reason:
         logging.warning(
-            "%s holds files that are not a SavedModel's: the export is written among them, "
-            "and a stop during it can leave it half-written",
+            "%s is written in place, as %s: a stop during the export can leave it half-written",
             export_dir,
+            reason,
         )
         save(export_dir)
-        return module
-    # Written beside it, then renamed into place: a stop (or a failure) during the
-    # export leaves the previous export whole, or no folder at all.
-    for leftover in (partial, old):
-        shutil.rmtree(leftover, ignore_errors=True)
-    save(partial)
-    if os.path.isdir(export_dir) and os.listdir(export_dir):
-        os.rename(export_dir, old)
-    os.replace(partial, export_dir)  # onto an empty folder too
-    shutil.rmtree(old, ignore_errors=True)
-    return module
+
+
+def _in_place_reason(export_dir):
+    """Why `export_dir` cannot be replaced by a rename, or None."""
+    if not _replaceable(export_dir):
+        return "it holds files that are not a SavedModel's"
+    if os.path.islink(export_dir):
+        return "it is a symbolic link"  # a rename would replace the link, not its target
+    if os.path.ismount(export_dir):
+        return "it is a mount point"  # rename(2): EBUSY
+    return None
 
 
 def _replaceable(export_dir):
@@ -77,3 +106,70 @@ def _replaceable(export_dir):
     if not os.path.isdir(export_dir):
         return not os.path.exists(export_dir)
     return set(os.listdir(export_dir)) <= SAVED_MODEL_ENTRIES
+
+
+def _write_beside(save, export_dir):
+    """Saves into a new folder beside `export_dir`, then renames it into place.
+
+    Returns None, or why it could not (nothing of it left, the previous export
+    where it was), for the caller to write in place instead.
+    """
+    try:
+        staging = _make_temp(export_dir, NEW)
+    except OSError as e:
+        return f"no folder can be made beside it ({e.strerror})"
+    try:
+        new = os.path.join(staging, os.path.basename(export_dir))
+        save(new)  # tf.saved_model.save makes `new` as it makes any folder
+        return _rename_into_place(new, export_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # a stop or failure leaves nothing
+
+
+def _rename_into_place(new, export_dir):
+    """Moves `new` onto `export_dir`, the previous export aside first, then deleted.
+
+    Returns None, or why a rename failed, with `export_dir` as it was.
+    """
+    old = None
+    try:
+        if os.path.isdir(export_dir) and os.listdir(export_dir):
+            old = os.path.join(_make_temp(export_dir, OLD), os.path.basename(export_dir))
+            os.rename(export_dir, old)
+        os.rename(new, export_dir)  # onto an empty folder too
+    except OSError as e:
+        if old and os.path.isdir(old) and not os.path.exists(export_dir):
+            # Put back before the write over it; if this fails too, it raises, and
+            # the next export's `_recover` finds it.
+            os.rename(old, export_dir)
+        if old:
+            shutil.rmtree(os.path.dirname(old), ignore_errors=True)
+        return f"it cannot be renamed ({e.strerror})"
+    if old:
+        shutil.rmtree(os.path.dirname(old), ignore_errors=True)
+    return None
+
+
+def _make_temp(export_dir, kind):
+    """A new, empty folder beside `export_dir`, named `.<name>.<kind><random>`."""
+    parent, name = os.path.split(export_dir)
+    return tempfile.mkdtemp(dir=parent or os.curdir, prefix=f".{name}.{kind}")
+
+
+def _ours(export_dir, kind):
+    """The folders beside `export_dir` that `_make_temp(export_dir, kind)` made."""
+    parent, name = os.path.split(export_dir)
+    prefix = f".{name}.{kind}"
+    found = [os.path.join(parent, e) for e in os.listdir(parent or os.curdir)]
+    return [p for p in found if os.path.basename(p).startswith(prefix) and os.path.isdir(p)]
+
+
+def _recover(export_dir):
+    """Puts back an export stopped between its two renames; deletes what stops left beside it."""
+    if not os.path.lexists(export_dir):
+        moved = [os.path.join(d, os.path.basename(export_dir)) for d in _ours(export_dir, OLD)]
+        moved = [p for p in moved if os.path.isdir(p)]
+        if moved:  # one, unless several exports stopped there in a row: the newest
+            os.rename(max(moved, key=os.path.getmtime), export_dir)
+    for leftover in _ours(export_dir, NEW) + _ours(export_dir, OLD):
+        shutil.rmtree(leftover, ignore_errors=True)

@@ -2,7 +2,7 @@
 
 from absl import logging
 
-from engine import checkpointing, compare, loop, predict
+from engine import checkpointing, compare, export, loop, predict
 from engine import config as config_lib
 from engine.guards import Terminated, TrainingDiverged, terminate_as_interrupt
 from input_pipeline.preprocessing import DataError
@@ -32,6 +32,12 @@ def run(config, model_dir=None):
         return entry_points[config.mode](config, model_dir)
     except checkpointing.DamagedCheckpoints as e:
         raise UserError(str(e)) from e
+    except export.ExportError as e:
+        # Raised after the last step was saved: a rerun trains nothing and exports.
+        hint = config_lib.resume_hint(config, model_dir, purpose="export")
+        raise UserError(
+            f"{e}; the last step's checkpoint is saved: fix the folder, then {hint}"
+        ) from e
     except ValueError as e:
         if isinstance(e, (config_lib.ConfigError, DataError)):
             raise UserError(str(e)) from e
