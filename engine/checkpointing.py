@@ -33,6 +33,7 @@ from engine.config import (
     ConfigError,
     absolute_dataset,
     dataset_path,
+    same_file,
 )
 
 CONFIG_FILE = "config.json"
@@ -362,9 +363,9 @@ def _same_data_set(name, saved, new):
     saved_path, new_path = dataset_path(str(saved)), dataset_path(new)
     if saved_path is None or new_path is None or "://" in saved_path + new_path:
         return False
-    new_parts = os.path.abspath(new_path).split(os.sep)
     if os.path.isabs(saved_path):
-        return os.path.abspath(saved_path).split(os.sep) == new_parts
+        return same_file(saved_path, new_path)  # a link to it, or from a linked folder
+    new_parts = os.path.abspath(new_path).split(os.sep)
     # "../data" from some folder is a folder named data: the leading ".." say nothing more.
     tail = [p for p in os.path.normpath(saved_path).split(os.sep) if p not in (os.curdir, "")]
     while tail and tail[0] == os.pardir:

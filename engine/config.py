@@ -261,6 +261,12 @@ class Config:
         if self.export_dir and "://" not in self.export_dir and self.mode in ("train", "compare"):
             if os.path.exists(self.export_dir) and not os.path.isdir(self.export_dir):
                 raise ConfigError(f"--export_dir={self.export_dir} is a file; give a folder path")
+            if os.path.islink(self.export_dir) and not os.path.exists(self.export_dir):
+                raise ConfigError(
+                    f"--export_dir={self.export_dir} is a symbolic link to "
+                    f"{os.readlink(self.export_dir)}, which does not exist; create it or give "
+                    "another path"
+                )
             # The export is written after training: a folder that cannot be made
             # must stop the run now, not then.
             existing = os.path.abspath(self.export_dir)
@@ -481,6 +487,15 @@ def absolute_path(path):
         return path
     absolute = os.path.abspath(path)
     return os.path.join(absolute, "") if path.endswith(("/", os.sep)) else absolute
+
+
+def same_file(a, b):
+    """Whether paths `a` and `b` name one file or folder, through links and spellings."""
+    # samefile also sees hard links; realpath covers a path that does not exist yet.
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def dataset_path(dataset):

@@ -7,6 +7,8 @@ import tempfile
 import tensorflow as tf
 from absl import logging
 
+from engine.checkpointing import first_line
+
 # What `tf.saved_model.save` writes into its folder.
 SAVED_MODEL_ENTRIES = frozenset({"saved_model.pb", "fingerprint.pb", "variables", "assets"})
 # The folders an export makes beside its own, `.<name>.<kind><random>`: only
@@ -68,30 +70,45 @@ def export_saved_model(model, image_size, pixel_range, export_dir):
     try:
         _write(save, export_dir)
     except WRITE_ERRORS as e:
-        raise ExportError(f"the SavedModel could not be written to {export_dir}: {e}") from e
+        raise ExportError(
+            f"the SavedModel could not be written to {export_dir}: {first_line(e)}"
+        ) from e
     return module
 
 
 def _write(save, export_dir):
-    """Saves beside `export_dir` and renames into place, or into it, with a warning, if not."""
+    """Saves beside `export_dir` and renames into place, or into it, with a warning, if not.
+
+    Every path saves once: with several workers every one saves (the others
+    into a temporary folder), and a second save on the chief alone could wait
+    forever for theirs.
+    """
     if "://" in export_dir:  # object stores have no rename
         save(export_dir)
         return
     export_dir = os.path.normpath(export_dir)
     os.makedirs(os.path.dirname(export_dir) or os.curdir, exist_ok=True)
     _recover(export_dir)
-    reason = _in_place_reason(export_dir) or _write_beside(save, export_dir)
+    reason = _in_place_reason(export_dir)
     if reason:
-        logging.warning(
-            "%s is written in place, as %s: a stop during the export can leave it half-written",
-            export_dir,
-            reason,
-        )
+        _warn_in_place(export_dir, reason)
         save(export_dir)
+    else:
+        _write_beside(save, export_dir)
+
+
+def _warn_in_place(export_dir, reason):
+    logging.warning(
+        "%s is written in place, as %s: a stop during the export can leave it half-written",
+        export_dir,
+        reason,
+    )
 
 
 def _in_place_reason(export_dir):
     """Why `export_dir` cannot be replaced by a rename, or None."""
+    if os.path.exists(export_dir) and not os.path.isdir(export_dir):
+        return "it is a file"  # the save then fails: one error line
     if not _replaceable(export_dir):
         return "it holds files that are not a SavedModel's"
     if os.path.islink(export_dir):
@@ -111,17 +128,23 @@ def _replaceable(export_dir):
 def _write_beside(save, export_dir):
     """Saves into a new folder beside `export_dir`, then renames it into place.
 
-    Returns None, or why it could not (nothing of it left, the previous export
-    where it was), for the caller to write in place instead.
+    Where no folder can be made beside it, saves into it instead; where the
+    rename fails (the previous export is then where it was), copies the saved
+    files into it. Either way with a warning, and nothing left beside it.
     """
     try:
         staging = _make_temp(export_dir, NEW)
     except OSError as e:
-        return f"no folder can be made beside it ({e.strerror})"
+        _warn_in_place(export_dir, f"no folder can be made beside it ({e.strerror})")
+        save(export_dir)
+        return
     try:
         new = os.path.join(staging, os.path.basename(export_dir))
         save(new)  # tf.saved_model.save makes `new` as it makes any folder
-        return _rename_into_place(new, export_dir)
+        reason = _rename_into_place(new, export_dir)
+        if reason:
+            _warn_in_place(export_dir, reason)
+            shutil.copytree(new, export_dir, dirs_exist_ok=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # a stop or failure leaves nothing
 
@@ -137,13 +160,16 @@ def _rename_into_place(new, export_dir):
             old = os.path.join(_make_temp(export_dir, OLD), os.path.basename(export_dir))
             os.rename(export_dir, old)
         os.rename(new, export_dir)  # onto an empty folder too
-    except OSError as e:
+    except BaseException as e:
+        # A failed rename, or a stop signal between the two: the previous export
+        # goes back. If that fails too, it raises, and the next export's
+        # `_recover` finds it.
         if old and os.path.isdir(old) and not os.path.exists(export_dir):
-            # Put back before the write over it; if this fails too, it raises, and
-            # the next export's `_recover` finds it.
             os.rename(old, export_dir)
         if old:
             shutil.rmtree(os.path.dirname(old), ignore_errors=True)
+        if not isinstance(e, OSError):
+            raise
         return f"it cannot be renamed ({e.strerror})"
     if old:
         shutil.rmtree(os.path.dirname(old), ignore_errors=True)

@@ -555,7 +555,7 @@ def _evaluate(eval_loop, eval_data, writer, step):
 
 
 def _export(config, write_dir, model, pixel_range):
-    # Every worker saves (variables are read collectively); the chief's counts.
+    # Every worker saves, the others into a temporary folder; the chief's counts.
     export_dir = config.export_dir if write_dir.chief else write_dir.path + "/export"
     export.export_saved_model(model, config.image_size, pixel_range, export_dir)
     logging.info("exported a float32 SavedModel to %s", export_dir)

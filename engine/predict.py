@@ -15,7 +15,7 @@ import tensorflow as tf
 from absl import logging
 
 from engine import checkpointing, guards, loop
-from engine.config import ConfigError, check_local_path
+from engine.config import ConfigError, check_local_path, same_file
 from input_pipeline import preprocessing, ships
 
 
@@ -38,7 +38,7 @@ def output_path(config, model_dir):
     real = os.path.realpath(out)
     if os.path.isdir(real):
         raise ConfigError(f"{flag} is a folder; give a file path")
-    if _same_file(real, config.predict_csv):
+    if same_file(real, config.predict_csv):
         raise ConfigError(
             f"{flag} is the input --predict_csv; writing it would replace the list of "
             "images to predict: give another file"
@@ -55,14 +55,6 @@ def output_path(config, model_dir):
             "that is not a CSV: give a .csv path"
         )
     return out
-
-
-def _same_file(a, b):
-    # samefile also sees hard links; realpath covers a path that does not exist yet.
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _inside(path, folder):

@@ -520,3 +520,14 @@ def test_a_run_resumes_from_a_checkpoint_of_the_older_input_pipeline(tmp_path, m
     result = loop.train_and_evaluate(tiny_config(train_steps=6), str(tmp_path))
     assert (result.steps, result.trained_steps) == (6, 2)
     assert np.isfinite(result.train_loss)
+
+
+def test_a_data_set_reached_through_a_symbolic_link_resumes(tmp_path, monkeypatch):
+    # Started from a linked folder, abspath records the real one; resumed as typed.
+    (tmp_path / "real" / "data").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.chdir(tmp_path / "link")
+    _fake_checkpoint(tmp_path / "run", tiny_config(dataset="folder:data"))
+    directory = str(tmp_path / "run" / "checkpoints")
+    checkpointing.check_compatible(tiny_config(dataset=f"folder:{tmp_path}/link/data"), directory)
+    checkpointing.check_compatible(tiny_config(dataset=f"folder:{tmp_path}/real/data"), directory)

@@ -182,8 +182,14 @@ def test_an_export_stopped_between_its_renames_is_recovered(tmp_path, monkeypatc
         patch.setattr(os, "rename", stop_at_second_rename)
         with pytest.raises(KeyboardInterrupt):
             export.export_saved_model(_tiny_model(1), 16, (0.0, 1.0), str(target))
-    assert not target.exists()
-    with monkeypatch.context() as patch:  # and the next export stops too
+    # Put back as the stop unwound.
+    np.testing.assert_array_equal(_serve(target, images), before)
+    assert _beside(target) == ["export", "export.old"]
+    # A SIGKILL there leaves it moved aside: the next export (stopped too) puts it back.
+    aside = tmp_path / ".export.export-old-killed"
+    aside.mkdir()
+    target.rename(aside / "export")
+    with monkeypatch.context() as patch:
         patch.setattr(tf.saved_model, "save", _stopping(tf.saved_model.save))
         with pytest.raises(KeyboardInterrupt):
             export.export_saved_model(_tiny_model(1), 16, (0.0, 1.0), str(target))
@@ -220,20 +226,26 @@ def test_an_export_that_cannot_be_renamed_is_written_in_place(
             raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), src, None, dst)
         real_rename(src, dst)  # moving the old export aside, or back
 
-    real_save, in_place_onto = tf.saved_model.save, []
+    real_save, saves, real_copy, in_place_onto = tf.saved_model.save, [], shutil.copytree, []
 
-    def save(module, path, **kwargs):  # notes what an in-place write finds there
-        if path == str(target):
-            in_place_onto.append(_serve(target, images))
+    def save(module, path, **kwargs):
+        saves.append(path)
         real_save(module, path, **kwargs)
+
+    def copy(src, dst, *args, **kwargs):  # notes what the in-place copy finds there
+        if str(dst) == str(target):  # not copytree's own calls for subfolders
+            in_place_onto.append(_serve(target, images))
+        return real_copy(src, dst, *args, **kwargs)
 
     with monkeypatch.context() as patch:
         patch.setattr(os, "rename", busy)
         patch.setattr(os, "replace", busy)
         patch.setattr(tf.saved_model, "save", save)
+        patch.setattr(shutil, "copytree", copy)
         export.export_saved_model(_tiny_model(1), 16, (0.0, 1.0), str(target))
-    # The previous export was put back (if moved) before the write over it began.
-    assert len(in_place_onto) == 1
+    # Saved once (every worker saves as often), copied into place over the previous
+    # export, which was put back (if moved) before the copy began.
+    assert len(saves) == 1 and len(in_place_onto) == 1
     np.testing.assert_array_equal(in_place_onto[0], _serve_model(_tiny_model(0), images))
     np.testing.assert_array_equal(_serve(target, images), _serve_model(_tiny_model(1), images))
     assert _beside(target) == ["export"]

@@ -110,6 +110,12 @@ def test_an_eta_beyond_any_calendar_still_prints():
     assert format_eta(float("-inf")) == format_eta(-5) == "0:00:00"
 
 
+def test_an_export_dir_linking_to_nothing_is_refused_at_start_up(tmp_path):
+    (tmp_path / "export").symlink_to(tmp_path / "missing")
+    with pytest.raises(ConfigError, match=r"is a symbolic link to .*missing, which does not exist"):
+        Config(export_dir=str(tmp_path / "export"))
+
+
 def test_export_dir_is_checked_where_an_export_is_written():
     under_a_file = f"{__file__}/export"
     with pytest.raises(ConfigError, match="is a file, so the folder cannot be made"):
