@@ -14,8 +14,9 @@ like any unfinished configuration.
 
 A stop signal ends the comparison, with the table of what ran so far. Caught
 by a configuration's training loop, it saves and the command exits 0, or, if
-a configuration diverged, ends as interrupted (main.py: exit 128 + N), not as
-diverged: the rest never ran, and a rerun trains them. Outside that loop
+a configuration diverged (that one too, in the loop the signal came in), ends
+as interrupted (main.py: exit 128 + N), not as diverged: the rest never ran,
+and a rerun trains them. Outside that loop
 (start-up, the final eval, the export) it unwinds at once: the configuration is
 an `unfinished` row and the command ends as interrupted.
 """
@@ -213,5 +214,7 @@ def _train(run_config, name):
             train_seconds=0.0,
             first_step_seconds=0.0,
             examples_per_sec=0.0,
+            # A stop in the loop that diverged still stops the comparison.
+            stopped_by=e.stopped_by,
             diverged=e.reason,
         )

@@ -299,3 +299,42 @@ def test_a_stop_after_a_divergence_ends_the_comparison_as_stopped_not_diverged(
         "training diverged in 1 of 2 configurations: mixed (step 5: non-finite loss); "
         "the comparison was stopped before the rest ran"
     ) in warnings
+
+
+def test_a_stop_in_the_loop_that_diverges_stops_the_comparison(tmp_path, monkeypatch, capsys):
+    import os
+
+    from engine import guards
+
+    divergence = guards.divergence
+
+    def ctrl_c_with_the_first_divergence(*args):
+        diverged = divergence(*args)
+        if diverged and not ctrl_c_with_the_first_divergence.sent:
+            ctrl_c_with_the_first_divergence.sent = True
+            os.kill(os.getpid(), signal.SIGINT)  # caught by the loop: a stop request
+        return diverged
+
+    ctrl_c_with_the_first_divergence.sent = False
+    monkeypatch.setattr(guards, "divergence", ctrl_c_with_the_first_divergence)
+    status = main_in_process(
+        "--mode=compare",
+        "--compare=mixed,fp32",
+        *TINY,
+        "--train_steps=12",
+        f"--model_dir={tmp_path}",
+        "--inject_nonfinite=1:8",
+        "--max_consecutive_skips=3",
+    )
+    # Interrupted, not diverged (3): fp32 never ran, and the same command trains it.
+    assert status == 128 + signal.SIGINT
+    assert not (tmp_path / "fp32").exists()
+    out, err = capsys.readouterr()
+    assert out.count("comparison of ") == 1
+    assert _rows(out) == [
+        "| mixed | diverged at step 5 (5 steps skipped in a row) | — | — | — | 5 | 1024 | — |"
+    ]
+    assert err.strip().splitlines()[-1] == (
+        "error: stopped by SIGINT; checkpoints already written are kept: "
+        "rerun the same command to resume"
+    )
