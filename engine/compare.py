@@ -14,10 +14,15 @@ like any unfinished configuration.
 
 A stop signal ends the comparison, with the table of what ran so far. Caught
 by a configuration's training loop, it saves and the command exits 0, or, if
-a configuration diverged, ends as interrupted (main.py: exit 128 + N), not as
-diverged: the rest never ran, and a rerun trains them. Outside that loop
+a configuration diverged (that one too, in the loop the signal came in), ends
+as interrupted (main.py: exit 128 + N), not as diverged: the rest never ran,
+and a rerun trains them. Outside that loop
 (start-up, the final eval, the export) it unwinds at once: the configuration is
 an `unfinished` row and the command ends as interrupted.
+
+A configuration whose SavedModel cannot be written (`export.ExportError`) ends
+the comparison the same way, as an `export failed` row: the command ends with
+the error's one line (exit 2), and a rerun exports it and trains the rest.
 """
 
 import math
@@ -26,7 +31,7 @@ import os
 from absl import logging
 
 from engine import config as config_lib
-from engine import guards, loop, summaries
+from engine import export, guards, loop, summaries
 
 HEADER = (
     "configuration",
@@ -48,8 +53,17 @@ STEPS_NOTE = (
     "(a rerun resumes it from its last good checkpoint), so no eval accuracy; `unfinished "
     "(stopped by SIG...)`: a signal ended it outside its training loop (start-up, final eval, "
     "export) or a second one inside it, so no figures (a rerun resumes it from its last "
-    "checkpoint)"
+    "checkpoint); `export failed`: trained and saved, but its SavedModel could not be written "
+    "(the error line says why), so no figures (a rerun trains nothing more and exports it)"
 )
+
+
+class ExportFailed(export.ExportError):
+    """A configuration's export failed; `rerun`: what rerunning the comparison does."""
+
+    def __init__(self, message, rerun):
+        super().__init__(message)
+        self.rerun = rerun
 
 
 def run_name(precision, xla):
@@ -106,18 +120,27 @@ def compare(config, model_dir):
       KeyboardInterrupt, guards.Terminated: after the table, if a stop signal
         ended a configuration outside its training loop, or stopped the
         comparison after a configuration diverged.
+      ExportFailed: after the table, if a configuration's export failed.
       guards.TrainingDiverged: after the table, if a configuration diverged.
     """
     results = []
-    for name, run_config in _configurations(config, model_dir):
+    configurations = list(_configurations(config, model_dir))
+    for name, run_config in configurations:
         try:
             result = _train(run_config, name)
         except (KeyboardInterrupt, guards.Terminated) as e:
             # On its way to main.py, which ends the command: what ran is reported first.
             stopped_by = "SIGINT" if isinstance(e, KeyboardInterrupt) else "SIGTERM"
-            _report(results, model_dir, unfinished=(name, stopped_by))
+            _report(results, model_dir, unfinished=(name, f"unfinished (stopped by {stopped_by})"))
             _warn_diverged(results, len(results) + 1)
             raise
+        except export.ExportError as e:
+            _report(results, model_dir, unfinished=(name, "export failed"))
+            _warn_diverged(results, len(results) + 1)
+            rest = len(configurations) > len(results) + 1
+            # run.py's one line: exit 2, and what the same command then does.
+            rerun = "export it and train the rest" if rest else "export it"
+            raise ExportFailed(f"{name}: {e}", rerun) from e
         results.append((name, result))
         if result.stopped_by:
             # The signal was for the whole comparison, not one configuration.
@@ -161,13 +184,14 @@ def _configurations(config, model_dir):
 def _report(results, model_dir, unfinished=None):
     """Prints the table and writes it as `compare/table` in `model_dir`.
 
-    `unfinished`: (run name, signal) of a configuration that a signal ended
-    outside its training loop, a row with no figures.
+    `unfinished`: (run name, steps cell) of a configuration that returned no
+    `RunResult` (a signal outside its training loop, a failed export), a row
+    with no figures.
     """
     rows = table_rows(results)
     if unfinished:
-        name, stopped_by = unfinished
-        rows.append((name, f"unfinished (stopped by {stopped_by})", *["—"] * 6))
+        name, cell = unfinished
+        rows.append((name, cell, *["—"] * 6))
     table = summaries.markdown_table(HEADER, rows) + "\n\n" + STEPS_NOTE
     # print, not logging: the table is the command's output, even at --verbosity=-1.
     print(f"comparison of {len(rows)} configurations under {model_dir}:\n{table}", flush=True)
@@ -213,5 +237,7 @@ def _train(run_config, name):
             train_seconds=0.0,
             first_step_seconds=0.0,
             examples_per_sec=0.0,
+            # A stop in the loop that diverged still stops the comparison.
+            stopped_by=e.stopped_by,
             diverged=e.reason,
         )

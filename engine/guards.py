@@ -61,14 +61,25 @@ class TrainingDiverged(Exception):
 
     `step` is the global step at which the guard stopped the run, `reason` a
     few words on why, for `--mode=compare`'s table (the message says it in full).
+    `stopped_by`: a stop signal that came in the same loop (e.g. "SIGINT"), which
+    a comparison must still obey; a training run ends as diverged either way.
     """
 
-    def __init__(self, message, step=0, reason="", skipped_steps=0, loss_scale=float("nan")):
+    def __init__(
+        self,
+        message,
+        step=0,
+        reason="",
+        skipped_steps=0,
+        loss_scale=float("nan"),
+        stopped_by="",
+    ):
         super().__init__(message)
         self.step = step
         self.reason = reason
         self.skipped_steps = skipped_steps
         self.loss_scale = loss_scale
+        self.stopped_by = stopped_by
 
 
 class StopRequest:

@@ -459,7 +459,7 @@ def train_and_evaluate(config, model_dir):
                     summaries.log_progress(step, total, values)
                 # Before any save: a diverged state must never replace the last good checkpoint.
                 if diverged:
-                    _raise_diverged(diverged, step, state, last_good)
+                    _raise_diverged(diverged, step, state, last_good, stop)
                 if config.histogram_every and step % config.histogram_every == 0:
                     grads = probe(shown_images, shown_labels)
                     writer.histograms(
@@ -513,7 +513,8 @@ def train_and_evaluate(config, model_dir):
     return result
 
 
-def _raise_diverged(diverged, step, state, last_good):
+def _raise_diverged(diverged, step, state, last_good, stop):
+    """Raises `TrainingDiverged`, carrying a stop signal of the same loop (nothing saved)."""
     reason, message = diverged
     last = last_good or "none (no checkpoint was written)"
     raise guards.TrainingDiverged(
@@ -522,6 +523,7 @@ def _raise_diverged(diverged, step, state, last_good):
         reason=reason,
         skipped_steps=int(state.skipped_steps.numpy()),
         loss_scale=float(state.loss_scale.value.numpy()),
+        stopped_by=stop.signal_name or "",
     )
 
 

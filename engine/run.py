@@ -33,8 +33,10 @@ def run(config, model_dir=None):
     except checkpointing.DamagedCheckpoints as e:
         raise UserError(str(e)) from e
     except export.ExportError as e:
-        # Raised after the last step was saved: a rerun trains nothing and exports.
-        hint = config_lib.resume_hint(config, model_dir, purpose="export")
+        # Raised after the last step was saved: a rerun trains nothing and exports
+        # (a comparison's also trains the configurations after it).
+        purpose = e.rerun if isinstance(e, compare.ExportFailed) else "export"
+        hint = config_lib.resume_hint(config, model_dir, purpose=purpose)
         raise UserError(
             f"{e}; the last step's checkpoint is saved: fix the folder, then {hint}"
         ) from e

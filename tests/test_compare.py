@@ -299,3 +299,112 @@ def test_a_stop_after_a_divergence_ends_the_comparison_as_stopped_not_diverged(
         "training diverged in 1 of 2 configurations: mixed (step 5: non-finite loss); "
         "the comparison was stopped before the rest ran"
     ) in warnings
+
+
+def test_a_stop_in_the_loop_that_diverges_stops_the_comparison(tmp_path, monkeypatch, capsys):
+    import os
+
+    from engine import guards
+
+    divergence = guards.divergence
+
+    def ctrl_c_with_the_first_divergence(*args):
+        diverged = divergence(*args)
+        if diverged and not ctrl_c_with_the_first_divergence.sent:
+            ctrl_c_with_the_first_divergence.sent = True
+            os.kill(os.getpid(), signal.SIGINT)  # caught by the loop: a stop request
+        return diverged
+
+    ctrl_c_with_the_first_divergence.sent = False
+    monkeypatch.setattr(guards, "divergence", ctrl_c_with_the_first_divergence)
+    status = main_in_process(
+        "--mode=compare",
+        "--compare=mixed,fp32",
+        *TINY,
+        "--train_steps=12",
+        f"--model_dir={tmp_path}",
+        "--inject_nonfinite=1:8",
+        "--max_consecutive_skips=3",
+    )
+    # Interrupted, not diverged (3): fp32 never ran, and the same command trains it.
+    assert status == 128 + signal.SIGINT
+    assert not (tmp_path / "fp32").exists()
+    out, err = capsys.readouterr()
+    assert out.count("comparison of ") == 1
+    assert _rows(out) == [
+        "| mixed | diverged at step 5 (5 steps skipped in a row) | — | — | — | 5 | 1024 | — |"
+    ]
+    assert err.strip().splitlines()[-1] == (
+        "error: stopped by SIGINT; checkpoints already written are kept: "
+        "rerun the same command to resume"
+    )
+
+
+def test_a_failed_export_prints_the_table_so_far_then_one_line_and_the_rerun_does_as_it_says(
+    tmp_path, monkeypatch, capsys
+):
+    import errno
+
+    import tensorflow as tf
+
+    save = tf.saved_model.save
+
+    def full_disk_for_fp32(module, path, **kwargs):
+        if "/fp32" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(module, path, **kwargs)
+
+    args = ["--mode=compare", "--compare=fp32,mixed_bf16", *TINY, "--train_steps=2"]
+    args += [f"--model_dir={tmp_path}/runs", f"--export_dir={tmp_path}/exp"]
+    with monkeypatch.context() as patch:
+        patch.setattr(tf.saved_model, "save", full_disk_for_fp32)
+        assert main_in_process(*args) == 2
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines()[-1] == (
+        f"error: fp32: the SavedModel could not be written to {tmp_path}/exp/fp32: "
+        "[Errno 28] No space left on device; the last step's checkpoint is saved: fix the "
+        "folder, then rerun the same command to export it and train the rest"
+    )
+    rows = _rows(out)
+    assert rows == ["| fp32 | export failed | — | — | — | — | — | — |"]
+    (written,) = read_texts(tmp_path / "runs")["compare/table"]
+    assert _rows(written[1]) == rows
+    assert not (tmp_path / "runs" / "mixed_bf16").exists()
+    # As the hint says: fp32 trains nothing more and is exported, mixed_bf16 is trained.
+    assert main_in_process(*args) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert [r.split(" | ")[:2] for r in rows] == [
+        ["| fp32", "2 (trained before)"],
+        ["| mixed_bf16", "2"],
+    ]
+    for name in ("fp32", "mixed_bf16"):
+        assert (tmp_path / "exp" / name / "saved_model.pb").exists(), name
+
+
+def test_a_failed_export_of_the_last_configuration_names_no_rest_to_train(
+    tmp_path, monkeypatch, capsys
+):
+    from engine import export, run
+
+    def fake_train(config, model_dir):
+        if config.precision == "mixed_bf16":
+            raise export.ExportError(f"the SavedModel could not be written to {config.export_dir}")
+        return _result(4, 4)
+
+    monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
+    config = Config(
+        mode="compare",
+        compare="fp32,mixed_bf16",
+        model="tiny",
+        model_dir=str(tmp_path),
+        export_dir="/exp",
+    )
+    with pytest.raises(run.UserError) as info:
+        run.run(config)
+    assert str(info.value) == (
+        "mixed_bf16: the SavedModel could not be written to /exp/mixed_bf16; the last step's "
+        "checkpoint is saved: fix the folder, then rerun the same command to export it"
+    )
+    rows = _rows(capsys.readouterr().out)
+    assert rows[0].startswith("| fp32 | 4 | 3.0 |")
+    assert rows[1] == "| mixed_bf16 | export failed | — | — | — | — | — | — |"

@@ -149,3 +149,23 @@ def test_every_skipped_step_is_itemised_before_the_divergence_error(tmp_path):
     # What --mode=compare's row shows.
     assert (info.value.step, info.value.reason) == (5, "5 steps skipped in a row")
     assert info.value.skipped_steps == 5
+
+
+def test_a_stop_in_the_loop_that_diverges_ends_a_training_run_as_diverged_saving_nothing(
+    tmp_path, monkeypatch
+):
+    from conftest import tiny_config
+
+    def after_loop(self, step):
+        if step == 4:  # a SIGTERM arrives in the loop the guard stops the run after
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(loop.StepProfiler, "after_loop", after_loop)
+    config = tiny_config(
+        train_steps=12, inject_nonfinite="1:8", max_consecutive_skips=3, checkpoint_every=2
+    )
+    with pytest.raises(guards.TrainingDiverged, match=r"last good checkpoint: .*ckpt-2$") as info:
+        loop.train_and_evaluate(config, str(tmp_path))
+    # Exit 3 (it diverged); the stop is carried for --mode=compare, and saved nothing.
+    assert (info.value.step, info.value.stopped_by) == (4, "SIGTERM")
+    assert tf.train.latest_checkpoint(tmp_path / "checkpoints").endswith("ckpt-2")
