@@ -261,17 +261,18 @@ class Config:
         if self.export_dir and "://" not in self.export_dir and self.mode in ("train", "compare"):
             if os.path.exists(self.export_dir) and not os.path.isdir(self.export_dir):
                 raise ConfigError(f"--export_dir={self.export_dir} is a file; give a folder path")
-            if os.path.islink(self.export_dir) and not os.path.exists(self.export_dir):
+            # The export is written after training: a folder that cannot be made
+            # must stop the run now, not then. `lexists`: a link to nothing is
+            # where the walk stops (abspath drops a trailing `/` that would follow it).
+            existing = os.path.abspath(self.export_dir)
+            while not os.path.lexists(existing):
+                existing = os.path.dirname(existing)
+            if not os.path.exists(existing):
                 raise ConfigError(
-                    f"--export_dir={self.export_dir} is a symbolic link to "
-                    f"{os.readlink(self.export_dir)}, which does not exist; create it or give "
+                    f"--export_dir={self.export_dir}: {existing} is a symbolic link to "
+                    f"{os.readlink(existing)}, which does not exist; create it or give "
                     "another path"
                 )
-            # The export is written after training: a folder that cannot be made
-            # must stop the run now, not then.
-            existing = os.path.abspath(self.export_dir)
-            while not os.path.exists(existing):
-                existing = os.path.dirname(existing)
             if not os.path.isdir(existing):
                 raise ConfigError(
                     f"--export_dir={self.export_dir}: {existing} is a file, so the folder "

@@ -110,10 +110,11 @@ def test_an_eta_beyond_any_calendar_still_prints():
     assert format_eta(float("-inf")) == format_eta(-5) == "0:00:00"
 
 
-def test_an_export_dir_linking_to_nothing_is_refused_at_start_up(tmp_path):
+@pytest.mark.parametrize("spelling", ["export", "export/", "export/sub"])
+def test_an_export_dir_linking_to_nothing_is_refused_at_start_up(tmp_path, spelling):
     (tmp_path / "export").symlink_to(tmp_path / "missing")
     with pytest.raises(ConfigError, match=r"is a symbolic link to .*missing, which does not exist"):
-        Config(export_dir=str(tmp_path / "export"))
+        Config(export_dir=f"{tmp_path}/{spelling}")  # pathlib would drop the trailing /
 
 
 def test_export_dir_is_checked_where_an_export_is_written():
