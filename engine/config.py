@@ -237,13 +237,11 @@ class Config:
         # resume without them refused.
         if self.dataset.startswith(SPLIT_DATASETS):
             return
-        given = _given_flags(self, SPLIT_FLAGS)
-        if given:
-            verb, them = ("applies", "it") if len(given) == 1 else ("apply", "them")
-            raise ConfigError(
-                f"{', '.join(given)} {verb} only to --dataset=tfds:NAME and folder:PATH; "
-                f"--dataset={self.dataset} has no named splits: drop {them}"
-            )
+        _refuse_given(
+            _given_flags(self, SPLIT_FLAGS),
+            "--dataset=tfds:NAME and folder:PATH",
+            f"--dataset={self.dataset} has no named splits",
+        )
 
     def _check_output_paths(self):
         # Checked before anything runs: a benchmark or a training run must not
@@ -339,13 +337,11 @@ class Config:
         """
         if self.mode != "train" or self.precision == "mixed":
             return
-        given = _given_flags(self, LOSS_SCALE_FLAGS)
-        if given:
-            verb, them = ("applies", "it") if len(given) == 1 else ("apply", "them")
-            raise ConfigError(
-                f"{', '.join(given)} {verb} only to --precision=mixed (float16); "
-                f"--precision={self.precision} has no loss scale: drop {them}"
-            )
+        _refuse_given(
+            _given_flags(self, LOSS_SCALE_FLAGS),
+            "--precision=mixed (float16)",
+            f"--precision={self.precision} has no loss scale",
+        )
 
     def without_loss_scale_flags(self):
         """A copy with every loss-scale flag at its default."""
@@ -366,6 +362,15 @@ def _given_flags(config, names):
     """`--name` for each of `names` that `config` sets away from its default."""
     defaults = _defaults()
     return [f"--{name}" for name in names if getattr(config, name) != defaults[name]]
+
+
+def _refuse_given(given, applies_to, why_not_here):
+    """Refuses the flags `given` (if any), which apply only to `applies_to`, in one line."""
+    if given:
+        verb, them = ("applies", "it") if len(given) == 1 else ("apply", "them")
+        raise ConfigError(
+            f"{', '.join(given)} {verb} only to {applies_to}; {why_not_here}: drop {them}"
+        )
 
 
 def cache_prefix(cache):
