@@ -112,9 +112,7 @@ def has_checkpoints(model_dir):
     `.index`) do not count: that save never happened.
     """
     directory = checkpoint_dir(model_dir)
-    state = _read_index(directory)
-    listed = state is not None and state.all_model_checkpoint_paths
-    return bool(listed or glob.glob(os.path.join(directory, "ckpt-*.index")))
+    return bool(_listed(directory) or glob.glob(os.path.join(directory, "ckpt-*.index")))
 
 
 def _read_index(directory):
