@@ -13,6 +13,9 @@ CONFIGURATIONS = ("fp32", "mixed-xla", "mixed_bf16")
 # An epoch is 8 steps: with fewer, the only eval is the final one.
 TINY = ["--model=tiny", "--image_size=16", "--batch_size=8", "--steps_per_loop=2"]
 TINY += ["--train_examples=64", "--eval_examples=32"]
+# float16 first, made to diverge at step 5 (nan gradients for steps 1-7, 3 skips allowed).
+DIVERGING_COMPARE = ["--mode=compare", "--compare=mixed,fp32", *TINY, "--train_steps=12"]
+DIVERGING_COMPARE += ["--inject_nonfinite=1:8", "--max_consecutive_skips=3"]
 
 
 @pytest.fixture(scope="module")
@@ -196,16 +199,7 @@ def test_a_diverging_configuration_is_a_row_and_the_rest_still_run(tmp_path, mon
 
 
 def test_compare_goes_on_after_a_divergence_and_exits_3(tmp_path):
-    proc = run_main(
-        "--mode=compare",
-        "--compare=mixed,fp32",
-        *TINY,
-        "--train_steps=12",
-        f"--model_dir={tmp_path}",
-        "--inject_nonfinite=1:8",
-        "--max_consecutive_skips=3",
-        "--verbosity=-1",
-    )
+    proc = run_main(*DIVERGING_COMPARE, f"--model_dir={tmp_path}", "--verbosity=-1")
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert (tmp_path / "fp32" / "flags.txt").exists()  # the second configuration ran
     rows = [line for line in proc.stdout.splitlines() if line.startswith("|")][2:]
@@ -317,15 +311,7 @@ def test_a_stop_in_the_loop_that_diverges_stops_the_comparison(tmp_path, monkeyp
 
     ctrl_c_with_the_first_divergence.sent = False
     monkeypatch.setattr(guards, "divergence", ctrl_c_with_the_first_divergence)
-    status = main_in_process(
-        "--mode=compare",
-        "--compare=mixed,fp32",
-        *TINY,
-        "--train_steps=12",
-        f"--model_dir={tmp_path}",
-        "--inject_nonfinite=1:8",
-        "--max_consecutive_skips=3",
-    )
+    status = main_in_process(*DIVERGING_COMPARE, f"--model_dir={tmp_path}")
     # Interrupted, not diverged (3): fp32 never ran, and the same command trains it.
     assert status == 128 + signal.SIGINT
     assert not (tmp_path / "fp32").exists()
