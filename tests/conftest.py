@@ -1,5 +1,7 @@
 """Shared test setup: quiet TensorFlow, and small helpers for the engine's tests."""
 
+import contextlib
+import logging
 import os
 import shutil
 import subprocess
@@ -70,18 +72,31 @@ def run_main(*args, timeout=300, cwd=ROOT, **kwargs):
     )
 
 
-def main_in_process(*args):
-    """main.py's exit status, run in this process (the same exit path, no new TensorFlow)."""
+@contextlib.contextmanager
+def main_flags(*args):
+    """main.py's flags parsed from `args` inside, as they were outside; yields `main`."""
     import main
 
+    # Parsing sets absl's logger to --verbosity's level (WARNING by default): put
+    # it back, or later tests that read INFO records through caplog see none.
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
     main.FLAGS.unparse_flags()
     main.FLAGS(["main.py", *args])
     try:
-        main.main(["main.py"])
-    except SystemExit as e:
-        return e.code
+        yield main
     finally:
         main.FLAGS.unparse_flags()
+        absl_logger.setLevel(level)
+
+
+def main_in_process(*args):
+    """main.py's exit status, run in this process (the same exit path, no new TensorFlow)."""
+    with main_flags(*args) as main:
+        try:
+            main.main(["main.py"])
+        except SystemExit as e:
+            return e.code
     return 0
 
 

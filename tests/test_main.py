@@ -3,7 +3,7 @@
 import os
 
 import pytest
-from conftest import run_main
+from conftest import main_flags, run_main
 
 from engine.config import MODELS, Config, ConfigError
 
@@ -125,11 +125,8 @@ def test_export_dir_is_checked_where_an_export_is_written():
 
 
 def test_flag_defaults_are_the_config_defaults():
-    import main
-
-    main.FLAGS.unparse_flags()
-    main.FLAGS(["main.py"])
-    assert main.config_from_flags() == Config()
+    with main_flags() as main:
+        assert main.config_from_flags() == Config()
 
 
 def test_config_and_model_registry_agree():

@@ -152,26 +152,16 @@ def test_sigterm_saves_exits_zero_and_the_next_start_resumes(tmp_path):
 
 
 def test_forced_divergence_exits_3_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
-    import main  # in-process: the same exit path as the command, without a new TensorFlow
-
+    # In-process: the same exit path as the command, without a new TensorFlow.
     args = [f for f in RUN if f != "--deterministic" and not f.startswith("--inject")]
-    main.FLAGS.unparse_flags()
-    main.FLAGS(
-        [
-            "main.py",
-            *args,
-            "--train_steps=100",
-            f"--model_dir={tmp_path}",
-            "--inject_nonfinite=26:",
-            "--max_consecutive_skips=10",
-        ]
+    status = main_in_process(
+        *args,
+        "--train_steps=100",
+        f"--model_dir={tmp_path}",
+        "--inject_nonfinite=26:",
+        "--max_consecutive_skips=10",
     )
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main.main(["main.py"])
-    finally:
-        main.FLAGS.unparse_flags()
-    assert exit_info.value.code == 3
+    assert status == 3
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert last_line.startswith("error: training diverged: ")
     assert "steps in a row were skipped" in last_line and "--max_consecutive_skips=10" in last_line
