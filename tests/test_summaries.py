@@ -11,7 +11,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import read_scalars, read_texts, run_main, tiny_config
+from conftest import main_flags, read_scalars, read_texts, run_main, tiny_config
 from image_trees import make_folder_tree
 
 from engine import loop
@@ -88,15 +88,9 @@ def test_histograms_images_and_the_run_description_are_written(trained):
 
 
 def test_saved_flagfile_reproduces_the_configuration(trained):
-    import main
-
     parent, config, _ = trained
-    main.FLAGS.unparse_flags()
-    try:
-        main.FLAGS(["main.py", f"--flagfile={parent / RUN / 'flags.txt'}"])
+    with main_flags(f"--flagfile={parent / RUN / 'flags.txt'}") as main:
         assert main.config_from_flags() == config
-    finally:
-        main.FLAGS.unparse_flags()
 
 
 def test_the_flagfile_names_the_run_folder_absolutely(tmp_path, monkeypatch):
