@@ -28,7 +28,8 @@ import time
 from absl import logging
 
 from engine import config as config_lib
-from engine import guards
+from engine import files
+from engine.actions import preemption
 
 # (runner label, precision, xla, graph rewrite). The graph rewrite is grappler's
 # automatic mixed precision on an fp32 model: float16 on a GPU, oneDNN bfloat16 on a CPU.
@@ -129,7 +130,7 @@ def _engine_runner(config, data, loss_scale_override=None):
     import tensorflow as tf
 
     from engine import loop
-    from engine.train_step import create_train_step
+    from engine.extras import create_train_step
 
     strategy = tf.distribute.get_strategy()
     state = loop.build_state(config, data, strategy)
@@ -385,7 +386,7 @@ def run_benchmark(config):
     label = None  # the configuration being measured
     # From the first worker to the last, SIGTERM is handled like Ctrl-C: the
     # running worker is killed and the rows measured so far are kept.
-    with guards.terminate_as_interrupt():
+    with preemption.terminate_as_interrupt():
         try:
             for runner, precision, xla, rewrite in benchmark_configurations(config):
                 # Without the JSON path: the parent writes it, and `replace` would
@@ -412,9 +413,9 @@ def run_benchmark(config):
                         row["reduced_budget"] = reduced_budget
                 rows.extend(measured)
                 label = None
-        except (KeyboardInterrupt, guards.Terminated) as e:
+        except (KeyboardInterrupt, preemption.Terminated) as e:
             # `subprocess.run` has killed a running worker (a Ctrl-C reached it too).
-            interrupted = 143 if isinstance(e, guards.Terminated) else 130
+            interrupted = 143 if isinstance(e, preemption.Terminated) else 130
             if label:
                 reason = "stopped by SIGTERM" if interrupted == 143 else "interrupted (Ctrl-C)"
                 skipped.append({"configuration": label, "reason": reason})
@@ -463,7 +464,7 @@ def _run_worker_process(config, graph_rewrite, repeats, steps):
 
 def _write_json(path, result):
     try:
-        with guards.written_whole(path) as f:
+        with files.written_whole(path) as f:
             json.dump(result, f, indent=2, allow_nan=False)
     except OSError as e:  # checked at start-up, but the folder may have gone since
         raise config_lib.ConfigError(

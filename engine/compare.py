@@ -8,7 +8,7 @@ time and final accuracy is printed and written as a text summary in
 
 A configuration that diverges is a row of the table, not the end of the
 comparison: the others still run, and the command then fails as a diverged
-training run does (`guards.TrainingDiverged`, exit status 3). Its folder keeps
+training run does (`divergence.TrainingDiverged`, exit status 3). Its folder keeps
 its last good checkpoint, so rerunning the comparison resumes it from there
 like any unfinished configuration.
 
@@ -31,7 +31,8 @@ import os
 from absl import logging
 
 from engine import config as config_lib
-from engine import export, guards, loop, summaries
+from engine import loop
+from engine.actions import divergence, export, preemption, summaries
 
 HEADER = (
     "configuration",
@@ -117,18 +118,18 @@ def compare(config, model_dir):
     """Trains `config` once per `--compare` entry; returns [(run name, RunResult)].
 
     Raises:
-      KeyboardInterrupt, guards.Terminated: after the table, if a stop signal
+      KeyboardInterrupt, preemption.Terminated: after the table, if a stop signal
         ended a configuration outside its training loop, or stopped the
         comparison after a configuration diverged.
       ExportFailed: after the table, if a configuration's export failed.
-      guards.TrainingDiverged: after the table, if a configuration diverged.
+      divergence.TrainingDiverged: after the table, if a configuration diverged.
     """
     results = []
     configurations = list(_configurations(config, model_dir))
     for name, run_config in configurations:
         try:
             result = _train(run_config, name)
-        except (KeyboardInterrupt, guards.Terminated) as e:
+        except (KeyboardInterrupt, preemption.Terminated) as e:
             # On its way to main.py, which ends the command: what ran is reported first.
             stopped_by = "SIGINT" if isinstance(e, KeyboardInterrupt) else "SIGTERM"
             _report(results, model_dir, unfinished=(name, f"unfinished (stopped by {stopped_by})"))
@@ -154,11 +155,11 @@ def compare(config, model_dir):
     stopped_by = results[-1][1].stopped_by
     if stopped_by and _warn_diverged(results, len(results)):
         # Interrupted, not exit 3 ("do not retry"): the rest never ran, a rerun trains them.
-        raise KeyboardInterrupt if stopped_by == "SIGINT" else guards.Terminated()
+        raise KeyboardInterrupt if stopped_by == "SIGINT" else preemption.Terminated()
     diverged = _diverged(results, len(results))
     if diverged:
         # As a diverged training run ends: exit status 3, one line.
-        raise guards.TrainingDiverged(f"{diverged}; see the table above")
+        raise divergence.TrainingDiverged(f"{diverged}; see the table above")
     return results
 
 
@@ -223,7 +224,7 @@ def _train(run_config, name):
     """One configuration's `RunResult`; a divergence becomes a row, not the end."""
     try:
         return loop.train_and_evaluate(run_config, run_config.model_dir)
-    except guards.TrainingDiverged as e:
+    except divergence.TrainingDiverged as e:
         logging.warning("%s: %s", name, e)  # the whole message: why, what to try, last checkpoint
         nan = float("nan")
         return loop.RunResult(

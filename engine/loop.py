@@ -1,7 +1,7 @@
 """The inner loop (many steps per `tf.function` call) and the host-side outer loop.
 
 Three layers, as in Orbit:
-  * the step (`engine.train_step`): one replica, TensorFlow ops only, optionally
+  * the step (`engine.step`): one replica, TensorFlow ops only, optionally
     compiled by XLA;
   * the inner loop (`create_train_loop`): `num_steps` steps inside one
     `tf.function`, accumulating statistics in variables. No host sync inside:
@@ -20,20 +20,14 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from engine import (
-    checkpointing,
-    diagnostics,
-    distribute,
-    export,
-    guards,
-    optimizers,
-    summaries,
-)
 from engine import config as config_lib
+from engine import distribute, optimizers
+from engine.actions import checkpointing, divergence, export, preemption, summaries
+from engine.actions.profiling import StepProfiler
+from engine.extras import create_train_step, diagnostics
 from engine.loss_scale import create_loss_scale
 from engine.precision import get_policy, slow_combination_warning
-from engine.profiling import StepProfiler
-from engine.train_step import TrainStep, create_eval_step, create_train_step
+from engine.step import TrainStep, create_eval_step
 from input_pipeline import create_data
 from models import create_model
 
@@ -319,7 +313,7 @@ def train_and_evaluate(config, model_dir):
       ConfigError: `--fresh` on a directory with checkpoints, or a flag that
         does not match them.
       checkpointing.DamagedCheckpoints: checkpoints exist but none can be read.
-      guards.TrainingDiverged: the divergence guard stopped the run.
+      divergence.TrainingDiverged: the divergence guard stopped the run.
     """
     policy = get_policy(config.precision)
     warning = slow_combination_warning(policy, config.xla, device_type())
@@ -421,7 +415,7 @@ def train_and_evaluate(config, model_dir):
         logging.info("already trained to step %d of %d: nothing to train", step, total)
     # Signals are caught from here on: a SIGTERM during start-up still saves and exits 0.
     try:
-        with guards.stop_on_signals() as stop:
+        with preemption.stop_on_signals() as stop:
             shown_images, shown_labels = _write_run_start(
                 writer, config, write_dir.path, data, pipelines[0]
             )
@@ -437,7 +431,7 @@ def train_and_evaluate(config, model_dir):
                 _accumulate(interval, raw)
                 step = int(state.step.numpy())
                 profiler.after_loop(step)
-                diverged = guards.divergence(
+                diverged = divergence.check(
                     raw, step, policy.loss_scaling, config.max_consecutive_skips
                 )
                 # On a stop or a divergence too: the skips recorded since the last write
@@ -479,7 +473,7 @@ def train_and_evaluate(config, model_dir):
         if step == total and step > start_step:
             summaries.write_final_timings(writer, step, train_seconds, examples_per_sec)
         if stop:
-            guards.log_stop(stop, step, last_good)
+            preemption.log_stop(stop, step, last_good)
         else:
             # From here a stop signal ends the run at once (main.py: one line, exit
             # 128 + N): the last step is saved, and the next start, which has nothing
@@ -517,7 +511,7 @@ def _raise_diverged(diverged, step, state, last_good, stop):
     """Raises `TrainingDiverged`, carrying a stop signal of the same loop (nothing saved)."""
     reason, message = diverged
     last = last_good or "none (no checkpoint was written)"
-    raise guards.TrainingDiverged(
+    raise divergence.TrainingDiverged(
         f"{message}; last good checkpoint: {last}",
         step=step,
         reason=reason,

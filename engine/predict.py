@@ -14,7 +14,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from engine import checkpointing, guards, loop
+from engine import files, loop
+from engine.actions import checkpointing
 from engine.config import ConfigError, check_local_path, same_file
 from input_pipeline import preprocessing, ships
 
@@ -140,7 +141,7 @@ def _unrestored_values_unlogged():
 
 def write_predictions(path, names, categories):
     """Writes `image,category` rows; via a temporary file so a failure leaves no half CSV."""
-    with guards.written_whole(path, newline="") as f:
+    with files.written_whole(path, newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["image", "category"])
         writer.writerows(zip(names, categories, strict=True))

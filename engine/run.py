@@ -2,9 +2,11 @@
 
 from absl import logging
 
-from engine import checkpointing, compare, export, loop, predict
+from engine import compare, loop, predict
 from engine import config as config_lib
-from engine.guards import Terminated, TrainingDiverged, terminate_as_interrupt
+from engine.actions import checkpointing, export
+from engine.actions.divergence import TrainingDiverged
+from engine.actions.preemption import Terminated, terminate_as_interrupt
 from input_pipeline.preprocessing import DataError
 
 __all__ = ["Terminated", "TrainingDiverged", "UserError", "run", "terminate_as_interrupt"]

@@ -75,7 +75,7 @@ def train_images_per_second(config, data, dataset_fn, steps):
     import tensorflow as tf
 
     from engine import loop
-    from engine.train_step import create_train_step
+    from engine.extras import create_train_step
 
     strategy = tf.distribute.get_strategy()
     state = loop.build_state(config, data, strategy)

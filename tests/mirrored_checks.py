@@ -15,8 +15,8 @@ import numpy as np
 import tensorflow as tf
 
 from engine import distribute, loop
+from engine.extras import create_train_step
 from engine.loss_scale import DynamicLossScale
-from engine.train_step import create_train_step
 from models import create_model
 
 BATCH = 8  # global; 4 per replica

@@ -41,7 +41,7 @@ def test_the_inner_loop_is_traced_once_over_many_loops(tmp_path):
     data = create_data(config)
     strategy = tf.distribute.get_strategy()
     state = loop.build_state(config, data, strategy)
-    from engine.train_step import create_train_step
+    from engine.extras import create_train_step
 
     step = create_train_step(state.model, state.optimizer, state.loss_scale, config.batch_size)
     train_loop = loop.create_train_loop(strategy, step, state, loop.LoopStats(), jit_compile=True)

@@ -12,7 +12,8 @@ import pytest
 import tensorflow as tf
 from conftest import read_scalars, tiny_config
 
-from engine import checkpointing, loop
+from engine import loop
+from engine.actions import checkpointing
 from engine.config import ConfigError
 from input_pipeline import batching, create_data
 
@@ -159,16 +160,16 @@ def test_tensorboard_drops_what_a_run_logged_after_the_checkpoint_resumed_from(t
 
 
 def test_a_stop_signal_during_restore_is_not_taken_for_damage(tmp_path, monkeypatch):
-    from engine import guards
+    from engine.actions import preemption
 
     _train(tmp_path, train_steps=4)
 
     def stopped(*args, **kwargs):
-        raise guards.Terminated()  # what SIGTERM raises outside the training loop
+        raise preemption.Terminated()  # what SIGTERM raises outside the training loop
 
     monkeypatch.setattr(checkpointing, "_restore", stopped)
     # Not "ckpt-4 is damaged", a fall-back to ckpt-2, or advice to delete them.
-    with pytest.raises(guards.Terminated):
+    with pytest.raises(preemption.Terminated):
         _train(tmp_path, train_steps=6)
     monkeypatch.undo()
     assert _train(tmp_path, train_steps=6).steps == 6

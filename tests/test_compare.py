@@ -170,21 +170,21 @@ def test_a_configuration_stopped_before_its_first_eval_shows_no_accuracy():
 
 
 def test_a_diverging_configuration_is_a_row_and_the_rest_still_run(tmp_path, monkeypatch, capsys):
-    from engine import guards
+    from engine.actions import divergence
 
     trained = []
 
     def fake_train(config, model_dir):
         trained.append(config.precision)
         if config.precision == "mixed":
-            raise guards.TrainingDiverged(
+            raise divergence.TrainingDiverged(
                 "training diverged: ...", step=5, reason="non-finite loss", skipped_steps=2
             )  # no loss scale given: nan
         return _result(4, 4)
 
     monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
     config = Config(mode="compare", compare="mixed,fp32", model="tiny")
-    with pytest.raises(guards.TrainingDiverged) as info:
+    with pytest.raises(divergence.TrainingDiverged) as info:
         compare.compare(config, str(tmp_path))
     assert trained == ["mixed", "fp32"]
     assert str(info.value) == (
@@ -261,15 +261,15 @@ def test_a_stop_during_a_final_eval_prints_the_table_so_far_then_exits_128_n(
 def test_a_stop_after_a_divergence_ends_the_comparison_as_stopped_not_diverged(
     tmp_path, monkeypatch, capsys, caplog, where
 ):
-    from engine import guards
+    from engine.actions import divergence, preemption
 
     def fake_train(config, model_dir):
         if config.precision == "mixed":
-            raise guards.TrainingDiverged(
+            raise divergence.TrainingDiverged(
                 "training diverged: ...", step=5, reason="non-finite loss", skipped_steps=2
             )
         if where == "outside it":  # start-up, the final eval or the export
-            raise guards.Terminated
+            raise preemption.Terminated
         return _result(3, 3, "SIGTERM")  # the loop saved and returned
 
     monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
@@ -298,19 +298,19 @@ def test_a_stop_after_a_divergence_ends_the_comparison_as_stopped_not_diverged(
 def test_a_stop_in_the_loop_that_diverges_stops_the_comparison(tmp_path, monkeypatch, capsys):
     import os
 
-    from engine import guards
+    from engine.actions import divergence
 
-    divergence = guards.divergence
+    check = divergence.check
 
     def ctrl_c_with_the_first_divergence(*args):
-        diverged = divergence(*args)
+        diverged = check(*args)
         if diverged and not ctrl_c_with_the_first_divergence.sent:
             ctrl_c_with_the_first_divergence.sent = True
             os.kill(os.getpid(), signal.SIGINT)  # caught by the loop: a stop request
         return diverged
 
     ctrl_c_with_the_first_divergence.sent = False
-    monkeypatch.setattr(guards, "divergence", ctrl_c_with_the_first_divergence)
+    monkeypatch.setattr(divergence, "check", ctrl_c_with_the_first_divergence)
     status = main_in_process(*DIVERGING_COMPARE, f"--model_dir={tmp_path}")
     # Interrupted, not diverged (3): fp32 never ran, and the same command trains it.
     assert status == 128 + signal.SIGINT
@@ -370,7 +370,8 @@ def test_a_failed_export_prints_the_table_so_far_then_one_line_and_the_rerun_doe
 def test_a_failed_export_of_the_last_configuration_names_no_rest_to_train(
     tmp_path, monkeypatch, capsys
 ):
-    from engine import export, run
+    from engine import run
+    from engine.actions import export
 
     def fake_train(config, model_dir):
         if config.precision == "mixed_bf16":

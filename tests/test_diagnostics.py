@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from engine import diagnostics
 from engine.config import Config, ConfigError, parse_compare, parse_inject_nonfinite
+from engine.extras import create_train_step, diagnostics
+from engine.extras.inject import inject_nonfinite
 from engine.loss_scale import NoOpLossScale
 from engine.precision import get_policy
-from engine.train_step import create_train_step, inject_nonfinite
 from models import create_model
 
 

@@ -13,7 +13,8 @@ import tensorflow as tf
 from conftest import ROOT, tiny_config
 from image_trees import make_folder_tree
 
-from engine import checkpointing, export, loop
+from engine import loop
+from engine.actions import checkpointing, export
 from engine.precision import get_policy
 from input_pipeline import create_data, shapes
 from models import create_model

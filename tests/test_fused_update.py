@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from engine.fused_update import apply_gradients, fusable
+from engine.extras.fused_update import apply_gradients, fusable
 
 _SCHEDULE = keras.optimizers.schedules.CosineDecay(0.0, 10, warmup_target=0.1, warmup_steps=5)
 # name: (optimizer factory, the fused kernel it must use)

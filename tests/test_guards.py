@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from engine import guards, loop
+from engine import loop
+from engine.actions import divergence, preemption
 from engine.config import parse_inject_nonfinite as parse
-from engine.train_step import inject_nonfinite
+from engine.extras.inject import inject_nonfinite
 
 
 class _FakeState:
@@ -72,25 +73,25 @@ def _values(nonfinite_losses=0, max_consecutive_skips=0):
 
 
 def test_nonfinite_loss_stops_fp32_and_bf16_but_not_float16():
-    reason, message = guards.divergence(_values(nonfinite_losses=1), 40, False, 25)
+    reason, message = divergence.check(_values(nonfinite_losses=1), 40, False, 25)
     assert reason == "non-finite loss"
     assert message.startswith("training diverged: the loss was not finite in 1 step(s) before")
-    assert guards.divergence(_values(nonfinite_losses=1), 40, True, 25) is None
+    assert divergence.check(_values(nonfinite_losses=1), 40, True, 25) is None
 
 
 def test_more_skips_in_a_row_than_the_limit_stop_the_run():
-    assert guards.divergence(_values(max_consecutive_skips=25), 40, True, 25) is None
-    reason, message = guards.divergence(_values(max_consecutive_skips=26), 40, True, 25)
+    assert divergence.check(_values(max_consecutive_skips=25), 40, True, 25) is None
+    reason, message = divergence.check(_values(max_consecutive_skips=26), 40, True, 25)
     assert reason == "26 steps skipped in a row"
     assert message.startswith("training diverged: 26 steps in a row were skipped")
     assert "--max_consecutive_skips=25" in message
-    assert guards.divergence(_values(max_consecutive_skips=999), 40, True, 0) is None
+    assert divergence.check(_values(max_consecutive_skips=999), 40, True, 0) is None
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_first_signal_sets_the_stop_request_and_handlers_are_restored(signum):
     before = signal.getsignal(signum)
-    with guards.stop_on_signals() as stop:
+    with preemption.stop_on_signals() as stop:
         assert not stop
         os.kill(os.getpid(), signum)
         assert stop.signal_name == signal.Signals(signum).name
@@ -141,7 +142,7 @@ def test_every_skipped_step_is_itemised_before_the_divergence_error(tmp_path):
     config = tiny_config(
         train_steps=12, steps_per_loop=2, inject_nonfinite="1:8", max_consecutive_skips=3
     )
-    with pytest.raises(guards.TrainingDiverged, match="5 steps in a row") as info:
+    with pytest.raises(divergence.TrainingDiverged, match="5 steps in a row") as info:
         loop.train_and_evaluate(config, str(tmp_path))
     scalars = read_scalars(tmp_path)
     assert [step for step, _ in scalars["train/nonfinite_events"]] == [1, 2, 3, 4, 5]
@@ -164,7 +165,9 @@ def test_a_stop_in_the_loop_that_diverges_ends_a_training_run_as_diverged_saving
     config = tiny_config(
         train_steps=12, inject_nonfinite="1:8", max_consecutive_skips=3, checkpoint_every=2
     )
-    with pytest.raises(guards.TrainingDiverged, match=r"last good checkpoint: .*ckpt-2$") as info:
+    with pytest.raises(
+        divergence.TrainingDiverged, match=r"last good checkpoint: .*ckpt-2$"
+    ) as info:
         loop.train_and_evaluate(config, str(tmp_path))
     # Exit 3 (it diverged); the stop is carried for --mode=compare, and saved nothing.
     assert (info.value.step, info.value.stopped_by) == (4, "SIGTERM")

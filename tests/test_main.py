@@ -102,7 +102,7 @@ def test_split_flags_are_refused_where_no_data_set_reads_them():
 
 
 def test_an_eta_beyond_any_calendar_still_prints():
-    from engine.summaries import format_eta
+    from engine.actions.summaries import format_eta
 
     assert format_eta(90) == "0:01:30"
     assert format_eta(1e15) == "11574074 days, 1:46:40"  # clamped to 1e12 s: timedelta ends

@@ -14,8 +14,8 @@ from image_trees import make_folder_tree, make_ships_tree, write_csv
 
 from engine import loop, predict
 from engine.config import Config, ConfigError
+from engine.extras import create_train_step
 from engine.loss_scale import NoOpLossScale
-from engine.train_step import create_train_step
 from input_pipeline.preprocessing import DataError
 from models import create_model
 

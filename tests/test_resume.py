@@ -291,7 +291,8 @@ def test_a_stop_during_the_final_eval_or_export_exits_128_n_and_a_rerun_finishes
 ):
     from conftest import read_scalars
 
-    from engine import export, loop
+    from engine import loop
+    from engine.actions import export
 
     run, export_dir = tmp_path / "run", tmp_path / "export"
     plain = [f for f in RUN if f != "--deterministic" and not f.startswith("--inject")]

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from engine.extras import create_train_step
 from engine.loss_scale import DynamicLossScale, create_loss_scale
 from engine.precision import get_policy
-from engine.train_step import apply_scaled_gradients, check_and_clip, create_train_step
+from engine.step import apply_scaled_gradients, check_and_clip
 from models import create_model
 
 

@@ -1,13 +1,12 @@
-"""The training and eval steps: only TensorFlow ops.
+"""The training step and the eval step: only TensorFlow ops.
 
 The numerical order of a mixed-precision step, in one place:
 
   1. forward under the model's dtype policy; logits and loss in float32
   2. scale the loss (the no-op scale multiplies by one)
   3. gradients of the scaled loss with respect to the float32 weights
-  4. cast to float32 and unscale (per micro-batch with --grad_accum_steps,
-     summing the unscaled gradients), then all-reduce across replicas
-  5. ONE finiteness flag over all the reduced gradients, so every replica
+  4. cast to float32 and unscale, then sum across replicas
+  5. ONE finiteness flag over all the summed gradients, so every replica
      reaches the same decision
   6. global norm of the unscaled gradients; optional clipping by it
   7. apply the update, or skip it: a skipped step leaves every weight, every
@@ -22,20 +21,35 @@ What a skipped step does to the counters (and is tested):
     learning-rate schedule (a function of it) and Adam's bias correction never
     move on a step that changed nothing.
 
-One replica runs steps 1-8 as one function (compiled whole by XLA). Several
-replicas run 1-6 in each replica and 7-8 once, in cross-replica context: a
-`tf.cond` around the optimizer is not allowed inside a replica under
-strategies that synchronise with `merge_call` (every strategy on a CPU).
+One replica runs stages 1-8 as one function (`TrainStep.__call__`, compiled
+whole by XLA). Several replicas run 1-6 in each replica (`replica_step`) and
+7-8 once, in cross-replica context (`cross_replica_update`): a `tf.cond` around
+the optimizer is not allowed inside a replica under strategies that synchronise
+with `merge_call` (every strategy on a CPU).
+
+Optional machinery plugs in at construction (`create_train_step` wires it):
+a loss function (class weights), a hook on the scaled gradients (fault
+injection), observers of the unscaled gradients (float16 range diagnostics),
+micro-batches (gradient accumulation) and the optimizer's apply function
+(fused kernels). Off, each is absent from the step, not an `if` inside it.
 """
 
 import keras
 import tensorflow as tf
 
-from engine import config as config_lib
-from engine import diagnostics, fused_update
+
+def cross_entropy(labels, logits):
+    """Each example's float32 cross-entropy: the default `loss_fn`."""
+    return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
 
 
-def _sum_over_replicas(grads):
+def optimizer_apply(optimizer, grads, variables):
+    """The default `apply_gradients`: Keras' own update."""
+    optimizer.apply(grads, variables)
+
+
+def sum_over_replicas(grads):
+    """Stage 4's all-reduce: the gradients summed over replicas (as they are for one)."""
     ctx = tf.distribute.get_replica_context()
     if ctx is None or ctx.num_replicas_in_sync == 1:
         return grads
@@ -43,7 +57,7 @@ def _sum_over_replicas(grads):
 
 
 def check_and_clip(grads, clip_norm=0.0):
-    """Steps 5-6: one finiteness flag, the global norm, clipping.
+    """Stages 5-6: one finiteness flag, the global norm, clipping.
 
     Args:
       grads: unscaled float32 gradients, already summed over replicas.
@@ -52,15 +66,14 @@ def check_and_clip(grads, clip_norm=0.0):
     Returns:
       (grads, finite, grad_norm, finite_per_variable): the (clipped) gradients,
       a bool scalar, the float32 global norm before clipping, and a bool vector
-      with one entry per gradient (see below).
+      with one entry per gradient, False where that gradient is not finite.
     """
     # One pass over the gradients: half the sum of squares of each tensor (one
     # fused `L2Loss` kernel apiece), which the norm needs anyway. Any inf or nan
     # makes its tensor's sum, and the total, inf or nan, so a finite total proves
     # every gradient finite. A total that is not finite can also come from large
-    # but finite gradients overflowing float32, so only then (on a step about to
-    # be skipped, or with such gradients) is every element checked, in one
-    # reduction over all of them: a huge but finite step is still applied.
+    # but finite gradients overflowing float32, so only then is every element
+    # checked, in one reduction over all of them: a huge but finite step is applied.
     half_squares = tf.stack([tf.nn.l2_loss(g) for g in grads])
     total = tf.reduce_sum(half_squares)
     finite = tf.cond(
@@ -84,73 +97,36 @@ def check_and_clip(grads, clip_norm=0.0):
     return grads, finite, grad_norm, finite_per_variable
 
 
-def apply_or_skip(optimizer, loss_scale, grads, variables, finite, on_skip=None):
-    """Steps 7-8 for one replica: apply or skip the update, then update the scale."""
+def apply_or_skip(
+    optimizer, loss_scale, grads, variables, finite, on_skip=None, apply_gradients=None
+):
+    """Stages 7-8 for one replica: apply or skip the update, then update the scale."""
+    apply_gradients = apply_gradients or optimizer_apply
 
     def skip_update():
         if on_skip is not None:
             on_skip()
 
-    tf.cond(finite, lambda: fused_update.apply_gradients(optimizer, grads, variables), skip_update)
+    tf.cond(finite, lambda: apply_gradients(optimizer, grads, variables), skip_update)
     loss_scale.update(finite)
 
 
 def apply_scaled_gradients(
-    optimizer, loss_scale, scaled_grads, variables, clip_norm=0.0, on_skip=None
+    optimizer, loss_scale, scaled_grads, variables, clip_norm=0.0, apply_gradients=None
 ):
-    """Steps 4-8 for one replica: unscale, sum, check, clip, apply or skip, update.
+    """Stages 4-8 for one replica, from the scaled gradients.
 
     Returns:
       (finite, grad_norm, finite_per_variable), as `check_and_clip`.
     """
-    grads = _sum_over_replicas(loss_scale.unscale(scaled_grads))
+    grads = sum_over_replicas(loss_scale.unscale(scaled_grads))
     grads, finite, grad_norm, finite_per_variable = check_and_clip(grads, clip_norm)
-    apply_or_skip(optimizer, loss_scale, grads, variables, finite, on_skip)
+    apply_or_skip(optimizer, loss_scale, grads, variables, finite, apply_gradients=apply_gradients)
     return finite, grad_norm, finite_per_variable
 
 
-def inject_nonfinite(grads, variables, step, spec):
-    """Testing hook: nan gradients at the steps `spec` names, decided in the graph.
-
-    Done on the scaled gradients, so the rest of the step sees exactly what a
-    real float16 overflow would give it.
-
-    Args:
-      grads: one gradient per variable.
-      variables: the variables, matched by their `path` (Keras 3) against the substring.
-      step: int64 scalar, the number this step will have once done (the first is 1).
-      spec: `config.parse_inject_nonfinite`'s result: (ranges, substring).
-
-    Raises:
-      ConfigError: no variable's path contains the substring.
-    """
-    ranges, substring = spec
-    names = [getattr(v, "path", v.name) for v in variables]
-    if not any(substring in n for n in names):
-        raise config_lib.ConfigError(
-            f"--inject_nonfinite: no trainable variable's path contains {substring!r}; "
-            f"some paths: {', '.join(names[:4])}"
-        )
-    step = tf.cast(step, tf.int64)
-    hit = tf.constant(False)
-    for start, stop in ranges:
-        in_range = step >= start if stop is None else (step >= start) & (step < stop)
-        hit = hit | in_range
-    return [
-        tf.where(hit, tf.fill(tf.shape(g), tf.constant(float("nan"), g.dtype)), g)
-        if g is not None and substring in name
-        else g
-        for g, name in zip(grads, names, strict=True)
-    ]
-
-
 class TrainStep:
-    """One training step, split where distribution needs it.
-
-    `step(images, labels, number)` runs the whole step on one replica.
-    `replica_step` and `cross_replica_update` are the two halves for several
-    replicas (see the module docstring); `compute` is the part free of
-    collectives, which XLA compiles in both cases.
+    """One training step: `step(images, labels, number)` on one replica.
 
     Args:
       model: a built Keras model producing float32 logits.
@@ -160,19 +136,20 @@ class TrainStep:
         each example's loss is divided by it, so summed gradients are the
         gradient of the global mean.
       clip_norm: clip the unscaled gradients to this global norm; 0 disables.
-      class_weights: optional per-class loss weights (one float per class); each
-        example's loss is multiplied by its class's weight.
-      precision_diagnostics: also return `underflow_fraction` and
-        `overflow_fraction` (see `diagnostics.float16_range_fractions`).
-      inject: optional parsed `--inject_nonfinite` spec (see `inject_nonfinite`);
-        the step then needs `number`, its step number once done.
-      grad_accum_steps: split each replica's batch into this many micro-batches
-        and sum their unscaled gradients before one decision and one update.
+      loss_fn: `(labels, logits) -> float32 loss per example`.
+      apply_gradients: `(optimizer, grads, variables)`, stage 7's update.
+      scaled_gradients_hook: optional `(scaled_grads, variables, number) ->
+        scaled_grads`, between stages 3 and 4.
+      observers: `(unscaled_grads, loss_scale) -> {name: tensor}` functions whose
+        results join the step's outputs (measured before the scale updates).
+      micro_batches: optional `(gradients_fn, images, labels, number) ->
+        (grads, loss, correct)` that replaces one batch's stages 1-4.
 
     Every call returns a dict with `loss` (this replica's share of the mean
     loss), `correct` (int32 count), `finite` (bool), `grad_norm` (unscaled,
-    before clipping), `finite_per_variable` (bool per trainable variable) and,
-    with `precision_diagnostics`, the two fractions.
+    before clipping), `finite_per_variable` (bool per trainable variable) and
+    whatever the observers add. `number` is the step's number once done (the
+    first is 1); only the hook reads it.
     """
 
     def __init__(
@@ -182,26 +159,27 @@ class TrainStep:
         loss_scale,
         global_batch_size,
         clip_norm=0.0,
-        class_weights=None,
-        precision_diagnostics=False,
-        inject=None,
-        grad_accum_steps=1,
+        loss_fn=cross_entropy,
+        apply_gradients=None,
+        scaled_gradients_hook=None,
+        observers=(),
+        micro_batches=None,
     ):
         self.model, self.optimizer, self.loss_scale = model, optimizer, loss_scale
         self.global_batch_size = global_batch_size
         self.clip_norm = clip_norm
-        self.class_weights = (
-            None if class_weights is None else tf.constant(class_weights, tf.float32)
-        )
-        self.precision_diagnostics = precision_diagnostics
-        self.inject = inject
-        self.grad_accum_steps = grad_accum_steps
+        self.per_example_loss = loss_fn
+        self.apply_gradients = apply_gradients or optimizer_apply
+        self.scaled_gradients_hook = scaled_gradients_hook
+        self.observers = tuple(observers)
+        self.micro_batches = micro_batches
         self.trainable = model.trainable_variables
         # BatchNorm moving statistics are written by the forward pass itself, so a
         # skipped step must put them back (a nan batch would otherwise poison them).
         self.stateful = model.non_trainable_variables
 
     def __call__(self, images, labels, number=None):
+        """Stages 1-8 on one replica."""
         out = self.replica_step(images, labels, number)
         grads, saved_state = out.pop("grads"), out.pop("saved_state")
         apply_or_skip(
@@ -211,30 +189,28 @@ class TrainStep:
             self.trainable,
             out["finite"],
             on_skip=lambda: self._restore(saved_state),
+            apply_gradients=self.apply_gradients,
         )
         return out
 
     def replica_step(self, images, labels, number=None, compute=None):
-        """Steps 1-6 in one replica; the dict also holds `grads` and `saved_state`.
+        """Stages 1-6 in one replica; the dict also holds `grads` and `saved_state`.
 
         `compute` replaces `self.compute`, e.g. with an XLA-compiled copy of it.
         """
         out = (compute or self.compute)(images, labels, number)
         self._average_state_over_replicas()
         grads, finite, grad_norm, finite_per_variable = check_and_clip(
-            _sum_over_replicas(out["grads"]), self.clip_norm
+            sum_over_replicas(out["grads"]), self.clip_norm
         )
         out.update(
-            grads=grads,
-            finite=finite,
-            grad_norm=grad_norm,
-            finite_per_variable=finite_per_variable,
+            grads=grads, finite=finite, grad_norm=grad_norm, finite_per_variable=finite_per_variable
         )
         return out
 
     def cross_replica_update(self, strategy, out):
-        """Steps 7-8 for several replicas, in cross-replica context."""
-        # All replicas hold the same reduced gradients and the same flag.
+        """Stages 7-8 for several replicas, in cross-replica context."""
+        # All replicas hold the same summed gradients and the same flag.
         finite = strategy.experimental_local_results(out["finite"])[0]
 
         def apply_update(grads):
@@ -256,52 +232,27 @@ class TrainStep:
         self.loss_scale.update(finite)
 
     def compute(self, images, labels, number=None):
-        """Steps 1-4 without the all-reduce: local unscaled float32 gradients."""
+        """Stages 1-4 without the all-reduce: this replica's unscaled float32 gradients."""
         saved_state = [tf.identity(v.value) for v in self.stateful]
-        k = self.grad_accum_steps
-        if k == 1:
-            grads, loss, correct = self._gradients(images, labels, number)
+        if self.micro_batches is None:
+            grads, loss, correct = self.gradients(images, labels, number)
         else:
-            micro_images = tf.reshape(images, [k, -1, *images.shape[1:]])
-            micro_labels = tf.reshape(labels, [k, -1])
-
-            def accumulate(i, grads, loss, correct):
-                part_grads, part_loss, part_correct = self._gradients(
-                    micro_images[i], micro_labels[i], number
-                )
-                grads = [a + b for a, b in zip(grads, part_grads, strict=True)]
-                return i + 1, grads, loss + part_loss, correct + part_correct
-
-            zeros = [tf.zeros_like(v.value) for v in self.trainable]
-            _, grads, loss, correct = tf.while_loop(
-                lambda i, *_: i < k,
-                accumulate,
-                (tf.constant(0), zeros, tf.constant(0.0), tf.constant(0)),
-            )
+            grads, loss, correct = self.micro_batches(self.gradients, images, labels, number)
         out = {"loss": loss, "correct": correct, "grads": grads, "saved_state": saved_state}
-        if self.precision_diagnostics:
-            # Measured against the scale this step used, on this replica's
-            # unscaled gradients, before the scale is updated.
-            out.update(diagnostics.float16_range_fractions(grads, self.loss_scale.value))
+        for observe in self.observers:
+            out.update(observe(grads, self.loss_scale.value))
         return out
 
-    def per_example_loss(self, labels, logits):
-        """Each example's float32 cross-entropy, weighted by its class's weight if any."""
-        per_example = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
-        if self.class_weights is not None:
-            per_example *= tf.gather(self.class_weights, labels)
-        return per_example
-
-    def _gradients(self, images, labels, number):
-        """One (micro-)batch: unscaled float32 gradients, loss share, correct count."""
+    def gradients(self, images, labels, number=None):
+        """Stages 1-4 for one (micro-)batch: unscaled float32 gradients, loss share, correct."""
         with tf.GradientTape() as tape:
             logits = self.model(images, training=True)
             per_example = self.per_example_loss(labels, logits)
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch_size)
             scaled_loss = self.loss_scale.scale(loss)
         scaled_grads = tape.gradient(scaled_loss, self.trainable)
-        if self.inject:
-            scaled_grads = inject_nonfinite(scaled_grads, self.trainable, number, self.inject)
+        if self.scaled_gradients_hook is not None:
+            scaled_grads = self.scaled_gradients_hook(scaled_grads, self.trainable, number)
         correct = tf.reduce_sum(
             tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.int32)
         )
@@ -325,17 +276,12 @@ class TrainStep:
             var.assign(value)
 
 
-def create_train_step(model, optimizer, loss_scale, global_batch_size, clip_norm=0.0, **kwargs):
-    """Returns a `TrainStep`; see its docstring for the arguments."""
-    return TrainStep(model, optimizer, loss_scale, global_batch_size, clip_norm, **kwargs)
-
-
 def create_eval_step(model):
     """Returns `eval_step(images, labels) -> {loss_sum, correct, count}` for one replica."""
 
     def eval_step(images, labels):
         logits = model(images, training=False)
-        per_example = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+        per_example = cross_entropy(labels, logits)
         predictions = tf.argmax(logits, -1, output_type=tf.int32)
         return {
             "loss_sum": tf.reduce_sum(per_example),

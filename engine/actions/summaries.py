@@ -13,7 +13,7 @@ from tensorboard.compat.proto import event_pb2
 from tensorboard.plugins.hparams import api as hp
 
 from engine import config as config_lib
-from engine import guards
+from engine import files
 
 # The run's final numbers, written once at the end: the HParams dashboard's metrics.
 FINAL_METRICS = (
@@ -182,7 +182,7 @@ def write_flagfile(config, model_dir):
     """`<model_dir>/flags.txt`: `python main.py --flagfile=<it>` repeats the run."""
     os.makedirs(model_dir, exist_ok=True)
     path = os.path.join(model_dir, FLAGFILE)
-    with guards.written_whole(path) as f:  # a re-run's stop signal keeps the old file
+    with files.written_whole(path) as f:  # a re-run's stop signal keeps the old file
         f.write(config_lib.to_flagfile(config))
     return path
 

@@ -7,7 +7,7 @@ import tempfile
 import tensorflow as tf
 from absl import logging
 
-from engine.checkpointing import first_line
+from engine.files import first_line
 
 # What `tf.saved_model.save` writes into its folder.
 SAVED_MODEL_ENTRIES = frozenset({"saved_model.pb", "fingerprint.pb", "variables", "assets"})

@@ -26,7 +26,7 @@ import types
 import tensorflow as tf
 from absl import logging
 
-from engine import guards
+from engine import files
 from engine.config import (
     SPLIT_DATASETS,
     SPLIT_FLAGS,
@@ -35,6 +35,7 @@ from engine.config import (
     dataset_path,
     same_file,
 )
+from engine.files import first_line
 
 CONFIG_FILE = "config.json"
 # The class names in label order: a `folder:` data set takes them from its folders,
@@ -286,7 +287,7 @@ def check_writable(model_dir):
 
 
 def _write_json(path, value):
-    with guards.written_whole(path) as f:  # a stop signal may land in the middle
+    with files.written_whole(path) as f:  # a stop signal may land in the middle
         json.dump(value, f, indent=2, sort_keys=True)
 
 
@@ -489,8 +490,3 @@ def _restore(checkpoint, path, new_iterator=None):
             path,
             first_line(e),
         )
-
-
-def first_line(error):
-    message = getattr(error, "message", None) or str(error)
-    return message.strip().splitlines()[0] if message.strip() else type(error).__name__

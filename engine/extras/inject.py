@@ -1,0 +1,45 @@
+"""`--inject_nonfinite`: a testing hook that puts nan into chosen steps' gradients."""
+
+import tensorflow as tf
+
+from engine.config import ConfigError
+
+
+def inject_nonfinite(grads, variables, step, spec):
+    """Nan gradients at the steps `spec` names, decided in the graph.
+
+    Done on the scaled gradients, so the rest of the step sees exactly what a
+    real float16 overflow would give it.
+
+    Args:
+      grads: one gradient per variable.
+      variables: the variables, matched by their `path` (Keras 3) against the substring.
+      step: int64 scalar, the number this step will have once done (the first is 1).
+      spec: `config.parse_inject_nonfinite`'s result: (ranges, substring).
+
+    Raises:
+      ConfigError: no variable's path contains the substring.
+    """
+    ranges, substring = spec
+    names = [getattr(v, "path", v.name) for v in variables]
+    if not any(substring in n for n in names):
+        raise ConfigError(
+            f"--inject_nonfinite: no trainable variable's path contains {substring!r}; "
+            f"some paths: {', '.join(names[:4])}"
+        )
+    step = tf.cast(step, tf.int64)
+    hit = tf.constant(False)
+    for start, stop in ranges:
+        in_range = step >= start if stop is None else (step >= start) & (step < stop)
+        hit = hit | in_range
+    return [
+        tf.where(hit, tf.fill(tf.shape(g), tf.constant(float("nan"), g.dtype)), g)
+        if g is not None and substring in name
+        else g
+        for g, name in zip(grads, names, strict=True)
+    ]
+
+
+def create_hook(spec):
+    """A `TrainStep(scaled_gradients_hook=)` injecting nan as `spec` says."""
+    return lambda grads, variables, number: inject_nonfinite(grads, variables, number, spec)

@@ -1,0 +1,21 @@
+"""Leaf helpers for files and error text, shared by the engine's modules."""
+
+import contextlib
+import os
+
+
+@contextlib.contextmanager
+def written_whole(path, newline=None):
+    """`open(path, "w")` through a temporary file renamed over `path` once written.
+
+    A stop signal or an error in the middle leaves the previous file (or none).
+    """
+    partial = f"{path}.partial"
+    with open(partial, "w", newline=newline) as f:
+        yield f
+    os.replace(partial, path)
+
+
+def first_line(error):
+    message = getattr(error, "message", None) or str(error)
+    return message.strip().splitlines()[0] if message.strip() else type(error).__name__
