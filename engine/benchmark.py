@@ -28,7 +28,7 @@ import time
 from absl import logging
 
 from engine import config as config_lib
-from engine import files
+from engine import files, train
 from engine.actions import preemption
 
 # (runner label, precision, xla, graph rewrite). The graph rewrite is grappler's
@@ -133,7 +133,7 @@ def _engine_runner(config, data, loss_scale_override=None):
     from engine.extras import create_train_step
 
     strategy = tf.distribute.get_strategy()
-    state = loop.build_state(config, data, strategy)
+    state = train.build_state(config, data, strategy)
     if loss_scale_override is not None:
         state.loss_scale = loss_scale_override
     # Timed from here, like fit's first call: the step, the loop and the
@@ -168,11 +168,11 @@ def _fit_interleaved(config, data, repeats, steps, between_windows):
     """
     import keras
 
-    from engine import loop, optimizers
+    from engine import optimizers
     from engine.precision import get_policy
 
     policy = get_policy(config.precision)
-    model = loop.create_model_for(config, data.num_classes)
+    model = train.create_model_for(config, data.num_classes)
     optimizer = optimizers.create_optimizer(config, config.train_steps or 10**6)
     # Like the engine, clip the unscaled gradients by their global norm: a
     # LossScaleOptimizer unscales them before its inner optimizer clips.
@@ -240,9 +240,7 @@ def _warm_up(config, data):
     """
     import tensorflow as tf
 
-    from engine import loop
-
-    model = loop.create_model_for(config, data.num_classes)
+    model = train.create_model_for(config, data.num_classes)
     images, _ = next(iter(data.train_fn()))
 
     @tf.function

@@ -31,7 +31,7 @@ import os
 from absl import logging
 
 from engine import config as config_lib
-from engine import loop
+from engine import train
 from engine.actions import divergence, export, preemption, summaries
 
 HEADER = (
@@ -89,7 +89,7 @@ def _figure(value, spec):
 
 
 def table_rows(results):
-    """One row per (name, `loop.RunResult`), formatted for `HEADER`.
+    """One row per (name, `train.RunResult`), formatted for `HEADER`.
 
     Timings cover the steps this call trained (see `STEPS_NOTE`): "—" where
     nothing was timed, never a zero that reads as a measurement.
@@ -223,11 +223,11 @@ def _warn_diverged(results, configurations):
 def _train(run_config, name):
     """One configuration's `RunResult`; a divergence becomes a row, not the end."""
     try:
-        return loop.train_and_evaluate(run_config, run_config.model_dir)
+        return train.train_and_evaluate(run_config, run_config.model_dir)
     except divergence.TrainingDiverged as e:
         logging.warning("%s: %s", name, e)  # the whole message: why, what to try, last checkpoint
         nan = float("nan")
-        return loop.RunResult(
+        return train.RunResult(
             model_dir=run_config.model_dir,
             steps=e.step,
             skipped_steps=e.skipped_steps,

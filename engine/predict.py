@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from engine import files, loop
+from engine import files, train
 from engine.actions import checkpointing
 from engine.config import ConfigError, check_local_path, same_file
 from input_pipeline import preprocessing, ships
@@ -93,7 +93,7 @@ def restore_model(config, model_dir, num_classes):
             f"--model_dir={model_dir} has no checkpoint in {directory}; "
             "train first with --mode=train"
         )
-    model = loop.create_model_for(config, num_classes)
+    model = train.create_model_for(config, num_classes)
     failures = []
     for latest in paths:
         mismatch = None

@@ -2,7 +2,7 @@
 
 from absl import logging
 
-from engine import compare, loop, predict
+from engine import compare, predict, train
 from engine import config as config_lib
 from engine.actions import checkpointing, export
 from engine.actions.divergence import TrainingDiverged
@@ -20,8 +20,8 @@ def run(config, model_dir=None):
     """Runs `config.mode` in `model_dir` and returns what it produced.
 
     `model_dir` defaults to `config.model_dir`, else a new `default_model_dir`.
-    train: a `loop.RunResult`; predict: the CSV's path; compare: [(run name,
-    `loop.RunResult`)], one per `--compare` entry; benchmark: the results dict.
+    train: a `train.RunResult`; predict: the CSV's path; compare: [(run name,
+    `train.RunResult`)], one per `--compare` entry; benchmark: the results dict.
     """
     model_dir = model_dir or config.model_dir or config_lib.default_model_dir(config)
     entry_points = {
@@ -49,7 +49,7 @@ def run(config, model_dir=None):
 
 
 def _train(config, model_dir):
-    result = loop.train_and_evaluate(config, model_dir)
+    result = train.train_and_evaluate(config, model_dir)
     if result.stopped_by:
         hint = config_lib.resume_hint(config, model_dir)
         logging.info("%s: stopped; %s", result.stopped_by, hint)

@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 from conftest import ROOT, tiny_config
 
-from engine import benchmark, loop
+from engine import benchmark, loop, train
 from engine.config import ConfigError
 from input_pipeline import create_data
 
@@ -40,7 +40,7 @@ def test_the_inner_loop_is_traced_once_over_many_loops(tmp_path):
     config = tiny_config(train_steps=12, steps_per_loop=3)
     data = create_data(config)
     strategy = tf.distribute.get_strategy()
-    state = loop.build_state(config, data, strategy)
+    state = train.build_state(config, data, strategy)
     from engine.extras import create_train_step
 
     step = create_train_step(state.model, state.optimizer, state.loss_scale, config.batch_size)
@@ -53,7 +53,7 @@ def test_the_inner_loop_is_traced_once_over_many_loops(tmp_path):
 
 
 def test_profile_steps_writes_a_trace(tmp_path):
-    loop.train_and_evaluate(tiny_config(train_steps=6, profile_steps="2,4"), str(tmp_path))
+    train.train_and_evaluate(tiny_config(train_steps=6, profile_steps="2,4"), str(tmp_path))
     assert list((tmp_path / "plugins" / "profile").rglob("*.xplane.pb"))
 
 
@@ -75,7 +75,7 @@ def _traced_steps(tmp_path, monkeypatch, caplog, **overrides):
 
     monkeypatch.setattr(loop, "create_train_loop", counted)
     with caplog.at_level(logging.INFO, logger="absl"):
-        loop.train_and_evaluate(tiny_config(**overrides), str(tmp_path))
+        train.train_and_evaluate(tiny_config(**overrides), str(tmp_path))
     traced, done, tracing = [], 0, False
     for event in events:
         if event in ("start", "stop"):
@@ -100,7 +100,7 @@ def test_profile_steps_trace_steps_start_to_end_numbered_from_1(
 
 def test_profile_steps_beyond_the_run_are_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
-        loop.train_and_evaluate(tiny_config(train_steps=4, profile_steps="10,20"), str(tmp_path))
+        train.train_and_evaluate(tiny_config(train_steps=4, profile_steps="10,20"), str(tmp_path))
     assert any(
         "--profile_steps=10,20: this run trains steps 1-4, so no" in r.getMessage()
         for r in caplog.records
@@ -377,7 +377,7 @@ def test_compare_chooses_the_configurations_to_benchmark(monkeypatch, capsys):
 
 def _fit_once(monkeypatch, **overrides):
     """Runs `_fit_interleaved` (four steps); returns (model, its initial trainable weights)."""
-    initial, create = [], loop.create_model_for
+    initial, create = [], train.create_model_for
 
     def create_and_keep(config, num_classes):
         model = create(config, num_classes)

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 from conftest import read_scalars, tiny_config
 
-from engine import loop
+from engine import train
 from engine.actions import checkpointing
 from engine.config import ConfigError
 from input_pipeline import batching, create_data
@@ -21,7 +21,7 @@ from input_pipeline import batching, create_data
 def _state_and_iterator(config):
     strategy = tf.distribute.get_strategy()
     data = create_data(config)
-    state = loop.build_state(config, data, strategy)
+    state = train.build_state(config, data, strategy)
     iterator = iter(strategy.distribute_datasets_from_function(data.train_fn))
     return state, iterator
 
@@ -67,7 +67,7 @@ def test_loss_scale_and_counters_survive_a_save_restore_round_trip(tmp_path):
 
 def _train(tmp_path, **overrides):
     config = tiny_config(model_dir=str(tmp_path), checkpoint_every=2, **overrides)
-    return loop.train_and_evaluate(config, str(tmp_path))
+    return train.train_and_evaluate(config, str(tmp_path))
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
@@ -517,8 +517,8 @@ def test_a_worker_that_cannot_restore_leaves_no_temporary_folder(tmp_path, monke
 def test_a_run_resumes_from_a_checkpoint_of_the_older_input_pipeline(tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(batching, "positions", tf.data.Dataset.counter)
-        loop.train_and_evaluate(tiny_config(train_steps=4), str(tmp_path))
-    result = loop.train_and_evaluate(tiny_config(train_steps=6), str(tmp_path))
+        train.train_and_evaluate(tiny_config(train_steps=4), str(tmp_path))
+    result = train.train_and_evaluate(tiny_config(train_steps=6), str(tmp_path))
     assert (result.steps, result.trained_steps) == (6, 2)
     assert np.isfinite(result.train_loss)
 

@@ -6,7 +6,7 @@ import signal
 import pytest
 from conftest import main_in_process, read_texts, run_main
 
-from engine import compare, loop
+from engine import compare, loop, train
 from engine.config import Config
 
 CONFIGURATIONS = ("fp32", "mixed-xla", "mixed_bf16")
@@ -93,7 +93,7 @@ def test_compare_rerun_in_a_finished_folder_does_not_report_zero_timings(compare
 
 
 def _result(steps, trained, stopped_by=""):
-    return loop.RunResult(
+    return train.RunResult(
         model_dir="",
         steps=steps,
         skipped_steps=0,

@@ -13,7 +13,7 @@ import tensorflow as tf
 from conftest import ROOT, tiny_config
 from image_trees import make_folder_tree
 
-from engine import loop
+from engine import train
 from engine.actions import checkpointing, export
 from engine.precision import get_policy
 from input_pipeline import create_data, shapes
@@ -52,7 +52,7 @@ def test_exported_model_serves_float32_probabilities_like_the_trained_model(tmp_
         export_dir = str(tmp_path / f"export_{precision}")
         model_dir = str(tmp_path / precision)
         config = tiny_config(precision=precision, export_dir=export_dir, train_steps=3)
-        loop.train_and_evaluate(config, model_dir)
+        train.train_and_evaluate(config, model_dir)
         expected[precision] = _trained_probabilities(config, model_dir, images)
         args += [precision, export_dir]
     np.save(tmp_path / "images.npy", images)
@@ -105,7 +105,7 @@ def test_exported_model_normalises_unit_images_as_training_did(tmp_path, dataset
     else:
         config = tiny_config(train_steps=8)
     config = config.replace(export_dir=str(tmp_path / "export"))
-    loop.train_and_evaluate(config, str(tmp_path / "run"))
+    train.train_and_evaluate(config, str(tmp_path / "run"))
     if dataset == "folder":
         unit, trained_on = _unit_and_normalised(config)
         assert trained_on.min() < -0.5  # the two ranges differ: the check can fail

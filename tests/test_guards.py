@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from engine import loop
-from engine.actions import divergence, preemption
+from engine import loop, train
+from engine.actions import divergence, preemption, profiling
 from engine.config import parse_inject_nonfinite as parse
 from engine.extras.inject import inject_nonfinite
 
@@ -125,9 +125,9 @@ def test_a_stop_writes_the_skips_recorded_since_the_last_summary(tmp_path, monke
         if step == 3:  # a SIGTERM arrives after the third step
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(loop.StepProfiler, "after_loop", after_loop)
+    monkeypatch.setattr(profiling.StepProfiler, "after_loop", after_loop)
     config = tiny_config(train_steps=50, steps_per_loop=1, summary_every=40, inject_nonfinite="2")
-    result = loop.train_and_evaluate(config, str(tmp_path))
+    result = train.train_and_evaluate(config, str(tmp_path))
     assert result.stopped_by == "SIGTERM" and result.steps == 3
     scalars = read_scalars(tmp_path)
     assert scalars["train/nonfinite_events"] == [(2, 1.0)]  # at its true step
@@ -143,7 +143,7 @@ def test_every_skipped_step_is_itemised_before_the_divergence_error(tmp_path):
         train_steps=12, steps_per_loop=2, inject_nonfinite="1:8", max_consecutive_skips=3
     )
     with pytest.raises(divergence.TrainingDiverged, match="5 steps in a row") as info:
-        loop.train_and_evaluate(config, str(tmp_path))
+        train.train_and_evaluate(config, str(tmp_path))
     scalars = read_scalars(tmp_path)
     assert [step for step, _ in scalars["train/nonfinite_events"]] == [1, 2, 3, 4, 5]
     assert scalars["train/skipped_steps"][-1] == (5, 5.0)
@@ -161,14 +161,14 @@ def test_a_stop_in_the_loop_that_diverges_ends_a_training_run_as_diverged_saving
         if step == 4:  # a SIGTERM arrives in the loop the guard stops the run after
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(loop.StepProfiler, "after_loop", after_loop)
+    monkeypatch.setattr(profiling.StepProfiler, "after_loop", after_loop)
     config = tiny_config(
         train_steps=12, inject_nonfinite="1:8", max_consecutive_skips=3, checkpoint_every=2
     )
     with pytest.raises(
         divergence.TrainingDiverged, match=r"last good checkpoint: .*ckpt-2$"
     ) as info:
-        loop.train_and_evaluate(config, str(tmp_path))
+        train.train_and_evaluate(config, str(tmp_path))
     # Exit 3 (it diverged); the stop is carried for --mode=compare, and saved nothing.
     assert (info.value.step, info.value.stopped_by) == (4, "SIGTERM")
     assert tf.train.latest_checkpoint(tmp_path / "checkpoints").endswith("ckpt-2")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import read_scalars, tiny_config
 
-from engine import loop
+from engine import loop, train
 
 REQUIRED_TAGS = {
     "train/loss",
@@ -24,7 +24,7 @@ REQUIRED_TAGS = {
 @pytest.mark.parametrize("xla", [False, True], ids=["no_xla", "xla"])
 @pytest.mark.parametrize("precision", ["fp32", "mixed", "mixed_bf16"])
 def test_every_precision_trains_and_writes_the_tags(tmp_path, precision, xla):
-    result = loop.train_and_evaluate(tiny_config(precision=precision, xla=xla), str(tmp_path))
+    result = train.train_and_evaluate(tiny_config(precision=precision, xla=xla), str(tmp_path))
     assert result.steps == 4
     assert np.isfinite(result.train_loss) and np.isfinite(result.eval_loss)
     scalars = read_scalars(tmp_path)
@@ -36,7 +36,7 @@ def test_every_precision_trains_and_writes_the_tags(tmp_path, precision, xla):
 
 def _loss_trajectory(tmp_path, xla):
     config = tiny_config(xla=xla, train_steps=6, steps_per_loop=1, lr_schedule="constant")
-    loop.train_and_evaluate(config, str(tmp_path))
+    train.train_and_evaluate(config, str(tmp_path))
     return [v for _, v in read_scalars(tmp_path)["train/loss"]]
 
 
@@ -50,15 +50,15 @@ def test_xla_and_no_xla_give_the_same_fp32_loss_trajectory(tmp_path):
 def test_skipped_steps_advance_the_global_step_but_not_the_optimizer(tmp_path):
     # A static scale far beyond float16's range makes every scaled gradient inf.
     config = tiny_config(precision="mixed", xla=True, loss_scale="1e30", train_steps=4)
-    result = loop.train_and_evaluate(config, str(tmp_path))
+    result = train.train_and_evaluate(config, str(tmp_path))
     assert result.steps == 4 and result.skipped_steps == 4
     skipped = read_scalars(tmp_path)["train/skipped_steps"]
     assert skipped[-1] == (4, 4.0)
 
 
 def test_training_is_reproducible_for_a_seed(tmp_path):
-    a = loop.train_and_evaluate(tiny_config(seed=3), str(tmp_path / "a"))
-    b = loop.train_and_evaluate(tiny_config(seed=3), str(tmp_path / "b"))
+    a = train.train_and_evaluate(tiny_config(seed=3), str(tmp_path / "a"))
+    b = train.train_and_evaluate(tiny_config(seed=3), str(tmp_path / "b"))
     assert a.train_loss == b.train_loss and a.eval_loss == b.eval_loss
 
 
@@ -76,8 +76,8 @@ def test_mixed_reaches_fp32_accuracy_on_shapes(tmp_path):
         eval_batch_size=128,
         warmup_steps=20,
     )
-    fp32 = loop.train_and_evaluate(tiny_config(precision="fp32", **common), str(tmp_path / "f"))
-    mixed = loop.train_and_evaluate(
+    fp32 = train.train_and_evaluate(tiny_config(precision="fp32", **common), str(tmp_path / "f"))
+    mixed = train.train_and_evaluate(
         tiny_config(precision="mixed", xla=True, **common), str(tmp_path / "m")
     )
     assert fp32.eval_accuracy >= 0.8
@@ -111,7 +111,7 @@ def test_train_seconds_are_the_training_loops_time_not_eval(tmp_path, monkeypatc
     monkeypatch.setattr(loop, "create_train_loop", clocked_train_loop)
     # Two steps an epoch: evals at steps 2 and 4 (4 s of sleep between the loops) and 6.
     config = tiny_config(train_steps=6, steps_per_loop=2, train_examples=32)
-    result = loop.train_and_evaluate(config, str(tmp_path))
+    result = train.train_and_evaluate(config, str(tmp_path))
     scalars = read_scalars(tmp_path)
     # Each summary covers the steps since the previous one; its rate gives their time.
     (first,) = scalars["train/first_step_seconds"]
@@ -128,7 +128,7 @@ def test_train_seconds_are_the_training_loops_time_not_eval(tmp_path, monkeypatc
 
 def test_the_first_step_is_a_time_not_a_speed_in_tensorboard_and_on_the_console(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="absl"):
-        loop.train_and_evaluate(tiny_config(train_steps=4, steps_per_loop=2), str(tmp_path))
+        train.train_and_evaluate(tiny_config(train_steps=4, steps_per_loop=2), str(tmp_path))
     scalars = read_scalars(tmp_path)
     assert [s for s, _ in scalars["train/first_step_seconds"]] == [1]
     for tag in ("train/examples_per_sec", "train/steps_per_sec"):

@@ -9,7 +9,7 @@ import tensorflow as tf
 from conftest import tiny_config
 from image_trees import make_folder_tree
 
-from engine import loop
+from engine import train
 from input_pipeline import create_data
 
 MB = 1 << 20
@@ -21,7 +21,7 @@ def test_default_sized_shapes_run_writes_a_checkpoint_without_the_data_set(tmp_p
     # far above this bound; the tiny model and its optimizer take a few KB.
     config = tiny_config(image_size=32, train_examples=4096, batch_size=64, train_steps=3)
     assert config.train_examples * 32 * 32 * 3 * 4 > 40 * MB
-    loop.train_and_evaluate(config, str(tmp_path))
+    train.train_and_evaluate(config, str(tmp_path))
     (data_file,) = glob.glob(str(tmp_path / "checkpoints" / "ckpt-3.data-*"))
     assert os.path.getsize(data_file) < 5 * MB
 

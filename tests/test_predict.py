@@ -12,7 +12,7 @@ import tensorflow as tf
 from conftest import run_main, tiny_config
 from image_trees import make_folder_tree, make_ships_tree, write_csv
 
-from engine import loop, predict
+from engine import predict
 from engine.config import Config, ConfigError
 from engine.extras import create_train_step
 from engine.loss_scale import NoOpLossScale
@@ -81,7 +81,7 @@ def test_predict_with_another_model_is_a_config_error(tmp_path):
     root, _ = make_ships_tree(tmp_path / "ships")
     run_dir = str(tmp_path / "run")
     train = tiny_config(dataset=f"ships:{root}", batch_size=8, train_steps=1, eval_batch_size=8)
-    loop.train_and_evaluate(train, run_dir)
+    train.train_and_evaluate(train, run_dir)
     config = train.replace(
         mode="predict", predict_csv=f"{root}/test.csv", model_dir=run_dir, model="small_resnet"
     )
@@ -102,7 +102,7 @@ def test_predict_falls_back_from_a_damaged_checkpoint(tmp_path, caplog):
     train = tiny_config(
         dataset=f"ships:{root}", batch_size=8, train_steps=2, eval_batch_size=8, checkpoint_every=1
     )
-    loop.train_and_evaluate(train, run_dir)
+    train.train_and_evaluate(train, run_dir)
     data_file = tmp_path / "run" / "checkpoints" / "ckpt-2.data-00000-of-00001"
     data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
     config = train.replace(mode="predict", predict_csv=f"{root}/test.csv", model_dir=run_dir)
@@ -131,7 +131,7 @@ def ships_run(tmp_path_factory):
     root, _ = make_ships_tree(tmp / "ships", num_test=3)
     run_dir = str(tmp / "run")
     train = tiny_config(dataset=f"ships:{root}", batch_size=8, train_steps=1, eval_batch_size=8)
-    loop.train_and_evaluate(train, run_dir)
+    train.train_and_evaluate(train, run_dir)
     return (
         root,
         run_dir,
@@ -146,7 +146,7 @@ def folder_run(tmp_path_factory):
     root = make_folder_tree(tmp / "folder")
     run_dir = str(tmp / "run")
     train = tiny_config(dataset=f"folder:{root}", batch_size=8, train_steps=1, eval_batch_size=8)
-    loop.train_and_evaluate(train, run_dir)
+    train.train_and_evaluate(train, run_dir)
     return run_dir
 
 

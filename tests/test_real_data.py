@@ -19,7 +19,7 @@ from image_trees import (
     write_image,
 )
 
-from engine import loop
+from engine import train
 from engine.config import ConfigError
 from input_pipeline import DataError, create_data, folder, preprocessing
 
@@ -273,7 +273,7 @@ def test_a_damaged_eval_cache_stops_the_run_before_it_writes_anything(tmp_path, 
     model_dir = tmp_path / "run"
     # Found at start-up, not at the first eval after training.
     with pytest.raises(DataError, match=r"--cache=.*imgs: the cache files are damaged"):
-        loop.train_and_evaluate(config, str(model_dir))
+        train.train_and_evaluate(config, str(model_dir))
     assert not model_dir.exists()
 
 
@@ -372,7 +372,7 @@ def test_skip_bad_images_counts_and_logs_the_skips(tmp_path):
     corrupt(str(tmp_path / "data" / "train" / "red" / "img0_0.jpg"))
     truncate(str(tmp_path / "data" / "train" / "grey" / "img0_3.jpg"))
     config = _real_config(f"folder:{root}", skip_bad_images=True, train_steps=2)
-    result = loop.train_and_evaluate(config, str(tmp_path / "run"))
+    result = train.train_and_evaluate(config, str(tmp_path / "run"))
     assert result.steps == 2
     assert read_scalars(tmp_path / "run")["data/skipped_images"] == [(0, 2.0)]
     assert create_data(config).train_size + create_data(config).eval_size == 16

@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 from conftest import ROOT, main_in_process
 
+from engine import train
 from models import create_model
 
 # Small, fast and eventful: growth_interval=3 makes the float16 scale grow into
@@ -238,7 +239,7 @@ def test_a_stop_during_start_up_without_model_dir_names_the_folder(
     monkeypatch.chdir(tmp_path)  # runs/ is made in the working directory
     with monkeypatch.context() as patch:
         # Surely start-up: the folder is made, the model not yet built.
-        stopped = _signal_when_called(loop.build_state, signal.SIGTERM)
+        stopped = _signal_when_called(train.build_state, signal.SIGTERM)
         patch.setattr(loop, "build_state", stopped)
         assert main_in_process(*QUICK, "--train_steps=6") == 128 + signal.SIGTERM
     stderr = capsys.readouterr().err

@@ -14,7 +14,7 @@ import pytest
 from conftest import main_flags, read_scalars, read_texts, run_main, tiny_config
 from image_trees import make_folder_tree
 
-from engine import loop
+from engine import train
 
 RUN = "mixed-xla"
 # Summaries every 3 steps (loops of at most 2): written at 1 (the first loop), 3, 6 and 7.
@@ -37,7 +37,7 @@ def trained(tmp_path_factory):
     """One short mixed + XLA run with injected non-finite steps, shared by this module."""
     parent = tmp_path_factory.mktemp("logs")
     config = tiny_config(**CONFIG, model_dir=str(parent / RUN))
-    result = loop.train_and_evaluate(config, config.model_dir)
+    result = train.train_and_evaluate(config, config.model_dir)
     return parent, config, result
 
 
@@ -96,7 +96,7 @@ def test_saved_flagfile_reproduces_the_configuration(trained):
 def test_the_flagfile_names_the_run_folder_absolutely(tmp_path, monkeypatch):
     # Replayed from another folder, it must resume this run, not start one there.
     monkeypatch.chdir(tmp_path)
-    loop.train_and_evaluate(tiny_config(train_steps=2), "relative/run")
+    train.train_and_evaluate(tiny_config(train_steps=2), "relative/run")
     text = (tmp_path / "relative" / "run" / "flags.txt").read_text()
     assert f"--model_dir={tmp_path / 'relative' / 'run'}\n" in text, text
 

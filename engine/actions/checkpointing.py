@@ -36,6 +36,7 @@ from engine.config import (
     same_file,
 )
 from engine.files import first_line
+from engine.loop import Action, every
 
 CONFIG_FILE = "config.json"
 # The class names in label order: a `folder:` data set takes them from its folders,
@@ -490,3 +491,30 @@ def _restore(checkpoint, path, new_iterator=None):
             path,
             first_line(e),
         )
+
+
+class Checkpoints(Action):
+    """Saves every `--checkpoint_every` steps (0 = only at the end) and on a stop signal.
+
+    `last_good` is the newest checkpoint written: the one a divergence or a
+    failure falls back to.
+    """
+
+    def __init__(self, manager, checkpoint_every, last_good=None, saved_step=None):
+        self.manager, self.checkpoint_every = manager, checkpoint_every
+        self.last_good, self.saved_step = last_good, saved_step
+
+    def steps_to_boundary(self, step):
+        return every(self.checkpoint_every, step)
+
+    def __call__(self, record):
+        if record.stop or (self.checkpoint_every and record.step % self.checkpoint_every == 0):
+            self.save(record.step)
+
+    def save(self, step):
+        self.last_good, self.saved_step = self.manager.save(checkpoint_number=step), step
+
+    def save_unless_saved(self, step):
+        """The last step's save, at the end of training (unless a loop just saved it)."""
+        if self.saved_step != step:
+            self.save(step)

@@ -4,6 +4,8 @@ Decided on the host, once per loop, from statistics the inner loop kept in
 variables: the outer loop never syncs inside a loop to watch for it.
 """
 
+from engine.loop import Action
+
 
 class TrainingDiverged(Exception):
     """Training cannot continue; the last checkpoint written before it is kept.
@@ -57,3 +59,43 @@ def check(values, step, loss_scaling, max_consecutive_skips):
             "lower --learning_rate, set --clip_norm, or check the data"
         )
     return None
+
+
+class CheckDivergence(Action):
+    """Marks a loop after which training cannot go on (`record.diverged`).
+
+    Listed before the summaries, so a diverged loop's statistics are written.
+    """
+
+    def __init__(self, loss_scaling, max_consecutive_skips):
+        self.loss_scaling = loss_scaling
+        self.max_consecutive_skips = max_consecutive_skips
+
+    def __call__(self, record):
+        record.diverged = check(
+            record.stats, record.step, self.loss_scaling, self.max_consecutive_skips
+        )
+
+
+class StopOnDivergence(Action):
+    """Raises `TrainingDiverged` after a marked loop, carrying a stop signal of the same loop.
+
+    Listed before any save: a diverged state must never replace the last good checkpoint.
+    """
+
+    def __init__(self, state, checkpoints):
+        self.state, self.checkpoints = state, checkpoints
+
+    def __call__(self, record):
+        if not record.diverged:
+            return
+        reason, message = record.diverged
+        last = self.checkpoints.last_good or "none (no checkpoint was written)"
+        raise TrainingDiverged(
+            f"{message}; last good checkpoint: {last}",
+            step=record.step,
+            reason=reason,
+            skipped_steps=int(self.state.skipped_steps.numpy()),
+            loss_scale=float(self.state.loss_scale.value.numpy()),
+            stopped_by=record.stop.signal_name or "",
+        )

@@ -4,14 +4,15 @@ import tensorflow as tf
 from absl import logging
 
 from engine.config import parse_profile_steps
+from engine.loop import Action
 
 
-class StepProfiler:
+class StepProfiler(Action):
     """Starts the TF profiler before step START and stops it after step END.
 
     Steps are numbered as the console and `--inject_nonfinite` number them (the
     first is 1), and both ends are traced. Loops are cut before START and after
-    END (`clip`), so the trace holds exactly the requested steps. The trace lands
+    END (`steps_to_boundary`), so the trace holds exactly the requested steps. The trace lands
     in `<logdir>/plugins/profile/`, where TensorBoard's profile plugin
     (`pip install tensorboard-plugin-profile`) finds it.
     """
@@ -33,15 +34,13 @@ class StepProfiler:
                 trains,
             )
 
-    def clip(self, step, n):
-        """The number of steps the next loop (after `step` steps) may run to stop at a boundary."""
+    def steps_to_boundary(self, step):
+        """Steps to the next range boundary after `step` steps done, or None."""
         if self._range is None:
-            return n
+            return None
         # Boundaries in steps done: START - 1 (the trace starts before step START) and END.
-        for boundary in (self._range[0] - 1, self._range[1]):
-            if step < boundary:
-                n = min(n, boundary - step)
-        return n
+        ahead = [b - step for b in (self._range[0] - 1, self._range[1]) if step < b]
+        return min(ahead, default=None)
 
     def before_loop(self, step):
         """Starts the trace if the loop about to run (from step `step + 1`) is in the range."""
@@ -51,6 +50,9 @@ class StepProfiler:
             self._active = True
             last = min(end, self._total)
             logging.info("profiling steps %d-%d into %s", step + 1, last, self._logdir)
+
+    def __call__(self, record):
+        self.after_loop(record.step)
 
     def after_loop(self, step):
         if self._active and step >= self._range[1]:

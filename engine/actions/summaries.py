@@ -13,7 +13,8 @@ from tensorboard.compat.proto import event_pb2
 from tensorboard.plugins.hparams import api as hp
 
 from engine import config as config_lib
-from engine import files
+from engine import files, optimizers
+from engine.loop import Action, every
 
 # The run's final numbers, written once at the end: the HParams dashboard's metrics.
 FINAL_METRICS = (
@@ -237,3 +238,81 @@ def write_final_eval(writer, step, eval_accuracy, skipped_steps):
     writer.scalars(
         step, {"final/eval_accuracy": eval_accuracy, "final/skipped_steps": skipped_steps}
     )
+
+
+class Summaries(Action):
+    """Writes the scalars and the console line every `--summary_every` steps.
+
+    Statistics add up over the loops since the last write. The run's first loop
+    (one step: tracing and compilation) is written as `train/first_step_seconds`,
+    never as a speed. A stop or a divergence writes at once, so the skips recorded
+    since the last write reach TensorBoard and the log before the run ends.
+    """
+
+    def __init__(self, writer, state, monitor, batch_size, summary_every):
+        self.writer, self.state, self.monitor = writer, state, monitor
+        self.batch_size, self.summary_every = batch_size, summary_every
+        self.interval, self.interval_seconds = {}, 0.0  # since the last write
+        self.first_step_seconds = None
+        self.timed_seconds = 0.0  # in the loops after the first, whose speed is measured
+        self.values = {}  # the last written
+
+    def steps_to_boundary(self, step):
+        return every(self.summary_every, step)
+
+    def __call__(self, record):
+        self.interval_seconds += record.seconds
+        _accumulate(self.interval, record.stats)
+        due = not self.summary_every or record.step % self.summary_every == 0
+        # A stop or a divergence writes at once: its skips must not be lost.
+        urgent = record.first or record.step == record.total or record.stop or record.diverged
+        if not (due or urgent):
+            return
+        values = _loop_values(self.state, self.interval, self.batch_size)
+        readout = self.monitor.read_and_reset()
+        values.update(readout.scalars)
+        if record.first:
+            self.first_step_seconds = self.interval_seconds
+            values["train/first_step_seconds"] = self.interval_seconds
+        else:
+            values.update(_speeds(self.interval, self.interval_seconds, self.batch_size))
+            self.timed_seconds += self.interval_seconds
+        self.interval, self.interval_seconds, self.values = {}, 0.0, values
+        self.writer.scalars(record.step, values)
+        report_nonfinite(self.writer, readout)
+        log_progress(record.step, record.total, values)
+
+    @property
+    def train_seconds(self):
+        """Time in the training loops, the first included (no eval, saves or export)."""
+        return (self.first_step_seconds or 0.0) + self.timed_seconds
+
+
+def _loop_values(state, s, batch_size):
+    steps = max(int(s["steps"]), 1)
+    return {
+        "train/skip_rate": 1.0 - float(s["finite_steps"]) / steps,
+        "train/loss": float(s["loss"]) / steps,
+        "train/accuracy": float(s["correct"]) / (steps * batch_size),
+        "train/grad_norm": float(s["grad_norm"]) / max(int(s["finite_steps"]), 1),
+        "train/learning_rate": optimizers.current_learning_rate(state.optimizer),
+        "train/loss_scale": float(state.loss_scale.value.numpy()),
+        "train/skipped_steps": int(state.skipped_steps.numpy()),
+    }
+
+
+def _speeds(s, seconds, batch_size):
+    steps = int(s["steps"])
+    return {
+        "train/examples_per_sec": steps * batch_size / max(seconds, 1e-9),
+        "train/steps_per_sec": steps / max(seconds, 1e-9),
+    }
+
+
+def _accumulate(totals, raw):
+    """Adds one loop's statistics into `totals` (the run of skips takes the maximum)."""
+    for name, value in raw.items():
+        if name == "max_consecutive_skips":
+            totals[name] = max(totals.get(name, 0), value)
+        else:
+            totals[name] = totals.get(name, 0) + value
