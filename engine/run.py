@@ -2,7 +2,7 @@
 
 from absl import logging
 
-from engine import checkpointing, compare, export, loop, predict
+from engine import checkpointing, compare, export, loop, predict, preflight
 from engine import config as config_lib
 from engine.guards import Terminated, TrainingDiverged, terminate_as_interrupt
 from input_pipeline.preprocessing import DataError
@@ -20,6 +20,7 @@ def run(config, model_dir=None):
     `model_dir` defaults to `config.model_dir`, else a new `default_model_dir`.
     train: a `loop.RunResult`; predict: the CSV's path; compare: [(run name,
     `loop.RunResult`)], one per `--compare` entry; benchmark: the results dict.
+    The paths it will write are checked first (`engine.preflight.check`).
     """
     model_dir = model_dir or config.model_dir or config_lib.default_model_dir(config)
     entry_points = {
@@ -29,6 +30,7 @@ def run(config, model_dir=None):
         "benchmark": _benchmark,
     }
     try:
+        preflight.check(config)
         return entry_points[config.mode](config, model_dir)
     except checkpointing.DamagedCheckpoints as e:
         raise UserError(str(e)) from e
