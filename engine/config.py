@@ -384,7 +384,7 @@ def validate(config):
         _check_choices,
         _check_dataset,
         _check_counts,
-        _check_benchmark_steps,
+        _check_benchmark_and_profile,
         _check_rates,
         _check_loss_scale,
         _check_real_data,
@@ -438,7 +438,7 @@ def _check_counts(config):
         raise ConfigError(f"--image_size must be at least 8, got {config.image_size}")
 
 
-def _check_benchmark_steps(config):
+def _check_benchmark_and_profile(config):
     if config.benchmark_repeats < 1 or config.benchmark_steps < 0:
         raise ConfigError("--benchmark_repeats must be >= 1 and --benchmark_steps >= 0")
     if config.benchmark_steps % config.steps_per_loop:
