@@ -387,8 +387,7 @@ def run_benchmark(config):
     with preemption.terminate_as_interrupt():
         try:
             for runner, precision, xla, rewrite in benchmark_configurations(config):
-                # Without the JSON path: the parent writes it, and `replace` would
-                # check its folder again, which may have gone since start-up.
+                # Without the JSON path: the parent writes it.
                 cfg = config.replace(precision=precision, xla=xla, mode="train", benchmark_json="")
                 r, s = repeats, steps
                 reduced_budget = None

@@ -1,4 +1,10 @@
-"""The run configuration: one frozen dataclass, defaults in one place, validated once.
+"""The run configuration: every option declared once, in one frozen dataclass.
+
+Each field of `Config` is one option and one flag (main.py generates the flags
+from the fields): its name, type and default, and as metadata its help text,
+its choices, the `Scope`s it applies in and whether a resume must match it.
+`validate` checks the values and touches no disk; the start-up checks that do
+(paths, folders) are `engine.preflight`'s.
 
 This module imports no TensorFlow, so `main.py` can reject a bad flag in
 milliseconds, before TensorFlow has loaded.
@@ -7,6 +13,7 @@ milliseconds, before TensorFlow has loaded.
 import dataclasses
 import datetime
 import os
+from collections.abc import Callable
 
 MODES = ("train", "predict", "compare", "benchmark")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
@@ -18,30 +25,7 @@ BUILTIN_DATASETS = ("shapes", "synthetic")
 DATASET_PREFIXES = ("tfds:", "folder:", "ships:")
 # The data sets that read --train_split and --eval_split; the others have no splits.
 SPLIT_DATASETS = ("tfds:", "folder:")
-SPLIT_FLAGS = ("train_split", "eval_split")
 DEFAULT_COMPARE = "fp32,fp32+xla,mixed,mixed+xla,mixed_bf16,mixed_bf16+xla"
-
-
-# The flags of the dynamic loss scale; only float16 (`--precision=mixed`) has one.
-LOSS_SCALE_FLAGS = ("loss_scale", "initial_scale", "growth_interval", "min_scale", "max_scale")
-
-
-# Flags `--mode=benchmark` cannot honour: it times one device's plain training step
-# for each configuration, against Keras `fit`, which has none of these; the
-# configurations themselves come from --compare.
-BENCHMARK_REFUSED_FLAGS = (
-    "precision",
-    "xla",
-    "strategy",
-    "num_cpu_devices",
-    "grad_accum_steps",
-    "class_weighting",
-    "precision_diagnostics",
-    "inject_nonfinite",
-    # The benchmark's workers never turn on TF's op determinism (`train_and_evaluate` does).
-    "deterministic",
-)
-
 
 FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32
 
@@ -50,282 +34,290 @@ class ConfigError(ValueError):
     """A user mistake in the configuration; main.py prints it as one line."""
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Scope:
+    """Where some options apply: runs whose `setting` is one of `values`.
+
+    Set away from its default anywhere else, such an option would be ignored,
+    yet recorded with the run (and a resume without it refused):
+    `refuse_out_of_scope` refuses it in one line, `refusal(given, config)`.
+    """
+
+    setting: str  # the Config field the scope looks at: mode, precision or dataset
+    values: tuple  # where the options apply (for dataset: kinds, e.g. "tfds:")
+    refusal: Callable  # (["--flag", ...], config) -> the one-line error message
+
+    def covers(self, value):
+        """Whether a run whose `setting` is `value` is in this scope."""
+        if self.setting == "dataset":  # named by kind and NAME or PATH: tfds:NAME
+            return str(value).startswith(self.values)
+        return value in self.values
+
+
+def _applies_only(applies_to, why_not_here):
+    """A refusal: "--a, --b apply only to `applies_to`; `why_not_here(config)`: drop them"."""
+
+    def refusal(given, config):
+        verb, them = ("applies", "it") if len(given) == 1 else ("apply", "them")
+        return (
+            f"{', '.join(given)} {verb} only to {applies_to}; {why_not_here(config)}: drop {them}"
+        )
+
+    return refusal
+
+
+def _traces_training(given, config):
+    return (
+        f"{', '.join(given)} traces training steps; use it with --mode=train, not "
+        f"--mode={config.mode} (e.g. on the configuration a benchmark shows as slow)"
+    )
+
+
+def _not_in_benchmark(given, config):
+    del config  # the benchmark's reason is the same for every run
+    verb, them = ("does", "it") if len(given) == 1 else ("do", "them")
+    choose = (
+        " (choose precisions and XLA with --compare, e.g. --compare=fp32,mixed_bf16+xla)"
+        if {"--precision", "--xla"} & set(given)
+        else ""
+    )
+    return (
+        f"{', '.join(given)} {verb} not apply to --mode=benchmark, "
+        f"which times the single-device training step of each --compare configuration "
+        f"against Keras fit: drop {them}{choose}"
+    )
+
+
+# The dynamic loss scale's options: only float16 (`--precision=mixed`) has one.
+FLOAT16_ONLY = Scope(
+    "precision",
+    ("mixed",),
+    _applies_only(
+        "--precision=mixed (float16)", lambda c: f"--precision={c.precision} has no loss scale"
+    ),
+)
+NAMED_SPLITS = Scope(
+    "dataset",
+    SPLIT_DATASETS,
+    _applies_only(
+        "--dataset=tfds:NAME and folder:PATH",
+        lambda c: f"--dataset={c.dataset} has no named splits",
+    ),
+)
+# The generated data sets draw their classes uniformly: nothing to weight.
+COUNTED_CLASSES = Scope(
+    "dataset",
+    DATASET_PREFIXES,
+    _applies_only(
+        "tfds:, folder: and ships: data",
+        lambda c: f"--dataset={c.dataset} draws its classes uniformly",
+    ),
+)
+TRAINING_RUNS = Scope("mode", ("train", "compare"), _traces_training)
+# `--mode=benchmark` times one device's plain training step for each --compare
+# configuration against Keras `fit`, which has none of these options; ignored,
+# they would leave a table that measured something else than asked.
+NOT_BENCHMARK = Scope("mode", ("train", "predict", "compare"), _not_in_benchmark)
+# The scopes every Config enforces, in this order. FLOAT16_ONLY is enforced for
+# the command line's own training run only (`Config.check_loss_scale_flags`).
+SCOPES = (TRAINING_RUNS, NAMED_SPLITS, COUNTED_CLASSES, NOT_BENCHMARK)
+
+
+def option(default, help_text, *, choices=(), scopes=(), resume=False):
+    """A `Config` field: one option, declared once.
+
+    Args:
+      default: what the flag left unset holds.
+      help_text: the flag's help.
+      choices: the values a str option takes (its flag is an enum), or () for any.
+      scopes: the `Scope`s it applies in; set outside any of them, it is refused.
+      resume: whether a resumed run must match the checkpoints in it: the option
+        decides the shape, dtype or meaning of the checkpointed state.
+    """
+    metadata = {
+        "help": help_text,
+        "choices": tuple(choices),
+        "scopes": tuple(scopes),
+        "resume": resume,
+    }
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Everything a run needs. Field names are the flag names."""
 
-    mode: str = "train"
-    precision: str = "mixed"
-    xla: bool = False
-    model: str = "small_resnet"
-    dataset: str = "shapes"
-    image_size: int = 32
-    batch_size: int = 64
-    epochs: int = 6
-    train_steps: int = 0  # > 0 overrides epochs
-    optimizer: str = "adam"
-    learning_rate: float = 3e-3
-    lr_schedule: str = "cosine"
-    warmup_steps: int = 50
-    weight_decay: float = 0.0
-    model_dir: str = ""  # "" means runs/<timestamp>-<precision>[-xla]
-    steps_per_loop: int = 50
-    loss_scale: str = "dynamic"  # "dynamic" or a positive number
-    initial_scale: float = 2.0**15
-    growth_interval: int = 2000
-    min_scale: float = 1.0
-    max_scale: float = 2.0**24
-    clip_norm: float = 0.0  # 0 disables clipping
-    seed: int = 0
-    train_examples: int = 4096  # size of the generated train split (shapes, synthetic)
-    eval_examples: int = 1024
-    eval_batch_size: int = 256
+    mode: str = option(
+        "train",
+        "train; predict (needs a trained --model_dir); compare; benchmark.",
+        choices=MODES,
+    )
+    precision: str = option(
+        "mixed",
+        "fp32; mixed = float16 compute + loss scaling; mixed_bf16 = bfloat16 compute.",
+        choices=PRECISIONS,
+        scopes=[NOT_BENCHMARK],
+        resume=True,
+    )
+    xla: bool = option(
+        False, "Compile the training step with XLA (jit_compile=True).", scopes=[NOT_BENCHMARK]
+    )
+    model: str = option("small_resnet", "Model architecture.", choices=MODELS, resume=True)
+    dataset: str = option(
+        "shapes",
+        "shapes (embedded, default), synthetic, tfds:NAME, folder:PATH or ships:PATH.",
+        resume=True,
+    )
+    image_size: int = option(32, "Input height and width in pixels.", resume=True)
+    batch_size: int = option(64, "Global training batch size.", resume=True)
+    epochs: int = option(6, "Training epochs (ignored when --train_steps > 0).")
+    train_steps: int = option(0, "Training steps; > 0 overrides --epochs.")
+    optimizer: str = option("adam", "Optimizer.", choices=OPTIMIZERS, resume=True)
+    learning_rate: float = option(3e-3, "Peak learning rate.")
+    # resume: a constant rate is an optimizer variable, a schedule is not: they
+    # differ in what the optimizer checkpoints.
+    lr_schedule: str = option(
+        "cosine",
+        "Learning-rate schedule (cosine includes --warmup_steps of linear warm-up).",
+        choices=LR_SCHEDULES,
+        resume=True,
+    )
+    warmup_steps: int = option(50, "Linear warm-up steps for --lr_schedule=cosine.")
+    weight_decay: float = option(0.0, "Decoupled weight decay (0 = none).")
+    model_dir: str = option("", "Where summaries go; default runs/<timestamp>-<precision>[-xla].")
+    steps_per_loop: int = option(50, "Steps per tf.function call (no host sync inside a loop).")
+    loss_scale: str = option(
+        "dynamic",
+        "'dynamic' or a positive number (static scale).",
+        scopes=[FLOAT16_ONLY],
+        resume=True,
+    )
+    initial_scale: float = option(2.0**15, "Initial dynamic loss scale.", scopes=[FLOAT16_ONLY])
+    growth_interval: int = option(
+        2000, "Finite steps in a row before the dynamic scale doubles.", scopes=[FLOAT16_ONLY]
+    )
+    min_scale: float = option(1.0, "Lower bound of the dynamic loss scale.", scopes=[FLOAT16_ONLY])
+    max_scale: float = option(
+        2.0**24, "Upper bound of the dynamic loss scale.", scopes=[FLOAT16_ONLY]
+    )
+    clip_norm: float = option(0.0, "Clip unscaled gradients to this global norm (0 = off).")
+    seed: int = option(0, "Seed for data generation, initialisation and shuffling.", resume=True)
+    train_examples: int = option(4096, "Generated train examples (shapes, synthetic).", resume=True)
+    eval_examples: int = option(1024, "Generated eval examples (shapes, synthetic).")
+    eval_batch_size: int = option(256, "Evaluation batch size.")
     # --- real data (issue 3) ---
-    data_dir: str = ""  # TFDS data directory; "" means TFDS' default (~/tensorflow_datasets)
-    download: bool = False  # let TFDS download and prepare a missing data set
-    train_split: str = "train"  # TFDS split string, or the folder:PATH split folder
-    eval_split: str = ""  # "" means tfds: "test"; folder: val|validation|eval|test or hold-out
-    eval_fraction: float = 0.1  # stratified hold-out when there is no eval split
-    augment: bool = True  # random crop + horizontal flip for real-image training
-    cache: str = "memory"  # "", "memory", a folder or a file-path prefix (see cache_prefix)
-    deterministic: bool = False  # deterministic ops and input order: same batches, exact resume
-    class_weighting: bool = False  # weight the loss by n / (num_classes * n_class)
-    skip_bad_images: bool = False  # drop (count, log) undecodable images instead of failing
-    predict_csv: str = ""  # --mode=predict: CSV with an `image` column (ships layout)
-    predictions_csv: str = ""  # "" means <model_dir>/predictions.csv
+    data_dir: str = option("", "TFDS data directory (default: TFDS' own).")
+    download: bool = option(False, "Let TFDS download and prepare a missing data set.")
+    # resume, for the splits, the hold-out and the images read: which examples
+    # are training data. A different split would resume the input stream at the
+    # right position in the wrong data, and could train on eval.
+    train_split: str = option(
+        "train",
+        "TFDS split string (e.g. train[:90%]) or folder:PATH split (tfds: and folder: only).",
+        scopes=[NAMED_SPLITS],
+        resume=True,
+    )
+    eval_split: str = option(
+        "",
+        "TFDS split string or folder:PATH split (tfds: and folder: only); default test (tfds) "
+        "or val/validation/eval/test.",
+        scopes=[NAMED_SPLITS],
+        resume=True,
+    )
+    eval_fraction: float = option(
+        0.1, "Stratified hold-out for eval when there is no eval split.", resume=True
+    )
+    augment: bool = option(True, "Random crop + flip when training on real images.", resume=True)
+    cache: str = option(
+        "memory",
+        "Cache decoded images: memory, a folder (files DIR/cache-*), a file-path prefix (files "
+        "PREFIX-*), or empty for none.",
+    )
+    # Not in a benchmark: its workers never turn on TF's op determinism.
+    deterministic: bool = option(
+        False,
+        "Deterministic ops and input order: same batches every run, bit-exact resume (slower).",
+        scopes=[NOT_BENCHMARK],
+    )
+    class_weighting: bool = option(
+        False,
+        "Weight the loss by inverse class frequency (tfds:, folder:, ships: data).",
+        scopes=[COUNTED_CLASSES, NOT_BENCHMARK],
+    )
+    skip_bad_images: bool = option(False, "Skip (count and log) undecodable images.", resume=True)
+    predict_csv: str = option("", "--mode=predict: CSV with an image column (ships layout).")
+    predictions_csv: str = option("", "Where predictions go; default <model_dir>/predictions.csv.")
     # --- speed (issue 7) ---
-    benchmark_repeats: int = 7  # interleaved fit/engine timed windows per configuration
-    benchmark_steps: int = 0  # steps per timed window; 0 = steps_per_loop (one loop)
-    benchmark_json: str = ""  # also write the results here
-    profile_steps: str = ""  # "START,END": TensorBoard profile trace of steps START..END (from 1)
+    benchmark_repeats: int = option(
+        7, "--mode=benchmark: interleaved fit/engine timed windows per configuration."
+    )
+    benchmark_steps: int = option(
+        0, "--mode=benchmark: steps per timed window (0 = one loop of --steps_per_loop)."
+    )
+    benchmark_json: str = option("", "--mode=benchmark: write results here.")
+    profile_steps: str = option(
+        "",
+        "START,END: write a TensorBoard profile trace of training steps START to END, both "
+        "included (steps numbered as shown, from 1).",
+        scopes=[TRAINING_RUNS],
+    )
     # --- TensorBoard and diagnostics (issue 6) ---
-    summary_every: int = 0  # steps between scalar writes; 0 = after every loop
-    histogram_every: int = 0  # steps between weight/gradient histograms; 0 = off
-    precision_diagnostics: bool = False  # float16 underflow/overflow fractions
-    compare: str = DEFAULT_COMPARE  # configurations run by --mode=compare
-    inject_nonfinite: str = ""  # tests: nan gradients, see parse_inject_nonfinite
+    summary_every: int = option(
+        0,
+        "Steps between scalar summaries (loops are shortened to end on them); 0 = every loop.",
+    )
+    histogram_every: int = option(
+        0, "Steps between weight and unscaled-gradient histograms; 0 = off."
+    )
+    precision_diagnostics: bool = option(
+        False,
+        "Log the fractions of gradient values float16 would underflow (unscaled) or overflow "
+        "(at the current scale); costs a pass over the gradients each step.",
+        scopes=[NOT_BENCHMARK],
+    )
+    compare: str = option(
+        DEFAULT_COMPARE,
+        "Comma-separated PRECISION or PRECISION+xla: --mode=compare trains one run each; "
+        "--mode=benchmark times only these (default: all, and the graph rewrite).",
+    )
+    inject_nonfinite: str = option(
+        "",
+        "Testing: STEPS[@VARIABLE] gets nan gradients, e.g. 3,5@conv or 10:20 or 25: "
+        "(steps numbered as shown, from 1).",
+        scopes=[NOT_BENCHMARK],
+    )
     # --- checkpoints, resume, preemption, divergence, export (issue 4) ---
-    checkpoint_every: int = 250  # steps; 0 = only at the end and on SIGTERM/SIGINT
-    keep_checkpoints: int = 3
-    fresh: bool = False  # refuse a --model_dir that holds checkpoints, unless --overwrite
-    overwrite: bool = False  # with --fresh: delete <model_dir>/checkpoints first
-    max_consecutive_skips: int = 25  # more skipped steps in a row stop the run; 0 = no limit
-    export_dir: str = ""  # "" = no SavedModel export
-
+    checkpoint_every: int = option(
+        250,
+        "Save a checkpoint every this many steps (0 = only at the end and on SIGTERM/SIGINT).",
+    )
+    keep_checkpoints: int = option(3, "Checkpoints kept in --model_dir.")
+    fresh: bool = option(False, "Start from step 0; refuse a --model_dir that holds checkpoints.")
+    overwrite: bool = option(False, "With --fresh: delete <model_dir>/checkpoints first.")
+    max_consecutive_skips: int = option(
+        25, "Stop (exit 3) when more steps than this are skipped in a row (0 = no limit)."
+    )
+    export_dir: str = option("", "Write a float32 SavedModel (images -> probabilities) here.")
     # --- distribution (issue 5) ---
-    strategy: str = "default"  # default | one_device | mirrored | multi_worker (TF_CONFIG)
-    num_cpu_devices: int = 2  # --strategy=mirrored without a GPU: logical CPU devices
-    grad_accum_steps: int = 1  # micro-batches per optimizer step (batch_size is split)
+    strategy: str = option(
+        "default",
+        "tf.distribute strategy; multi_worker reads the cluster from TF_CONFIG.",
+        choices=STRATEGIES,
+        scopes=[NOT_BENCHMARK],
+    )
+    num_cpu_devices: int = option(
+        2,
+        "--strategy=mirrored on a machine without GPUs: replicas on this many logical CPUs.",
+        scopes=[NOT_BENCHMARK],
+    )
+    grad_accum_steps: int = option(
+        1,
+        "Split each batch into this many micro-batches; one decision and update per batch.",
+        scopes=[NOT_BENCHMARK],
+    )
 
     def __post_init__(self):
-        _check_choice("mode", self.mode, MODES)
-        _check_choice("precision", self.precision, PRECISIONS)
-        _check_choice("model", self.model, MODELS)
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        if self.dataset not in BUILTIN_DATASETS and not self.dataset.startswith(DATASET_PREFIXES):
-            raise ConfigError(
-                f"--dataset={self.dataset!r} is not known; use one of "
-                f"{', '.join(BUILTIN_DATASETS)} or tfds:NAME, folder:PATH, ships:PATH"
-            )
-        for name in (
-            "image_size",
-            "batch_size",
-            "steps_per_loop",
-            "growth_interval",
-            "train_examples",
-            "eval_examples",
-            "eval_batch_size",
-        ):
-            _check_positive_int(name, getattr(self, name))
-        for name in ("epochs", "train_steps", "warmup_steps", "seed"):
-            # Seeds reach numpy, which takes 32 bits; counts past 2**31 no run reaches.
-            limit = 2**32 if name == "seed" else 2**31
-            if not 0 <= getattr(self, name) < limit:
-                raise ConfigError(
-                    f"--{name} must be >= 0 and below 2**{limit.bit_length() - 1}, "
-                    f"got {getattr(self, name)}"
-                )
-        if self.epochs == 0 and self.train_steps == 0:
-            raise ConfigError("set --epochs or --train_steps to a positive number")
-        if self.image_size < 8:
-            raise ConfigError(f"--image_size must be at least 8, got {self.image_size}")
-        if self.benchmark_repeats < 1 or self.benchmark_steps < 0:
-            raise ConfigError("--benchmark_repeats must be >= 1 and --benchmark_steps >= 0")
-        if self.benchmark_steps % self.steps_per_loop:
-            raise ConfigError(
-                f"--benchmark_steps ({self.benchmark_steps}) must be 0 or a multiple of "
-                f"--steps_per_loop ({self.steps_per_loop})"
-            )
-        if self.profile_steps:
-            parse_profile_steps(self.profile_steps)
-            if self.mode not in ("train", "compare"):
-                raise ConfigError(
-                    f"--profile_steps traces training steps; use it with --mode=train, not "
-                    f"--mode={self.mode} (e.g. on the configuration a benchmark shows as slow)"
-                )
-        # Comparisons with nan are false, so these reject nan as well as inf: an
-        # infinite clip norm or rate would turn every update into nan while the
-        # step, checked before clipping, still counted as finite.
-        # The step computes in float32: a value past its range is inf there.
-        if not 0 < self.learning_rate <= FLOAT32_MAX:
-            raise ConfigError(
-                f"--learning_rate must be a positive finite number (float32: at most 3.4e38), "
-                f"got {self.learning_rate}"
-            )
-        for name in ("clip_norm", "weight_decay"):
-            if not 0 <= getattr(self, name) <= FLOAT32_MAX:
-                raise ConfigError(
-                    f"--{name} must be a finite number >= 0 (0 turns it off; float32: at most "
-                    f"3.4e38), got {getattr(self, name)}"
-                )
-        if self.loss_scale != "dynamic":
-            try:
-                value = float(self.loss_scale)
-            except ValueError:
-                value = -1.0
-            if not 0 < value <= FLOAT32_MAX:
-                raise ConfigError(
-                    f"--loss_scale must be 'dynamic' or a positive number, got {self.loss_scale!r}"
-                )
-        if not 0 < self.min_scale <= self.initial_scale <= self.max_scale <= FLOAT32_MAX:
-            raise ConfigError(
-                "need 0 < --min_scale <= --initial_scale <= --max_scale <= 3.4e38 (float32), got "
-                f"{self.min_scale}, {self.initial_scale}, {self.max_scale}"
-            )
-        self._check_real_data()
-        self._check_output_paths()
-        self._validate_checkpointing()
-        self._check_distribution()
-        self._check_tensorboard_fields()
-        self._check_benchmark_flags()
-
-    def _check_real_data(self):
-        for prefix in DATASET_PREFIXES:
-            if self.dataset == prefix:
-                raise ConfigError(f"--dataset={prefix} needs a name or path after the colon")
-        if not 0.0 < self.eval_fraction < 1.0:
-            raise ConfigError(f"--eval_fraction must be between 0 and 1, got {self.eval_fraction}")
-        if not self.train_split:
-            raise ConfigError("--train_split must not be empty")
-        self._check_split_flags()
-        if self.class_weighting and self.dataset in BUILTIN_DATASETS:
-            # Ignored there (classes drawn uniformly), yet it would be recorded with the run.
-            raise ConfigError(
-                f"--class_weighting applies only to tfds:, folder: and ships: data; "
-                f"--dataset={self.dataset} draws its classes uniformly: drop it"
-            )
-        if self.cache not in ("", "memory"):
-            parent = os.path.dirname(os.path.abspath(cache_prefix(self.cache)))
-            if not os.path.isdir(parent):
-                raise ConfigError(
-                    f"--cache={self.cache}: {_not_a_folder(parent)}, "
-                    "or use --cache=memory or --cache="
-                )
-        if self.mode == "predict":
-            if not self.dataset.startswith("ships:"):
-                raise ConfigError("--mode=predict reads a ships test CSV; use --dataset=ships:PATH")
-            if not self.predict_csv:
-                raise ConfigError(
-                    "--mode=predict needs --predict_csv=PATH (a CSV with an image column)"
-                )
-            if not self.model_dir:
-                raise ConfigError("--mode=predict needs --model_dir of a trained run")
-
-    def _check_split_flags(self):
-        # Elsewhere the flags would be ignored, yet recorded with the run, and a
-        # resume without them refused.
-        if self.dataset.startswith(SPLIT_DATASETS):
-            return
-        _refuse_given(
-            _given_flags(self, SPLIT_FLAGS),
-            "--dataset=tfds:NAME and folder:PATH",
-            f"--dataset={self.dataset} has no named splits",
-        )
-
-    def _check_output_paths(self):
-        # Checked before anything runs: a benchmark or a training run must not
-        # end by failing to write its result.
-        for name in ("benchmark_json", "predictions_csv"):
-            path = getattr(self, name)
-            if not path:
-                continue
-            check_local_path(f"--{name}", path)
-            if os.path.isdir(path):
-                raise ConfigError(f"--{name}={path} is a folder; give a file path")
-            parent = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(parent):
-                raise ConfigError(f"--{name}={path}: {_not_a_folder(parent)}")
-        if self.export_dir and "://" not in self.export_dir and self.mode in ("train", "compare"):
-            if os.path.exists(self.export_dir) and not os.path.isdir(self.export_dir):
-                raise ConfigError(f"--export_dir={self.export_dir} is a file; give a folder path")
-            # The export is written after training: a folder that cannot be made
-            # must stop the run now, not then. `lexists`: a link to nothing is
-            # where the walk stops (abspath drops a trailing `/` that would follow it).
-            existing = os.path.abspath(self.export_dir)
-            while not os.path.lexists(existing):
-                existing = os.path.dirname(existing)
-            if not os.path.exists(existing):
-                raise ConfigError(
-                    f"--export_dir={self.export_dir}: {existing} is a symbolic link to "
-                    f"{os.readlink(existing)}, which does not exist; create it or give "
-                    "another path"
-                )
-            if not os.path.isdir(existing):
-                raise ConfigError(
-                    f"--export_dir={self.export_dir}: {existing} is a file, so the folder "
-                    "cannot be made; give another path"
-                )
-            if not os.access(existing, os.W_OK | os.X_OK):
-                raise ConfigError(
-                    f"--export_dir={self.export_dir}: {existing} is not writable; give another path"
-                )
-
-    def _check_tensorboard_fields(self):
-        for name in ("summary_every", "histogram_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ConfigError(
-                    f"--{name} must be an integer >= 0 (0 = off), got {getattr(self, name)}"
-                )
-        parse_compare(self.compare)
-
-    def _check_benchmark_flags(self):
-        # Ignored, they would leave a table that measured something else than asked.
-        if self.mode != "benchmark":
-            return
-        given = _given_flags(self, BENCHMARK_REFUSED_FLAGS)
-        if not given:
-            return
-        verb, them = ("does", "it") if len(given) == 1 else ("do", "them")
-        choose = (
-            " (choose precisions and XLA with --compare, e.g. --compare=fp32,mixed_bf16+xla)"
-            if {"--precision", "--xla"} & set(given)
-            else ""
-        )
-        raise ConfigError(
-            f"{', '.join(given)} {verb} not apply to --mode=benchmark, "
-            f"which times the single-device training step of each --compare configuration "
-            f"against Keras fit: drop {them}{choose}"
-        )
-
-    def _check_distribution(self):
-        _check_choice("strategy", self.strategy, STRATEGIES)
-        _check_positive_int("num_cpu_devices", self.num_cpu_devices)
-        _check_positive_int("grad_accum_steps", self.grad_accum_steps)
-        if self.batch_size % self.grad_accum_steps:
-            raise ConfigError(
-                f"--batch_size ({self.batch_size}) must be a multiple of --grad_accum_steps "
-                f"({self.grad_accum_steps}): each step splits the batch into equal micro-batches"
-            )
-
-    def _validate_checkpointing(self):
-        for name in ("checkpoint_every", "max_consecutive_skips"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ConfigError(f"--{name} must be an integer >= 0, got {getattr(self, name)}")
-        _check_positive_int("keep_checkpoints", self.keep_checkpoints)
-        if self.overwrite and not self.fresh:
-            raise ConfigError("--overwrite only applies together with --fresh; add --fresh")
-        parse_inject_nonfinite(self.inject_nonfinite)
+        validate(self)
 
     def check_loss_scale_flags(self):
         """Refuses loss-scale flags given to a training run that has no loss scale.
@@ -335,13 +327,8 @@ class Config:
         refused. Called for the command line's own training run: compare and
         benchmark runs share one set of flags over several precisions.
         """
-        if self.mode != "train" or self.precision == "mixed":
-            return
-        _refuse_given(
-            _given_flags(self, LOSS_SCALE_FLAGS),
-            "--precision=mixed (float16)",
-            f"--precision={self.precision} has no loss scale",
-        )
+        if self.mode == "train":
+            refuse_out_of_scope(self, [FLOAT16_ONLY])
 
     def without_loss_scale_flags(self):
         """A copy with every loss-scale flag at its default."""
@@ -353,6 +340,203 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
+def options_in(scope):
+    """The names of the options declared to apply in `scope`, in declaration order."""
+    return tuple(f.name for f in dataclasses.fields(Config) if scope in f.metadata["scopes"])
+
+
+LOSS_SCALE_FLAGS = options_in(FLOAT16_ONLY)
+SPLIT_FLAGS = options_in(NAMED_SPLITS)
+BENCHMARK_REFUSED_FLAGS = options_in(NOT_BENCHMARK)
+# What a resumed run must match in the checkpoints' config.json; any other
+# option (steps, learning rate, XLA, checkpoint cadence...) may change on resume.
+RESUME_FIELDS = tuple(f.name for f in dataclasses.fields(Config) if f.metadata["resume"])
+
+
+def refuse_out_of_scope(config, scopes=SCOPES):
+    """Refuses, in one line, the options `config` sets outside their `scopes`.
+
+    Raises:
+      ConfigError: for the first scope `config` is outside of, the options of
+        it set away from their defaults.
+    """
+    for scope in scopes:
+        if scope.covers(getattr(config, scope.setting)):
+            continue
+        given = _given_flags(config, options_in(scope))
+        if given:
+            raise ConfigError(scope.refusal(given, config))
+
+
+def applies(name, settings):
+    """Whether option `name` applies in a run with `settings` (a mapping: config.json's)."""
+    (field,) = (f for f in dataclasses.fields(Config) if f.name == name)
+    return all(scope.covers(settings.get(scope.setting)) for scope in field.metadata["scopes"])
+
+
+def validate(config):
+    """Checks every value of `config`; touches no disk (that is `engine.preflight`'s).
+
+    Raises:
+      ConfigError: the first problem found, naming the flag and how to fix it.
+    """
+    for check in (
+        _check_choices,
+        _check_dataset,
+        _check_counts,
+        _check_benchmark_and_profile,
+        _check_rates,
+        _check_loss_scale,
+        _check_real_data,
+        _check_output_files,
+        _check_checkpointing,
+        _check_distribution,
+        _check_tensorboard,
+    ):
+        check(config)
+    refuse_out_of_scope(config)
+
+
+def _check_choices(config):
+    for field in dataclasses.fields(config):
+        if field.metadata["choices"]:
+            _check_choice(field.name, getattr(config, field.name), field.metadata["choices"])
+
+
+def _check_dataset(config):
+    if config.dataset not in BUILTIN_DATASETS and not config.dataset.startswith(DATASET_PREFIXES):
+        raise ConfigError(
+            f"--dataset={config.dataset!r} is not known; use one of "
+            f"{', '.join(BUILTIN_DATASETS)} or tfds:NAME, folder:PATH, ships:PATH"
+        )
+    if config.dataset in DATASET_PREFIXES:
+        raise ConfigError(f"--dataset={config.dataset} needs a name or path after the colon")
+
+
+def _check_counts(config):
+    for name in (
+        "image_size",
+        "batch_size",
+        "steps_per_loop",
+        "growth_interval",
+        "train_examples",
+        "eval_examples",
+        "eval_batch_size",
+    ):
+        _check_positive_int(name, getattr(config, name))
+    for name in ("epochs", "train_steps", "warmup_steps", "seed"):
+        # Seeds reach numpy, which takes 32 bits; counts past 2**31 no run reaches.
+        limit = 2**32 if name == "seed" else 2**31
+        if not 0 <= getattr(config, name) < limit:
+            raise ConfigError(
+                f"--{name} must be >= 0 and below 2**{limit.bit_length() - 1}, "
+                f"got {getattr(config, name)}"
+            )
+    if config.epochs == 0 and config.train_steps == 0:
+        raise ConfigError("set --epochs or --train_steps to a positive number")
+    if config.image_size < 8:
+        raise ConfigError(f"--image_size must be at least 8, got {config.image_size}")
+
+
+def _check_benchmark_and_profile(config):
+    if config.benchmark_repeats < 1 or config.benchmark_steps < 0:
+        raise ConfigError("--benchmark_repeats must be >= 1 and --benchmark_steps >= 0")
+    if config.benchmark_steps % config.steps_per_loop:
+        raise ConfigError(
+            f"--benchmark_steps ({config.benchmark_steps}) must be 0 or a multiple of "
+            f"--steps_per_loop ({config.steps_per_loop})"
+        )
+    if config.profile_steps:
+        parse_profile_steps(config.profile_steps)
+
+
+def _check_rates(config):
+    # Comparisons with nan are false, so these reject nan as well as inf: an
+    # infinite clip norm or rate would turn every update into nan while the
+    # step, checked before clipping, still counted as finite.
+    # The step computes in float32: a value past its range is inf there.
+    if not 0 < config.learning_rate <= FLOAT32_MAX:
+        raise ConfigError(
+            f"--learning_rate must be a positive finite number (float32: at most 3.4e38), "
+            f"got {config.learning_rate}"
+        )
+    for name in ("clip_norm", "weight_decay"):
+        if not 0 <= getattr(config, name) <= FLOAT32_MAX:
+            raise ConfigError(
+                f"--{name} must be a finite number >= 0 (0 turns it off; float32: at most "
+                f"3.4e38), got {getattr(config, name)}"
+            )
+
+
+def _check_loss_scale(config):
+    if config.loss_scale != "dynamic":
+        try:
+            value = float(config.loss_scale)
+        except ValueError:
+            value = -1.0
+        if not 0 < value <= FLOAT32_MAX:
+            raise ConfigError(
+                f"--loss_scale must be 'dynamic' or a positive number, got {config.loss_scale!r}"
+            )
+    if not 0 < config.min_scale <= config.initial_scale <= config.max_scale <= FLOAT32_MAX:
+        raise ConfigError(
+            "need 0 < --min_scale <= --initial_scale <= --max_scale <= 3.4e38 (float32), got "
+            f"{config.min_scale}, {config.initial_scale}, {config.max_scale}"
+        )
+
+
+def _check_real_data(config):
+    if not 0.0 < config.eval_fraction < 1.0:
+        raise ConfigError(f"--eval_fraction must be between 0 and 1, got {config.eval_fraction}")
+    if not config.train_split:
+        raise ConfigError("--train_split must not be empty")
+    if config.mode == "predict":
+        if not config.dataset.startswith("ships:"):
+            raise ConfigError("--mode=predict reads a ships test CSV; use --dataset=ships:PATH")
+        if not config.predict_csv:
+            raise ConfigError(
+                "--mode=predict needs --predict_csv=PATH (a CSV with an image column)"
+            )
+        if not config.model_dir:
+            raise ConfigError("--mode=predict needs --model_dir of a trained run")
+
+
+def _check_output_files(config):
+    # The files written with open(); their folders are checked by engine.preflight.
+    for name in ("benchmark_json", "predictions_csv"):
+        if getattr(config, name):
+            check_local_path(f"--{name}", getattr(config, name))
+
+
+def _check_checkpointing(config):
+    for name in ("checkpoint_every", "max_consecutive_skips"):
+        if not isinstance(getattr(config, name), int) or getattr(config, name) < 0:
+            raise ConfigError(f"--{name} must be an integer >= 0, got {getattr(config, name)}")
+    _check_positive_int("keep_checkpoints", config.keep_checkpoints)
+    if config.overwrite and not config.fresh:
+        raise ConfigError("--overwrite only applies together with --fresh; add --fresh")
+    parse_inject_nonfinite(config.inject_nonfinite)
+
+
+def _check_distribution(config):
+    _check_positive_int("num_cpu_devices", config.num_cpu_devices)
+    _check_positive_int("grad_accum_steps", config.grad_accum_steps)
+    if config.batch_size % config.grad_accum_steps:
+        raise ConfigError(
+            f"--batch_size ({config.batch_size}) must be a multiple of --grad_accum_steps "
+            f"({config.grad_accum_steps}): each step splits the batch into equal micro-batches"
+        )
+
+
+def _check_tensorboard(config):
+    for name in ("summary_every", "histogram_every"):
+        if not isinstance(getattr(config, name), int) or getattr(config, name) < 0:
+            raise ConfigError(
+                f"--{name} must be an integer >= 0 (0 = off), got {getattr(config, name)}"
+            )
+    parse_compare(config.compare)
+
+
 def _defaults():
     """Every field's default, by name: what a flag left unset holds."""
     return {f.name: f.default for f in dataclasses.fields(Config)}
@@ -362,15 +546,6 @@ def _given_flags(config, names):
     """`--name` for each of `names` that `config` sets away from its default."""
     defaults = _defaults()
     return [f"--{name}" for name in names if getattr(config, name) != defaults[name]]
-
-
-def _refuse_given(given, applies_to, why_not_here):
-    """Refuses the flags `given` (if any), which apply only to `applies_to`, in one line."""
-    if given:
-        verb, them = ("applies", "it") if len(given) == 1 else ("apply", "them")
-        raise ConfigError(
-            f"{', '.join(given)} {verb} only to {applies_to}; {why_not_here}: drop {them}"
-        )
 
 
 def cache_prefix(cache):
@@ -397,13 +572,6 @@ def check_local_path(flag, path):
             f"{flag}={path} must be a local path: the file is written with Python's open(), "
             f"which cannot write {scheme}:// URLs; give a local file and copy it afterwards"
         )
-
-
-def _not_a_folder(path):
-    """Why files cannot go into `path`, for an error message."""
-    if os.path.exists(path):
-        return f"{path} is a file, not a folder; give a path in a folder"
-    return f"folder {path} does not exist; create it"
 
 
 def _check_choice(name, value, choices):

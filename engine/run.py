@@ -2,7 +2,7 @@
 
 from absl import logging
 
-from engine import compare, predict, train
+from engine import compare, predict, preflight, train
 from engine import config as config_lib
 from engine.actions import checkpointing, export
 from engine.actions.divergence import TrainingDiverged
@@ -22,6 +22,7 @@ def run(config, model_dir=None):
     `model_dir` defaults to `config.model_dir`, else a new `default_model_dir`.
     train: a `train.RunResult`; predict: the CSV's path; compare: [(run name,
     `train.RunResult`)], one per `--compare` entry; benchmark: the results dict.
+    The paths it will write are checked first (`engine.preflight.check`).
     """
     model_dir = model_dir or config.model_dir or config_lib.default_model_dir(config)
     entry_points = {
@@ -31,6 +32,7 @@ def run(config, model_dir=None):
         "benchmark": _benchmark,
     }
     try:
+        preflight.check(config)
         return entry_points[config.mode](config, model_dir)
     except checkpointing.DamagedCheckpoints as e:
         raise UserError(str(e)) from e

@@ -1,5 +1,6 @@
 """The command line: bad flags are one line and a non-zero exit, before TensorFlow loads."""
 
+import dataclasses
 import os
 
 import pytest
@@ -110,23 +111,35 @@ def test_an_eta_beyond_any_calendar_still_prints():
     assert format_eta(float("-inf")) == format_eta(-5) == "0:00:00"
 
 
-@pytest.mark.parametrize("spelling", ["export", "export/", "export/sub"])
-def test_an_export_dir_linking_to_nothing_is_refused_at_start_up(tmp_path, spelling):
-    (tmp_path / "export").symlink_to(tmp_path / "missing")
-    with pytest.raises(ConfigError, match=r"is a symbolic link to .*missing, which does not exist"):
-        Config(export_dir=f"{tmp_path}/{spelling}")  # pathlib would drop the trailing /
-
-
-def test_export_dir_is_checked_where_an_export_is_written():
-    under_a_file = f"{__file__}/export"
-    with pytest.raises(ConfigError, match="is a file, so the folder cannot be made"):
-        Config(export_dir=under_a_file)
-    Config(mode="benchmark", export_dir=under_a_file)  # writes no export: not refused
-
-
 def test_flag_defaults_are_the_config_defaults():
     with main_flags() as main:
         assert main.config_from_flags() == Config()
+
+
+def test_every_option_has_a_generated_flag_with_its_default_and_help():
+    import main
+
+    kinds = {bool: "bool", int: "int", float: "float", str: "string"}
+    for field in dataclasses.fields(Config):
+        flag = main.FLAGS[field.name]
+        assert flag.default == field.default, field.name
+        assert flag.help.endswith(field.metadata["help"]), field.name  # enums: "<a|b>: help"
+        expected = "string enum" if field.metadata["choices"] else kinds[field.type]
+        assert flag.flag_type() == expected, field.name
+
+
+@pytest.mark.parametrize(
+    "name", [f.name for f in dataclasses.fields(Config) if f.metadata["choices"]]
+)
+def test_an_enum_flag_rejects_a_value_outside_its_choices_in_one_line(name, capsys):
+    with main_flags() as main, pytest.raises(SystemExit) as exit_:
+        main._parse_flags(["main.py", f"--{name}=bogus"])
+    (field,) = (f for f in dataclasses.fields(Config) if f.name == name)
+    choices = "|".join(field.metadata["choices"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: flag --{name}=bogus: value should be one of <{choices}>\n"
+    )
 
 
 def test_config_and_model_registry_agree():

@@ -20,7 +20,6 @@ from image_trees import (
 )
 
 from engine import train
-from engine.config import ConfigError
 from input_pipeline import DataError, create_data, folder, preprocessing
 
 
@@ -190,13 +189,6 @@ def test_file_cache_given_a_folder_is_written_inside_it(tmp_path, trailing_separ
     list(data.eval_fn())
     assert len(list(folder_path.glob("cache-*.index"))) == 2  # train and eval
     assert not list(tmp_path.glob("cache-*"))  # nothing beside the folder
-
-
-def test_a_cache_folder_named_with_a_trailing_separator_must_exist(tmp_path):
-    missing = tmp_path / "new"
-    expected = f"--cache={missing}{os.sep}: folder {missing} does not exist; create it"
-    with pytest.raises(ConfigError, match=re.escape(expected)):
-        _real_config("shapes", cache=f"{missing}{os.sep}")
 
 
 def test_file_cache_is_not_read_back_after_images_are_overwritten_in_place(tmp_path):

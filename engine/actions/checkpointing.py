@@ -28,10 +28,10 @@ from absl import logging
 
 from engine import files
 from engine.config import (
-    SPLIT_DATASETS,
-    SPLIT_FLAGS,
+    RESUME_FIELDS,
     ConfigError,
     absolute_dataset,
+    applies,
     dataset_path,
     same_file,
 )
@@ -42,29 +42,6 @@ CONFIG_FILE = "config.json"
 # The class names in label order: a `folder:` data set takes them from its folders,
 # which may change between runs while every flag stays the same.
 CLASSES_FILE = "classes.json"
-# Fields that decide the shape, dtype or meaning of the checkpointed state. Any
-# other flag (steps, learning rate, XLA, checkpoint cadence...) may change on resume.
-RESUME_FIELDS = (
-    "model",
-    "precision",
-    "loss_scale",
-    "optimizer",
-    "dataset",
-    "image_size",
-    "batch_size",
-    "train_examples",
-    "seed",
-    # Which examples are training data: a different split would resume the input
-    # stream at the right position in the wrong data, and could train on eval.
-    "train_split",
-    "eval_split",
-    "eval_fraction",
-    "skip_bad_images",
-    "augment",
-    # A constant rate is an optimizer variable, a schedule is not: they differ
-    # in what the optimizer checkpoints.
-    "lr_schedule",
-)
 # The root checkpoint's children besides `iterator`, which a multi-device run
 # cannot save (see the module docstring).
 STATE_CHILDREN = ("model", "optimizer", "loss_scale", "step", "skipped_steps", "consecutive_skips")
@@ -214,7 +191,7 @@ def prepare_model_dir(config, model_dir, class_names=None):
     * no checkpoints: a fresh start; `config.json` (and `classes.json`, given
       `class_names`) are written for later resumes.
     * checkpoints and `--fresh`: an error, unless `--overwrite` (then they are deleted).
-    * checkpoints: resume, after checking that `RESUME_FIELDS` match `config.json`
+    * checkpoints: resume, after checking that `RESUME_FIELDS` (engine.config) match `config.json`
       and `class_names` match `classes.json`.
     Either way `model_dir` and its checkpoints folder must take new files.
 
@@ -335,10 +312,10 @@ def check_compatible(config, directory, fields=RESUME_FIELDS):
         )
         return
     for name in fields:
-        if name == "loss_scale" and saved.get("precision") != "mixed":
-            continue  # no loss scale: the flag changed nothing (older runs recorded it)
-        if name in SPLIT_FLAGS and not str(saved.get("dataset")).startswith(SPLIT_DATASETS):
-            continue  # no splits: likewise, and a run now refuses the flags there
+        if not applies(name, saved):
+            # E.g. --loss_scale without float16: it changed nothing (older runs
+            # recorded it; a run now refuses an option outside its scope).
+            continue
         new = getattr(config, name)
         if name in saved and saved[name] != new and not _same_data_set(name, saved[name], new):
             raise ConfigError(

@@ -1,0 +1,83 @@
+"""The start-up checks that touch the disk: can the run write where it is told to?
+
+`engine.config` checks values alone; these look at the folders a run will
+write into, before anything runs, so a benchmark or a training run never ends
+by failing to write its result. `engine.run.run` calls `check` first; main.py
+calls it before TensorFlow loads too, so a bad path is refused in milliseconds.
+
+This module imports no TensorFlow.
+"""
+
+import os
+
+from engine.config import ConfigError, cache_prefix
+
+
+def check(config):
+    """Refuses, in one line, a path of `config` the run could not write.
+
+    Raises:
+      ConfigError: the folder of a file --cache, --benchmark_json or
+        --predictions_csv is missing or a file, or --export_dir cannot be made.
+    """
+    _check_cache(config)
+    _check_output_files(config)
+    _check_export_dir(config)
+
+
+def _check_cache(config):
+    if config.cache in ("", "memory"):
+        return
+    parent = os.path.dirname(os.path.abspath(cache_prefix(config.cache)))
+    if not os.path.isdir(parent):
+        raise ConfigError(
+            f"--cache={config.cache}: {_not_a_folder(parent)}, or use --cache=memory or --cache="
+        )
+
+
+def _check_output_files(config):
+    # Local paths only: `engine.config` refuses a `scheme://` one.
+    for name in ("benchmark_json", "predictions_csv"):
+        path = getattr(config, name)
+        if not path:
+            continue
+        if os.path.isdir(path):
+            raise ConfigError(f"--{name}={path} is a folder; give a file path")
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise ConfigError(f"--{name}={path}: {_not_a_folder(parent)}")
+
+
+def _check_export_dir(config):
+    export_dir = config.export_dir
+    if not export_dir or "://" in export_dir or config.mode not in ("train", "compare"):
+        return
+    if os.path.exists(export_dir) and not os.path.isdir(export_dir):
+        raise ConfigError(f"--export_dir={export_dir} is a file; give a folder path")
+    # The export is written after training: a folder that cannot be made must
+    # stop the run now, not then. `lexists`: a link to nothing is where the walk
+    # stops (abspath drops a trailing `/` that would follow it).
+    existing = os.path.abspath(export_dir)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.exists(existing):
+        raise ConfigError(
+            f"--export_dir={export_dir}: {existing} is a symbolic link to "
+            f"{os.readlink(existing)}, which does not exist; create it or give another path"
+        )
+    if not os.path.isdir(existing):
+        raise ConfigError(
+            f"--export_dir={export_dir}: {existing} is a file, so the folder cannot be made; "
+            "give another path"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"--export_dir={export_dir}: {existing} is not writable; give another path"
+        )
+
+
+def _not_a_folder(path):
+    """Why files cannot go into `path`, for an error message."""
+    if os.path.exists(path):
+        return f"{path} is a file, not a folder; give a path in a folder"
+    return f"folder {path} does not exist; create it"
