@@ -2,9 +2,10 @@
 
 from absl import logging
 
-from engine import checkpointing, compare, export, loop, predict
+from engine import checkpointing, export, loop
 from engine import config as config_lib
 from engine.guards import Terminated, TrainingDiverged, terminate_as_interrupt
+from engine.modes import compare, predict
 from input_pipeline.preprocessing import DataError
 
 __all__ = ["Terminated", "TrainingDiverged", "UserError", "run", "terminate_as_interrupt"]
@@ -56,6 +57,6 @@ def _train(config, model_dir):
 
 def _benchmark(config, model_dir):
     del model_dir  # each configuration runs in a worker and writes no run folder
-    from engine import benchmark  # only this mode needs it
+    from engine.modes import benchmark  # only this mode needs it
 
     return benchmark.run_benchmark(config)

@@ -14,8 +14,9 @@ import pytest
 import tensorflow as tf
 from conftest import ROOT, tiny_config
 
-from engine import benchmark, loop
+from engine import loop
 from engine.config import ConfigError
+from engine.modes import benchmark
 from input_pipeline import create_data
 
 
@@ -183,7 +184,7 @@ def test_a_worker_reports_its_own_peak_memory_not_its_parents():
     # Linux keeps ru_maxrss across fork and exec: a worker started from a parent
     # that once held 400 MB would report at least that.
     held = np.ones(50_000_000)  # 400 MB, touched
-    code = "from engine.benchmark import _peak_rss_mb; print(_peak_rss_mb())"
+    code = "from engine.modes.benchmark import _peak_rss_mb; print(_peak_rss_mb())"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
     )
@@ -216,7 +217,8 @@ def _fake_benchmark(setup):
     """
     return f"""
 import json, os, signal, sys
-from engine import benchmark, config as config_lib
+from engine import config as config_lib
+from engine.modes import benchmark
 benchmark.measure_peak_gflops = lambda dtype: 1.0
 {setup}
 config = config_lib.Config(

@@ -12,9 +12,10 @@ import tensorflow as tf
 from conftest import run_main, tiny_config
 from image_trees import make_folder_tree, make_ships_tree, write_csv
 
-from engine import loop, predict
+from engine import loop
 from engine.config import Config, ConfigError
 from engine.loss_scale import NoOpLossScale
+from engine.modes import predict
 from engine.train_step import create_train_step
 from input_pipeline.preprocessing import DataError
 from models import create_model

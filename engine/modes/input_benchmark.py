@@ -1,4 +1,4 @@
-"""Is the input pipeline fast enough? `python -m input_pipeline.benchmark`.
+"""Is the input pipeline fast enough? `python -m engine.modes.input_benchmark`.
 
 Writes `--num_images` generated 210x140 JPEGs in a temporary ships layout, then
 in one run, for the same model, batch and image size:

@@ -360,7 +360,7 @@ def _worker_command(config, graph_rewrite, repeats, steps):
             "steps": steps,
         }
     )
-    return [sys.executable, "-m", "engine.benchmark", payload]
+    return [sys.executable, "-m", "engine.modes.benchmark", payload]
 
 
 def _is_pathological(precision, xla, on_gpu):
@@ -484,7 +484,8 @@ def _signals_deferred():
 
 
 def _worker_env():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # The repository's root, three levels up from engine/modes/benchmark.py.
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     path = os.environ.get("PYTHONPATH")
     return dict(os.environ, PYTHONPATH=root + (os.pathsep + path if path else ""))
 

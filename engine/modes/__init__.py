@@ -1,0 +1,5 @@
+"""The modes around the engine: benchmark, compare, predict, and the input benchmark.
+
+Each is built on the engine's public API (`engine.loop.train_and_evaluate`,
+`engine.loop.build_state`, ...), as a user's own script would be.
+"""
