@@ -8,6 +8,8 @@ import dataclasses
 import datetime
 import os
 
+from input_pipeline.paths import absolute_path, cache_prefix
+
 MODES = ("train", "predict", "compare", "benchmark")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
 PRECISIONS = ("fp32", "mixed", "mixed_bf16")
@@ -373,18 +375,6 @@ def _refuse_given(given, applies_to, why_not_here):
         )
 
 
-def cache_prefix(cache):
-    """What a file `--cache`'s file names start with (`-<hash>` and TF's suffixes follow).
-
-    A folder (existing, or named with a trailing separator) holds the files as
-    `cache-<hash>*`; any other value is itself the prefix, so `runs/imgs` gives
-    `runs/imgs-<hash>*`.
-    """
-    if cache.endswith(("/", os.sep)) or os.path.isdir(cache):
-        return os.path.join(cache, "cache")
-    return cache
-
-
 def check_local_path(flag, path):
     """Refuses `scheme://` paths for a file written with Python's `open()`.
 
@@ -482,17 +472,6 @@ PATH_FLAGS = (
     "predict_csv",
     "predictions_csv",
 )
-
-
-def absolute_path(path):
-    """A local relative `path` made absolute; "", absolute and `scheme://` paths as given.
-
-    A trailing separator is kept: `--cache=DIR/` means a folder even before it exists.
-    """
-    if not path or "://" in path or os.path.isabs(path):
-        return path
-    absolute = os.path.abspath(path)
-    return os.path.join(absolute, "") if path.endswith(("/", os.sep)) else absolute
 
 
 def same_file(a, b):

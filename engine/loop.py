@@ -30,6 +30,7 @@ from engine import (
     summaries,
 )
 from engine import config as config_lib
+from engine.data import data_config
 from engine.loss_scale import create_loss_scale
 from engine.precision import get_policy, slow_combination_warning
 from engine.profiling import StepProfiler
@@ -331,7 +332,7 @@ def train_and_evaluate(config, model_dir):
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
-    data = create_data(config)  # before model_dir: bad data must leave no trace there
+    data = create_data(data_config(config))  # before model_dir: bad data must leave no trace there
     # Also before model_dir: a stale lock or a damaged file cache of the eval
     # images is found here (see `preprocessing.create_eval_dataset`). The
     # training images are decoded (or read from their cache) later, when the

@@ -16,6 +16,7 @@ from conftest import ROOT, tiny_config
 
 from engine import loop
 from engine.config import ConfigError
+from engine.data import data_config
 from engine.modes import benchmark
 from input_pipeline import create_data
 
@@ -39,7 +40,7 @@ def test_resnet50_at_96px_costs_about_4_gflop_per_training_image():
 
 def test_the_inner_loop_is_traced_once_over_many_loops(tmp_path):
     config = tiny_config(train_steps=12, steps_per_loop=3)
-    data = create_data(config)
+    data = create_data(data_config(config))
     strategy = tf.distribute.get_strategy()
     state = loop.build_state(config, data, strategy)
     from engine.train_step import create_train_step
@@ -142,7 +143,9 @@ def test_fit_and_engine_windows_alternate():
         calls.append(time.perf_counter())
         time.sleep(0.2)
 
-    windows, first, _ = benchmark._fit_interleaved(config, create_data(config), 3, 4, engine_window)
+    windows, first, _ = benchmark._fit_interleaved(
+        config, create_data(data_config(config)), 3, 4, engine_window
+    )
     assert len(windows) == 3 and len(calls) == 3 and first > 0
     for i in range(2):
         # fit's window i ran between engine windows i and i+1, and excludes them.
@@ -388,7 +391,9 @@ def _fit_once(monkeypatch, **overrides):
 
     monkeypatch.setattr(loop, "create_model_for", create_and_keep)
     config = tiny_config(steps_per_loop=2, train_steps=100, **overrides)
-    _, _, model = benchmark._fit_interleaved(config, create_data(config), 1, 2, lambda: None)
+    _, _, model = benchmark._fit_interleaved(
+        config, create_data(data_config(config)), 1, 2, lambda: None
+    )
     return model, initial
 
 

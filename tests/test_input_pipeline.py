@@ -4,6 +4,7 @@ import numpy as np
 import tensorflow as tf
 from conftest import tiny_config
 
+from engine.data import data_config
 from input_pipeline import create_data, shapes
 
 
@@ -43,7 +44,7 @@ def test_shapes_foreground_covers_part_of_the_image():
 
 def test_training_batches_have_a_static_shape_and_eval_keeps_every_example():
     config = tiny_config(train_examples=50, eval_examples=37, batch_size=16, eval_batch_size=16)
-    data = create_data(config)
+    data = create_data(data_config(config))
     train = data.train_fn()
     assert train.element_spec[0].shape == (16, 16, 16, 3)  # drop_remainder=True
     batches = list(train.take(5))

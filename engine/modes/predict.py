@@ -16,6 +16,7 @@ from absl import logging
 
 from engine import checkpointing, guards, loop
 from engine.config import ConfigError, check_local_path, same_file
+from engine.data import data_config
 from input_pipeline import preprocessing, ships
 
 
@@ -165,7 +166,7 @@ def predict(config, model_dir):
     model = restore_model(config, model_dir, len(ships.CLASS_NAMES))
     ds = preprocessing.create_eval_dataset(
         preprocessing.file_examples(kept, np.zeros(len(kept), np.int32)),
-        config.replace(cache=""),
+        data_config(config).replace(cache=""),
         config.eval_batch_size,
         cache_key=None,
         read=tf.io.read_file,
