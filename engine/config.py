@@ -225,8 +225,7 @@ class Config:
                     "or use --cache=memory or --cache="
                 )
         if self.mode == "predict":
-            if not self.dataset.startswith("ships:"):
-                raise ConfigError("--mode=predict reads a ships test CSV; use --dataset=ships:PATH")
+            # --dataset is checked against the run's (engine/modes/predict.py).
             if not self.predict_csv:
                 raise ConfigError(
                     "--mode=predict needs --predict_csv=PATH (a CSV with an image column)"
