@@ -15,6 +15,8 @@ import datetime
 import os
 from collections.abc import Callable
 
+from input_pipeline.paths import absolute_path
+
 MODES = ("train", "predict", "compare", "benchmark")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
 PRECISIONS = ("fp32", "mixed", "mixed_bf16")
@@ -491,8 +493,7 @@ def _check_real_data(config):
     if not config.train_split:
         raise ConfigError("--train_split must not be empty")
     if config.mode == "predict":
-        if not config.dataset.startswith("ships:"):
-            raise ConfigError("--mode=predict reads a ships test CSV; use --dataset=ships:PATH")
+        # --dataset is checked against the run's (engine/modes/predict.py).
         if not config.predict_csv:
             raise ConfigError(
                 "--mode=predict needs --predict_csv=PATH (a CSV with an image column)"
@@ -546,18 +547,6 @@ def _given_flags(config, names):
     """`--name` for each of `names` that `config` sets away from its default."""
     defaults = _defaults()
     return [f"--{name}" for name in names if getattr(config, name) != defaults[name]]
-
-
-def cache_prefix(cache):
-    """What a file `--cache`'s file names start with (`-<hash>` and TF's suffixes follow).
-
-    A folder (existing, or named with a trailing separator) holds the files as
-    `cache-<hash>*`; any other value is itself the prefix, so `runs/imgs` gives
-    `runs/imgs-<hash>*`.
-    """
-    if cache.endswith(("/", os.sep)) or os.path.isdir(cache):
-        return os.path.join(cache, "cache")
-    return cache
 
 
 def check_local_path(flag, path):
@@ -650,17 +639,6 @@ PATH_FLAGS = (
     "predict_csv",
     "predictions_csv",
 )
-
-
-def absolute_path(path):
-    """A local relative `path` made absolute; "", absolute and `scheme://` paths as given.
-
-    A trailing separator is kept: `--cache=DIR/` means a folder even before it exists.
-    """
-    if not path or "://" in path or os.path.isabs(path):
-        return path
-    absolute = os.path.abspath(path)
-    return os.path.join(absolute, "") if path.endswith(("/", os.sep)) else absolute
 
 
 def same_file(a, b):

@@ -10,7 +10,8 @@ This module imports no TensorFlow.
 
 import os
 
-from engine.config import ConfigError, cache_prefix
+from engine.config import ConfigError
+from input_pipeline.paths import cache_prefix
 
 
 def check(config):

@@ -2,11 +2,12 @@
 
 from absl import logging
 
-from engine import compare, predict, preflight, train
 from engine import config as config_lib
+from engine import preflight, train
 from engine.actions import checkpointing, export
 from engine.actions.divergence import TrainingDiverged
 from engine.actions.preemption import Terminated, terminate_as_interrupt
+from engine.modes import compare, predict
 from input_pipeline.preprocessing import DataError
 
 __all__ = ["Terminated", "TrainingDiverged", "UserError", "run", "terminate_as_interrupt"]
@@ -60,6 +61,6 @@ def _train(config, model_dir):
 
 def _benchmark(config, model_dir):
     del model_dir  # each configuration runs in a worker and writes no run folder
-    from engine import benchmark  # only this mode needs it
+    from engine.modes import benchmark  # only this mode needs it
 
     return benchmark.run_benchmark(config)

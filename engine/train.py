@@ -27,6 +27,7 @@ from engine.actions import checkpointing, divergence, export, preemption, summar
 from engine.actions.evaluation import Evaluation
 from engine.actions.histograms import Histograms
 from engine.actions.profiling import StepProfiler
+from engine.data import data_config
 from engine.extras import create_train_step, diagnostics
 from engine.loss_scale import create_loss_scale
 from engine.precision import get_policy, slow_combination_warning
@@ -179,7 +180,8 @@ def _prepare(config, model_dir):
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
-    data = create_data(config)  # before model_dir: bad data must leave no trace there
+    # Before model_dir: bad data must leave no trace there.
+    data = create_data(data_config(config))
     # Also before model_dir: a stale lock or a damaged file cache of the eval
     # images is found here (see `preprocessing.create_eval_dataset`). The
     # training images are decoded (or read from their cache) later, when the

@@ -1,6 +1,21 @@
-"""Input pipelines: `create_data(config)` returns a `DataSpec` for any `--dataset`."""
+"""Input pipelines: `create_data(DataConfig)` returns a `DataSpec` for any `--dataset`.
 
-from input_pipeline.datasets import DataSpec, create_data
-from input_pipeline.preprocessing import DataError
+Its names load on first use, so `input_pipeline.paths` and `input_pipeline.config`
+import without TensorFlow: `engine/config.py` checks flags before TensorFlow loads.
+"""
 
-__all__ = ["DataError", "DataSpec", "create_data"]
+import importlib
+
+__all__ = ["DataConfig", "DataError", "DataSpec", "create_data"]
+_HOMES = {
+    "DataConfig": "config",
+    "DataError": "preprocessing",
+    "DataSpec": "datasets",
+    "create_data": "datasets",
+}
+
+
+def __getattr__(name):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'input_pipeline' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"input_pipeline.{_HOMES[name]}"), name)

@@ -132,7 +132,7 @@ def train_batches(
     options.deterministic = deterministic
     # Not `experimental_symbolic_checkpoint`: it would also drop the few batches
     # in flight from the checkpoint, but it cut the end-to-end throughput of the
-    # real-image pipeline by ~10% (input_pipeline.benchmark, 2 CPU cores).
+    # real-image pipeline by ~10% (engine.modes.input_benchmark, 2 CPU cores).
     return ds.prefetch(AUTOTUNE).with_options(options)
 
 

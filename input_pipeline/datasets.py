@@ -21,8 +21,8 @@ from collections.abc import Callable
 import tensorflow as tf
 from absl import logging
 
-from engine.config import absolute_path
 from input_pipeline import batching, folder, preprocessing, shapes, ships, synthetic
+from input_pipeline.paths import absolute_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,48 +45,57 @@ class DataSpec:
 def create_data(config):
     """Returns the `DataSpec` for `config.dataset`.
 
+    Args:
+      config: an `input_pipeline.DataConfig`.
+
     Raises:
       ValueError: the data set is unknown or cannot be read (message names it).
     """
     name = config.dataset
-    if name == "shapes":
-
-        def train_arrays(indices):
-            return shapes.render_examples(config.seed, "train", indices, config.image_size)
-
-        def make_eval():
-            return shapes.create_dataset(
-                "eval", config.eval_examples, config.image_size, config.seed
-            )
-
-        num_classes, class_names = len(shapes.CLASS_NAMES), shapes.CLASS_NAMES
-        pixel_range = shapes.PIXEL_RANGE
-    elif name == "synthetic":
-
-        def train_arrays(indices):
-            images, labels = synthetic.create_arrays(
-                config.train_examples, config.image_size, config.seed
-            )
-            return tf.gather(images, indices), tf.gather(labels, indices)
-
-        def make_eval():
-            arrays = synthetic.create_arrays(
-                config.eval_examples, config.image_size, config.seed + 1
-            )
-            return tf.data.Dataset.from_tensor_slices(arrays)
-
-        num_classes = synthetic.NUM_CLASSES
-        class_names = tuple(str(i) for i in range(num_classes))
-        pixel_range = synthetic.PIXEL_RANGE
-    elif name.startswith("tfds:"):
+    if name.startswith("tfds:"):
         return _tfds_data(config, name[len("tfds:") :])
-    elif name.startswith(("folder:", "ships:")):
+    if name.startswith(("folder:", "ships:")):
         kind, root = name.split(":", 1)
         source = folder if kind == "folder" else ships
         class_names, train, evals = source.load(root, config)
         return create_file_data(config, class_names, train, evals, name)
-    else:
+    generated = {"shapes": _shapes, "synthetic": _synthetic}
+    if name not in generated:
         raise ValueError(f"--dataset={name!r} is not available in this build")
+    return _generated_data(config, *generated[name](config))
+
+
+def _shapes(config):
+    """(train_arrays(indices), make_eval(), class names, pixel range) of `shapes`."""
+
+    def train_arrays(indices):
+        return shapes.render_examples(config.seed, "train", indices, config.image_size)
+
+    def make_eval():
+        return shapes.create_dataset("eval", config.eval_examples, config.image_size, config.seed)
+
+    return train_arrays, make_eval, shapes.CLASS_NAMES, shapes.PIXEL_RANGE
+
+
+def _synthetic(config):
+    """(train_arrays(indices), make_eval(), class names, pixel range) of `synthetic`."""
+
+    def train_arrays(indices):
+        images, labels = synthetic.create_arrays(
+            config.train_examples, config.image_size, config.seed
+        )
+        return tf.gather(images, indices), tf.gather(labels, indices)
+
+    def make_eval():
+        arrays = synthetic.create_arrays(config.eval_examples, config.image_size, config.seed + 1)
+        return tf.data.Dataset.from_tensor_slices(arrays)
+
+    class_names = tuple(str(i) for i in range(synthetic.NUM_CLASSES))
+    return train_arrays, make_eval, class_names, synthetic.PIXEL_RANGE
+
+
+def _generated_data(config, train_arrays, make_eval, class_names, pixel_range):
+    """The `DataSpec` of a generated set: `train_arrays(indices)` gives its examples."""
 
     @batching.once_per_pipeline
     def load(input_context):
@@ -104,7 +113,7 @@ def create_data(config):
     return DataSpec(
         train_fn,
         eval_fn,
-        num_classes,
+        len(class_names),
         class_names,
         config.train_examples,
         config.eval_examples,
@@ -145,35 +154,11 @@ def create_file_data(config, class_names, train, evals, what):
       preprocessing.DataError: an empty split, or an undecodable image without
         `--skip_bad_images`.
     """
-    skipped = 0
-    splits = []
-    for split, (paths, labels) in (("train", train), ("eval", evals)):
-        if not paths:
-            # Only a hold-out leaves eval empty: it takes none from a class of one image.
-            advice = (
-                "add images: the hold-out gives eval an image only from a class with at least 2"
-                if split == "eval"
-                else "add images"
-            )
-            raise preprocessing.DataError(f"{what}: the {split} split has no images; {advice}")
-        before = preprocessing.class_counts(labels, len(class_names))
-        paths, labels, n = preprocessing.drop_undecodable(
-            paths, labels, config.skip_bad_images, f"{what} {split}"
-        )
-        if not paths:
-            raise preprocessing.DataError(f"{what}: every {split} image was undecodable")
-        if split == "train":
-            # A class skipped to nothing would train silently without it, like an empty folder.
-            after = preprocessing.class_counts(labels, len(class_names))
-            for name, had, has in zip(class_names, before, after, strict=True):
-                if had and not has:
-                    raise preprocessing.DataError(
-                        f"{what}: class {name} has no training image left: all its images "
-                        "were undecodable; fix or replace them, or remove the class"
-                    )
-        skipped += n
-        splits.append((paths, labels))
-    (train_paths, train_labels), (eval_paths, eval_labels) = splits
+    train_paths, train_labels, skipped_train = _decodable(
+        config, class_names, "train", *train, what
+    )
+    eval_paths, eval_labels, skipped_eval = _decodable(config, class_names, "eval", *evals, what)
+    skipped = skipped_train + skipped_eval
     train_key, eval_key = _files_key(train_paths, train_labels), _files_key(eval_paths, eval_labels)
 
     train_fn = preprocessing.create_train_fn(
@@ -195,6 +180,39 @@ def create_file_data(config, class_names, train, evals, what):
         )
 
     return _finish_spec(config, class_names, train_fn, eval_fn, train_labels, eval_labels, skipped)
+
+
+def _decodable(config, class_names, split, paths, labels, what):
+    """(paths, labels, how many were dropped) of `split` without its undecodable images.
+
+    Raises:
+      preprocessing.DataError: the split is empty, or becomes empty (or, for
+        train, loses a whole class), or an image is undecodable without `--skip_bad_images`.
+    """
+    if not paths:
+        # Only a hold-out leaves eval empty: it takes none from a class of one image.
+        advice = (
+            "add images: the hold-out gives eval an image only from a class with at least 2"
+            if split == "eval"
+            else "add images"
+        )
+        raise preprocessing.DataError(f"{what}: the {split} split has no images; {advice}")
+    before = preprocessing.class_counts(labels, len(class_names))
+    paths, labels, skipped = preprocessing.drop_undecodable(
+        paths, labels, config.skip_bad_images, f"{what} {split}"
+    )
+    if not paths:
+        raise preprocessing.DataError(f"{what}: every {split} image was undecodable")
+    if split == "train":
+        # A class skipped to nothing would train silently without it, like an empty folder.
+        after = preprocessing.class_counts(labels, len(class_names))
+        for name, had, has in zip(class_names, before, after, strict=True):
+            if had and not has:
+                raise preprocessing.DataError(
+                    f"{what}: class {name} has no training image left: all its images "
+                    "were undecodable; fix or replace them, or remove the class"
+                )
+    return paths, labels, skipped
 
 
 def _files_key(paths, labels):

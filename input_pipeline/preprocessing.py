@@ -26,8 +26,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from engine.config import cache_prefix
 from input_pipeline import batching
+from input_pipeline.paths import cache_prefix
 
 AUTOTUNE = tf.data.AUTOTUNE
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")

@@ -14,8 +14,10 @@ import pytest
 import tensorflow as tf
 from conftest import ROOT, tiny_config
 
-from engine import benchmark, loop, train
+from engine import loop, train
 from engine.config import ConfigError
+from engine.data import data_config
+from engine.modes import benchmark
 from input_pipeline import create_data
 
 
@@ -38,7 +40,7 @@ def test_resnet50_at_96px_costs_about_4_gflop_per_training_image():
 
 def test_the_inner_loop_is_traced_once_over_many_loops(tmp_path):
     config = tiny_config(train_steps=12, steps_per_loop=3)
-    data = create_data(config)
+    data = create_data(data_config(config))
     strategy = tf.distribute.get_strategy()
     state = train.build_state(config, data, strategy)
     from engine.extras import create_train_step
@@ -141,7 +143,9 @@ def test_fit_and_engine_windows_alternate():
         calls.append(time.perf_counter())
         time.sleep(0.2)
 
-    windows, first, _ = benchmark._fit_interleaved(config, create_data(config), 3, 4, engine_window)
+    windows, first, _ = benchmark._fit_interleaved(
+        config, create_data(data_config(config)), 3, 4, engine_window
+    )
     assert len(windows) == 3 and len(calls) == 3 and first > 0
     for i in range(2):
         # fit's window i ran between engine windows i and i+1, and excludes them.
@@ -183,7 +187,7 @@ def test_a_worker_reports_its_own_peak_memory_not_its_parents():
     # Linux keeps ru_maxrss across fork and exec: a worker started from a parent
     # that once held 400 MB would report at least that.
     held = np.ones(50_000_000)  # 400 MB, touched
-    code = "from engine.benchmark import _peak_rss_mb; print(_peak_rss_mb())"
+    code = "from engine.modes.benchmark import _peak_rss_mb; print(_peak_rss_mb())"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
     )
@@ -216,7 +220,8 @@ def _fake_benchmark(setup):
     """
     return f"""
 import json, os, signal, sys
-from engine import benchmark, config as config_lib
+from engine import config as config_lib
+from engine.modes import benchmark
 benchmark.measure_peak_gflops = lambda dtype: 1.0
 {setup}
 config = config_lib.Config(
@@ -386,7 +391,9 @@ def _fit_once(monkeypatch, **overrides):
 
     monkeypatch.setattr(loop, "create_model_for", create_and_keep)
     config = tiny_config(steps_per_loop=2, train_steps=100, **overrides)
-    _, _, model = benchmark._fit_interleaved(config, create_data(config), 1, 2, lambda: None)
+    _, _, model = benchmark._fit_interleaved(
+        config, create_data(data_config(config)), 1, 2, lambda: None
+    )
     return model, initial
 
 

@@ -15,12 +15,13 @@ from conftest import read_scalars, tiny_config
 from engine import train
 from engine.actions import checkpointing
 from engine.config import ConfigError
+from engine.data import data_config
 from input_pipeline import batching, create_data
 
 
 def _state_and_iterator(config):
     strategy = tf.distribute.get_strategy()
-    data = create_data(config)
+    data = create_data(data_config(config))
     state = train.build_state(config, data, strategy)
     iterator = iter(strategy.distribute_datasets_from_function(data.train_fn))
     return state, iterator
@@ -453,7 +454,7 @@ def test_an_iterator_from_another_input_pipeline_restores_the_rest(tmp_path, cap
     assert any("input position does not fit" in r.getMessage() for r in caplog.records)
     # The stream restarts: the first batch is position 0's.
     images, _ = next(replacement)
-    first, _ = next(iter(create_data(config).train_fn()))
+    first, _ = next(iter(create_data(data_config(config)).train_fn()))
     np.testing.assert_array_equal(images.numpy(), first.numpy())
 
 

@@ -6,8 +6,9 @@ import signal
 import pytest
 from conftest import main_in_process, read_texts, run_main
 
-from engine import compare, loop, train
+from engine import loop, train
 from engine.config import Config
+from engine.modes import compare
 
 CONFIGURATIONS = ("fp32", "mixed-xla", "mixed_bf16")
 # An epoch is 8 steps: with fewer, the only eval is the final one.

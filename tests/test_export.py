@@ -15,6 +15,7 @@ from image_trees import make_folder_tree
 
 from engine import train
 from engine.actions import checkpointing, export
+from engine.data import data_config
 from engine.precision import get_policy
 from input_pipeline import create_data, shapes
 from models import create_model
@@ -37,7 +38,9 @@ np.savez(sys.argv[2], **out)
 def _trained_probabilities(config, model_dir, images):
     """The trained model, rebuilt and restored from its final checkpoint, as probabilities."""
     policy = get_policy(config.precision).keras_policy
-    model = create_model(config.model, create_data(config).num_classes, config.image_size, policy)
+    model = create_model(
+        config.model, create_data(data_config(config)).num_classes, config.image_size, policy
+    )
     path = tf.train.latest_checkpoint(checkpointing.checkpoint_dir(model_dir))
     tf.train.Checkpoint(model=model).restore(
         path

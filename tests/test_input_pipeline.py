@@ -1,13 +1,10 @@
 """The embedded data: deterministic, balanced, learnable shapes; static training batches."""
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import tensorflow as tf
-from conftest import ROOT, tiny_config
+from conftest import tiny_config
 
+from engine.data import data_config
 from input_pipeline import create_data, shapes
 
 
@@ -47,27 +44,10 @@ def test_shapes_foreground_covers_part_of_the_image():
 
 def test_training_batches_have_a_static_shape_and_eval_keeps_every_example():
     config = tiny_config(train_examples=50, eval_examples=37, batch_size=16, eval_batch_size=16)
-    data = create_data(config)
+    data = create_data(data_config(config))
     train = data.train_fn()
     assert train.element_spec[0].shape == (16, 16, 16, 3)  # drop_remainder=True
     batches = list(train.take(5))
     assert all(x.shape[0] == 16 for x, _ in batches)
     eval_count = sum(int(tf.shape(y)[0]) for _, y in data.eval_fn())
     assert eval_count == 37
-
-
-def test_pipeline_benchmark_refuses_a_bad_flag_in_one_line_before_writing_images(tmp_path):
-    env = {**os.environ, "TMPDIR": str(tmp_path)}  # where its image tree would be written
-    proc = subprocess.run(
-        [sys.executable, "-m", "input_pipeline.benchmark", "--precision=fp16"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=120,
-    )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.splitlines()[-1] == (
-        "error: --precision='fp16' is not one of: fp32, mixed, mixed_bf16"
-    )
-    assert "Traceback" not in proc.stderr and "wrote" not in proc.stdout

@@ -10,6 +10,7 @@ from conftest import tiny_config
 from image_trees import make_folder_tree
 
 from engine import train
+from engine.data import data_config
 from input_pipeline import create_data
 
 MB = 1 << 20
@@ -49,7 +50,9 @@ def _assert_same_batches(a, b):
 def test_restored_shapes_iterator_continues_with_the_uninterrupted_batches(tmp_path):
     # 40 examples in batches of 8: the 11 batches cross two epoch boundaries.
     config = tiny_config(train_examples=40, batch_size=8, deterministic=True)
-    resumed, uninterrupted = _resumed_and_uninterrupted(create_data(config).train_fn, tmp_path)
+    resumed, uninterrupted = _resumed_and_uninterrupted(
+        create_data(data_config(config)).train_fn, tmp_path
+    )
     _assert_same_batches(resumed, uninterrupted)
 
 
@@ -59,13 +62,17 @@ def test_restored_folder_iterator_continues_with_the_uninterrupted_batches(tmp_p
     config = tiny_config(
         dataset=f"folder:{root}", batch_size=8, eval_batch_size=8, cache=cache, deterministic=True
     )
-    resumed, uninterrupted = _resumed_and_uninterrupted(create_data(config).train_fn, tmp_path)
+    resumed, uninterrupted = _resumed_and_uninterrupted(
+        create_data(data_config(config)).train_fn, tmp_path
+    )
     _assert_same_batches(resumed, uninterrupted)
 
 
 def test_each_epoch_is_a_new_permutation_of_every_example():
     config = tiny_config(train_examples=48, batch_size=8, deterministic=True)
-    images = np.concatenate([x.numpy() for x, _ in create_data(config).train_fn().take(12)])
+    images = np.concatenate(
+        [x.numpy() for x, _ in create_data(data_config(config)).train_fn().take(12)]
+    )
     rows = [bytes(row) for row in images.reshape(96, -1)]
     first, second = rows[:48], rows[48:]
     assert len(set(first)) == 48  # every example once in epoch 1...
@@ -80,7 +87,7 @@ def test_file_cache_is_written_at_start_up_and_gives_the_memory_cache_batches(tm
     config = tiny_config(dataset=f"folder:{root}", batch_size=8, deterministic=True)
 
     def batches(cache):
-        train_fn = create_data(config.replace(cache=cache)).train_fn
+        train_fn = create_data(data_config(config.replace(cache=cache))).train_fn
         return [x.numpy() for x, _ in train_fn().take(4)]
 
     from_file = batches(str(prefix))

@@ -12,10 +12,10 @@ import tensorflow as tf
 from conftest import run_main, tiny_config
 from image_trees import make_folder_tree, make_ships_tree, write_csv
 
-from engine import predict
 from engine.config import Config, ConfigError
 from engine.extras import create_train_step
 from engine.loss_scale import NoOpLossScale
+from engine.modes import predict
 from input_pipeline.preprocessing import DataError
 from models import create_model
 
@@ -83,17 +83,45 @@ def test_predict_with_another_model_is_a_config_error(tmp_path):
     train = tiny_config(dataset=f"ships:{root}", batch_size=8, train_steps=1, eval_batch_size=8)
     train.train_and_evaluate(train, run_dir)
     config = train.replace(
-        mode="predict", predict_csv=f"{root}/test.csv", model_dir=run_dir, model="small_resnet"
+        mode="predict", predict_csv=f"{root}/test.csv", model_dir=run_dir, model="resnet50"
     )
-    with pytest.raises(ConfigError, match="--model=small_resnet does not match the checkpoints"):
+    with pytest.raises(
+        ConfigError, match=r"--model=resnet50 differs from --model=tiny, which the run in .* drop"
+    ):
         predict.predict(config, run_dir)
     # At another resolution the weights would restore: config.json catches it.
-    with pytest.raises(ConfigError, match="--image_size=24 does not match the checkpoints"):
+    with pytest.raises(ConfigError, match="--image_size=24 differs from --image_size=16"):
         predict.predict(config.replace(model=train.model, image_size=24), run_dir)
-    os.remove(os.path.join(run_dir, "checkpoints", "config.json"))  # the restore still checks
+    # Without config.json the flags are taken as given, and the restore still checks.
+    os.remove(os.path.join(run_dir, "checkpoints", "config.json"))
+    config = config.replace(model="small_resnet")
     with pytest.raises(ConfigError, match="does not fit --model=small_resnet"):
         predict.predict(config, run_dir)
     assert not os.path.exists(os.path.join(run_dir, "predictions.csv"))
+
+
+def test_main_predicts_with_the_runs_own_model_size_and_precision_from_model_dir_alone(tmp_path):
+    root, _ = make_ships_tree(tmp_path / "ships", num_test=4)
+    run_dir = str(tmp_path / "run")
+    # Every one of these differs from main.py's default: predict must read them from the run.
+    train = tiny_config(
+        dataset=f"ships:{root}", image_size=24, batch_size=8, eval_batch_size=8, train_steps=1
+    )
+    assert (train.model, train.image_size, train.precision) != ("small_resnet", 32, "mixed")
+    train.train_and_evaluate(train, run_dir)
+    predicted = _main("--mode=predict", f"--model_dir={run_dir}", f"--predict_csv={root}/test.csv")
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    assert f"predict: --model=tiny --image_size=24 --precision=fp32 --dataset=ships:{root}" in (
+        predicted.stderr
+    )
+    with open(os.path.join(run_dir, "predictions.csv"), newline="") as f:
+        assert len(list(csv.reader(f))) == 5  # header and four predictions
+    # A flag set to neither its default nor the run's value is refused, naming both.
+    config = Config(mode="predict", model_dir=run_dir, predict_csv=f"{root}/test.csv")
+    with pytest.raises(ConfigError, match=r"^--image_size=40 differs from --image_size=24, "):
+        predict.predict(config.replace(image_size=40), run_dir)
+    with pytest.raises(ConfigError, match=r"reads a ships test CSV; use --dataset=ships:PATH"):
+        predict.predict(config.replace(dataset="synthetic"), run_dir)
 
 
 def test_predict_falls_back_from_a_damaged_checkpoint(tmp_path, caplog):
@@ -255,7 +283,6 @@ def test_a_csv_that_is_not_utf8_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize(
     "changes, expected",
     [
-        (dict(mode="predict", dataset="shapes"), "use --dataset=ships:PATH"),
         (dict(mode="predict", dataset="ships:x", model_dir="r"), "needs --predict_csv"),
         (dict(eval_fraction=1.0), "--eval_fraction must be between 0 and 1"),
         (dict(dataset="folder:"), "--dataset=folder: needs a name or path"),

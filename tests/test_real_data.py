@@ -20,6 +20,7 @@ from image_trees import (
 )
 
 from engine import train
+from engine.data import data_config
 from input_pipeline import DataError, create_data, folder, preprocessing
 
 
@@ -51,7 +52,7 @@ def test_tfds_reads_through_tfds_load_and_the_shared_preprocessing(tmp_path):
     # download_and_prepare a no-op, so nothing touches the network).
     config = _real_config("tfds:mnist", data_dir=str(tmp_path), download=True)
     with tfds.testing.mock_data(num_examples=24):
-        data = create_data(config)
+        data = create_data(data_config(config))
         batch, labels = next(iter(data.train_fn()))
         images, eval_labels = _eval_arrays(data)
     assert data.num_classes == 10 and data.class_names[:2] == ("0", "1")
@@ -80,9 +81,9 @@ def test_tfds_file_cache_is_per_data_set_version(tmp_path):
         return mock.Mock(wraps=builder, info=info), image_key, class_names
 
     with tfds.testing.mock_data(num_examples=8):
-        create_data(config).train_fn()
+        create_data(data_config(config)).train_fn()
         with mock.patch.object(tfds_source, "open_builder", newer_version):
-            create_data(config).train_fn()
+            create_data(data_config(config)).train_fn()
     assert len(_cache_indexes(prefix.parent)) == 2
 
 
@@ -96,13 +97,13 @@ def test_tfds_unprepared_without_download_says_how_to_prepare_and_never_download
         ) as download,
         pytest.raises(DataError, match=r"'mnist' is not prepared in .*tfds build mnist"),
     ):
-        create_data(config)
+        create_data(data_config(config))
     download.assert_not_called()
 
 
 def test_tfds_unknown_name_is_a_data_error():
     with pytest.raises(DataError, match="TFDS has no data set called 'no_such_set_xyz'"):
-        create_data(_real_config("tfds:no_such_set_xyz"))
+        create_data(data_config(_real_config("tfds:no_such_set_xyz")))
 
 
 # --- folder ---------------------------------------------------------------
@@ -110,7 +111,7 @@ def test_tfds_unknown_name_is_a_data_error():
 
 def test_folder_tree_with_an_eval_folder_keeps_every_label(tmp_path):
     root = make_folder_tree(tmp_path, splits=("train", "val"), per_class=4)
-    data = create_data(_real_config(f"folder:{root}", augment=False))
+    data = create_data(data_config(_real_config(f"folder:{root}", augment=False)))
     assert data.class_names == ("green", "grey", "red")  # sorted folder names
     assert (data.train_size, data.eval_size) == (12, 12)
     images, labels = _eval_arrays(data)
@@ -121,11 +122,14 @@ def test_folder_tree_with_an_eval_folder_keeps_every_label(tmp_path):
 def test_folder_without_eval_folder_gets_a_deterministic_stratified_holdout(tmp_path):
     root = make_folder_tree(tmp_path, per_class=10)
     config = _real_config(f"folder:{root}", eval_fraction=0.2)
-    first, second = _eval_arrays(create_data(config)), _eval_arrays(create_data(config))
+    first, second = (
+        _eval_arrays(create_data(data_config(config))),
+        _eval_arrays(create_data(data_config(config))),
+    )
     np.testing.assert_array_equal(first[1], second[1])
     np.testing.assert_array_equal(first[0], second[0])
     assert np.bincount(first[1]).tolist() == [2, 2, 2]  # 20% of each class
-    assert create_data(config).train_size == 24
+    assert create_data(data_config(config)).train_size == 24
 
 
 def test_an_unlabelled_test_folder_is_not_taken_for_the_eval_split(tmp_path, caplog):
@@ -135,14 +139,14 @@ def test_an_unlabelled_test_folder_is_not_taken_for_the_eval_split(tmp_path, cap
     for i in range(3):
         write_image(os.path.join(root, "test", f"unlabelled_{i}.png"), 0, i)
     with caplog.at_level(logging.WARNING):
-        data = create_data(_real_config(f"folder:{root}", eval_fraction=0.2))
+        data = create_data(data_config(_real_config(f"folder:{root}", eval_fraction=0.2)))
     assert (data.train_size, data.eval_size) == (24, 6)  # the hold-out, as without test/
     assert any(
         "test has no class folders (unlabelled images?)" in r.getMessage() for r in caplog.records
     )
     # Named explicitly, it is still an error.
     with pytest.raises(DataError, match="test has no class folders"):
-        create_data(_real_config(f"folder:{root}", eval_split="test"))
+        create_data(data_config(_real_config(f"folder:{root}", eval_split="test")))
 
 
 def test_training_batches_are_augmented_and_repeatable_with_deterministic(tmp_path):
@@ -150,7 +154,7 @@ def test_training_batches_are_augmented_and_repeatable_with_deterministic(tmp_pa
     config = _real_config(f"folder:{root}", deterministic=True)
 
     def batches(cfg):
-        return [x.numpy() for x, _ in create_data(cfg).train_fn().take(3)]
+        return [x.numpy() for x, _ in create_data(data_config(cfg)).train_fn().take(3)]
 
     a, b, c = batches(config), batches(config), batches(config.replace(seed=1))
     for x, y in zip(a, b, strict=True):
@@ -161,7 +165,7 @@ def test_training_batches_are_augmented_and_repeatable_with_deterministic(tmp_pa
 
 def test_per_replica_sharding_halves_the_batch(tmp_path):
     root = make_folder_tree(tmp_path, per_class=6)
-    data = create_data(_real_config(f"folder:{root}"))
+    data = create_data(data_config(_real_config(f"folder:{root}")))
     contexts = [tf.distribute.InputContext(2, i, 2) for i in range(2)]
     assert data.train_fn(contexts[1]).element_spec[0].shape == (4, 16, 16, 3)
     shards = [np.concatenate([x.numpy() for x, _ in data.eval_fn(c)]) for c in contexts]
@@ -173,7 +177,7 @@ def test_file_cache_is_written_under_the_given_prefix(tmp_path):
     root = make_folder_tree(tmp_path / "data", per_class=4)
     prefix = tmp_path / "cache" / "imgs"
     prefix.parent.mkdir()
-    data = create_data(_real_config(f"folder:{root}", cache=str(prefix)))
+    data = create_data(data_config(_real_config(f"folder:{root}", cache=str(prefix))))
     list(data.eval_fn())
     assert [p.name for p in prefix.parent.glob("imgs-*.index")]
 
@@ -184,7 +188,7 @@ def test_file_cache_given_a_folder_is_written_inside_it(tmp_path, trailing_separ
     folder_path = tmp_path / "cache"
     folder_path.mkdir()
     cache = str(folder_path) + (os.sep if trailing_separator else "")
-    data = create_data(_real_config(f"folder:{root}", cache=cache))
+    data = create_data(data_config(_real_config(f"folder:{root}", cache=cache)))
     data.train_fn()
     list(data.eval_fn())
     assert len(list(folder_path.glob("cache-*.index"))) == 2  # train and eval
@@ -196,13 +200,13 @@ def test_file_cache_is_not_read_back_after_images_are_overwritten_in_place(tmp_p
     prefix = tmp_path / "cache" / "imgs"
     prefix.parent.mkdir()
     config = _real_config(f"folder:{root}", cache=str(prefix), augment=False)
-    images, labels = _eval_arrays(create_data(config))  # writes the eval cache
-    red = create_data(config).class_names.index("red")
+    images, labels = _eval_arrays(create_data(data_config(config)))  # writes the eval cache
+    red = create_data(data_config(config)).class_names.index("red")
     assert set(_colour_class(images[labels == red]).tolist()) == {0}
     # Same names, other content: every red eval image becomes blue.
     for i, path in enumerate(sorted((tmp_path / "data" / "val" / "red").iterdir())):
         write_image(str(path), 2, i, fmt="PNG" if path.suffix == ".png" else "JPEG")
-    images, labels = _eval_arrays(create_data(config))
+    images, labels = _eval_arrays(create_data(data_config(config)))
     assert set(_colour_class(images[labels == red]).tolist()) == {2}
 
 
@@ -214,7 +218,7 @@ def test_a_locked_or_damaged_file_cache_is_a_clear_error(tmp_path, damage, cache
     folder_path.mkdir()
     cache = str(folder_path / cache)  # cache/imgs-<hash>*, or cache/cache-<hash>*
     config = _real_config(f"folder:{root}", cache=cache)
-    create_data(config).train_fn()  # writes the training images' cache
+    create_data(data_config(config)).train_fn()  # writes the training images' cache
     (index,) = folder_path.glob("*.index")
     stem = index.name[: -len(".index")]
     lock = folder_path / f"{stem}_0.lockfile"
@@ -230,7 +234,7 @@ def test_a_locked_or_damaged_file_cache_is_a_clear_error(tmp_path, damage, cache
         # The advice names this cache's files alone, not other data sets' under the prefix.
         expected = rf"--cache={re.escape(cache)}: the cache files are damaged .*; delete "
     with pytest.raises(DataError, match=expected + re.escape(f"{folder_path / stem}* ")):
-        create_data(config).train_fn()
+        create_data(data_config(config)).train_fn()
 
 
 def _damage(folder, stem, how):
@@ -252,7 +256,7 @@ def test_a_damaged_eval_cache_stops_the_run_before_it_writes_anything(tmp_path, 
     prefix = tmp_path / "cache" / "imgs"
     prefix.parent.mkdir()
     config = _real_config(f"folder:{root}", cache=str(prefix), train_steps=2, steps_per_loop=1)
-    data = create_data(config)
+    data = create_data(data_config(config))
     data.train_fn()
     train_index = _cache_indexes(prefix.parent)
     eval_ds = data.eval_fn()
@@ -274,8 +278,10 @@ def test_each_input_pipeline_caches_its_own_shard(tmp_path):
     prefix = tmp_path / "cache" / "imgs"
     prefix.parent.mkdir()
     contexts = [tf.distribute.InputContext(2, i, 2) for i in range(2)]
-    in_memory = create_data(_real_config(f"folder:{root}", deterministic=True))
-    on_disk = create_data(_real_config(f"folder:{root}", deterministic=True, cache=str(prefix)))
+    in_memory = create_data(data_config(_real_config(f"folder:{root}", deterministic=True)))
+    on_disk = create_data(
+        data_config(_real_config(f"folder:{root}", deterministic=True, cache=str(prefix)))
+    )
 
     def images(data, context):
         evals = [x.numpy() for x, _ in data.eval_fn(context)]
@@ -291,14 +297,14 @@ def test_empty_class_folder_is_an_error_naming_it(tmp_path):
     root = make_folder_tree(tmp_path, per_class=3)
     os.makedirs(tmp_path / "train" / "blue")
     with pytest.raises(DataError, match=r"class folder .*train/blue has no .jpg/.jpeg/.png"):
-        create_data(_real_config(f"folder:{root}"))
+        create_data(data_config(_real_config(f"folder:{root}")))
 
 
 def test_dot_files_are_not_images(tmp_path):
     root = make_folder_tree(tmp_path, per_class=4)
     (tmp_path / "train" / "red" / "._img0_0.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
     with mock.patch.object(folder.logging, "warning") as warning:
-        data = create_data(_real_config(f"folder:{root}"))
+        data = create_data(data_config(_real_config(f"folder:{root}")))
     assert data.train_size + data.eval_size == 12
     warning.assert_any_call("ignored %d non-image file(s) under %s", 1, str(tmp_path / "train"))
 
@@ -313,7 +319,7 @@ def test_images_in_subfolders_of_a_class_folder_are_read(tmp_path):
             write_image(str(nested / f"b{i}.jpg"), 2, i)
     os.makedirs(tmp_path / "train" / "red" / "2019")  # beside red's own images
     write_image(str(tmp_path / "train" / "red" / "2019" / "r9.jpg"), 0, 9)
-    data = create_data(_real_config(f"folder:{root}", augment=False))
+    data = create_data(data_config(_real_config(f"folder:{root}", augment=False)))
     assert data.class_names == ("blue", "red")
     assert (data.train_size, data.eval_size) == (6, 5)
     images, labels = _eval_arrays(data)
@@ -342,12 +348,12 @@ def test_subfolders_are_listed_in_sorted_order_without_dot_folders(tmp_path):
 def test_empty_split_is_an_error(tmp_path):
     os.makedirs(tmp_path / "train")
     with pytest.raises(DataError, match=r"train has no class folders"):
-        create_data(_real_config(f"folder:{tmp_path}"))
+        create_data(data_config(_real_config(f"folder:{tmp_path}")))
 
 
 def test_missing_train_split_is_an_error(tmp_path):
     with pytest.raises(DataError, match=r"train is not a folder"):
-        create_data(_real_config(f"folder:{tmp_path}"))
+        create_data(data_config(_real_config(f"folder:{tmp_path}")))
 
 
 @pytest.mark.parametrize("damage", [corrupt, truncate], ids=["corrupt", "truncated"])
@@ -356,7 +362,7 @@ def test_undecodable_image_stops_the_run_naming_the_file(tmp_path, damage):
     bad = tmp_path / "train" / "red" / "img0_0.jpg"
     damage(str(bad))
     with pytest.raises(DataError, match=f"cannot decode image {bad}.*--skip_bad_images"):
-        create_data(_real_config(f"folder:{root}"))
+        create_data(data_config(_real_config(f"folder:{root}")))
 
 
 def test_skip_bad_images_counts_and_logs_the_skips(tmp_path):
@@ -367,7 +373,10 @@ def test_skip_bad_images_counts_and_logs_the_skips(tmp_path):
     result = train.train_and_evaluate(config, str(tmp_path / "run"))
     assert result.steps == 2
     assert read_scalars(tmp_path / "run")["data/skipped_images"] == [(0, 2.0)]
-    assert create_data(config).train_size + create_data(config).eval_size == 16
+    assert (
+        create_data(data_config(config)).train_size + create_data(data_config(config)).eval_size
+        == 16
+    )
 
 
 def test_skip_bad_images_that_empty_a_class_is_an_error_naming_it(tmp_path):
@@ -375,13 +384,13 @@ def test_skip_bad_images_that_empty_a_class_is_an_error_naming_it(tmp_path):
     for path in (tmp_path / "train" / "grey").iterdir():
         corrupt(str(path))
     with pytest.raises(DataError, match=r"class grey has no training image left: all its"):
-        create_data(_real_config(f"folder:{root}", skip_bad_images=True))
+        create_data(data_config(_real_config(f"folder:{root}", skip_bad_images=True)))
 
 
 def test_one_image_per_class_says_a_hold_out_needs_two(tmp_path):
     root = make_folder_tree(tmp_path, per_class=1)
     with pytest.raises(DataError, match=r"eval split has no images; .* class with at least 2"):
-        create_data(_real_config(f"folder:{root}"))
+        create_data(data_config(_real_config(f"folder:{root}")))
 
 
 # --- ships ----------------------------------------------------------------
@@ -389,7 +398,9 @@ def test_one_image_per_class_says_a_hold_out_needs_two(tmp_path):
 
 def test_ships_layout_maps_categories_to_labels_and_splits_by_class(tmp_path):
     root, rows = make_ships_tree(tmp_path)
-    data = create_data(_real_config(f"ships:{root}", augment=False, eval_fraction=0.25))
+    data = create_data(
+        data_config(_real_config(f"ships:{root}", augment=False, eval_fraction=0.25))
+    )
     assert data.class_names == ("Cargo", "Military", "Carrier", "Cruise", "Tankers")
     assert data.train_size + data.eval_size == len(rows) == 30
     images, labels = _eval_arrays(data)
@@ -399,18 +410,18 @@ def test_ships_layout_maps_categories_to_labels_and_splits_by_class(tmp_path):
 
 def test_class_weighting_gives_rare_classes_larger_weights(tmp_path):
     root, _ = make_ships_tree(tmp_path, per_class=(12, 4, 4, 4, 4))
-    data = create_data(_real_config(f"ships:{root}", class_weighting=True))
+    data = create_data(data_config(_real_config(f"ships:{root}", class_weighting=True)))
     weights = np.array(data.class_weights)
     assert weights.shape == (5,) and weights[0] < 1.0 < weights[1]
     np.testing.assert_allclose(weights[1:], weights[1])
-    assert create_data(_real_config(f"ships:{root}")).class_weights is None
+    assert create_data(data_config(_real_config(f"ships:{root}"))).class_weights is None
 
 
 def _ships_error(tmp_path, rows, header=("image", "category")):
     root, _ = make_ships_tree(tmp_path)
     write_csv(os.path.join(root, "train", "train.csv"), header, rows)
     with pytest.raises(DataError) as info:
-        create_data(_real_config(f"ships:{root}"))
+        create_data(data_config(_real_config(f"ships:{root}")))
     return str(info.value)
 
 
@@ -457,7 +468,7 @@ def _link_images_into_a_store(root, store):
 def test_ships_images_may_be_symlinks_into_a_store_elsewhere(tmp_path):
     root, rows = make_ships_tree(tmp_path / "data")
     _link_images_into_a_store(root, tmp_path / "store")
-    data = create_data(_real_config(f"ships:{root}", augment=False))
+    data = create_data(data_config(_real_config(f"ships:{root}", augment=False)))
     assert data.train_size + data.eval_size == len(rows)
     images, labels = _eval_arrays(data)
     np.testing.assert_array_equal(_colour_class(images), labels)
@@ -468,7 +479,7 @@ def test_ships_dangling_symlink_is_a_missing_image(tmp_path):
     _link_images_into_a_store(root, tmp_path / "store")
     os.unlink(tmp_path / "store" / "0.jpg")
     with pytest.raises(DataError, match=r"line 2: image '0.jpg' does not exist in"):
-        create_data(_real_config(f"ships:{root}"))
+        create_data(data_config(_real_config(f"ships:{root}")))
 
 
 def test_ships_csv_with_a_missing_column_is_an_error(tmp_path):
@@ -479,7 +490,7 @@ def test_ships_csv_with_a_missing_column_is_an_error(tmp_path):
 def test_class_names_and_counts_are_logged(tmp_path):
     root, _ = make_ships_tree(tmp_path, per_class=(8, 6, 5, 4, 7))
     with mock.patch.object(preprocessing.logging, "info") as info:
-        create_data(_real_config(f"ships:{root}"))
+        create_data(data_config(_real_config(f"ships:{root}")))
     lines = [call.args[0] % call.args[1:] for call in info.call_args_list]
     train_line = next(line for line in lines if " train: " in line)
     assert "Cargo 7, Military 5, Carrier 4, Cruise 3, Tankers 6" in train_line

@@ -1,13 +1,15 @@
 """`--mode=predict`: restore the trained model and label a ships test CSV.
 
-The model is rebuilt from the config (same --model, --image_size, --precision
-as training), only its weights are restored from the latest checkpoint in
-`<model_dir>/checkpoints`, and the test images go through the eval
+The model is rebuilt with the settings the run recorded in its config.json
+(`RUN_FIELDS`: --model, --image_size, --precision, --dataset; see
+`with_run_settings`), only its weights are restored from the latest checkpoint
+in `<model_dir>/checkpoints`, and the test images go through the eval
 preprocessing. The output is a submission-style CSV `image,category` with the
 contest's category ids 1..5, one row per input row, in input order.
 """
 
 import csv
+import dataclasses
 import os
 
 import numpy as np
@@ -17,6 +19,7 @@ from absl import logging
 from engine import files, train
 from engine.actions import checkpointing
 from engine.config import ConfigError, check_local_path, same_file
+from engine.data import data_config
 from input_pipeline import preprocessing, ships
 
 
@@ -61,6 +64,48 @@ def output_path(config, model_dir):
 def _inside(path, folder):
     folder = os.path.realpath(folder)
     return os.path.commonpath([os.path.realpath(path), folder]) == folder
+
+
+# What defines the model and its input: taken from the run, so a prediction
+# needs no flag of the training command retyped.
+RUN_FIELDS = ("model", "image_size", "precision", "dataset")
+
+
+def with_run_settings(config, model_dir):
+    """`config` with the `RUN_FIELDS` of the run in `model_dir` (its config.json).
+
+    A flag at its default takes the run's value; one set to the run's value is
+    kept; any other value is refused. `--dataset` may name another ships folder
+    (it may have moved since training): only its kind must be `ships`. A run
+    without config.json (an older one) is read with `config` as given.
+
+    Raises:
+      ConfigError: the run was not trained on ships data, a flag differs from
+        both its default and the run's value, or no ships folder is known.
+    """
+    check_trained_on_ships(model_dir)
+    saved = checkpointing.load_config(checkpointing.checkpoint_dir(model_dir)) or {}
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    changes = {}
+    for name in RUN_FIELDS:
+        given, run = getattr(config, name), saved.get(name, getattr(config, name))
+        if given == run:
+            continue
+        if given == defaults[name]:
+            changes[name] = run
+        elif name != "dataset":
+            raise ConfigError(
+                f"--{name}={given} differs from --{name}={run}, which the run in "
+                f"--model_dir={model_dir} was trained with; drop --{name}: predict takes it "
+                "from the run"
+            )
+    config = config.replace(**changes)
+    if not config.dataset.startswith("ships:"):
+        raise ConfigError("--mode=predict reads a ships test CSV; use --dataset=ships:PATH")
+    if changes:
+        taken = " ".join(f"--{name}={value}" for name, value in changes.items())
+        logging.info("predict: %s, as the run in %s was trained", taken, model_dir)
+    return config
 
 
 def check_trained_on_ships(model_dir):
@@ -152,7 +197,7 @@ def predict(config, model_dir):
     out = output_path(config, model_dir)
     # A model of another data set would predict meaningless labels, or fail to
     # restore with a message about shapes instead of the data set.
-    check_trained_on_ships(model_dir)
+    config = with_run_settings(config, model_dir)
     root = config.dataset.split(":", 1)[1]
     names, paths = ships.read_unlabelled(config.predict_csv, root)
     kept, _, skipped = preprocessing.drop_undecodable(
@@ -166,7 +211,7 @@ def predict(config, model_dir):
     model = restore_model(config, model_dir, len(ships.CLASS_NAMES))
     ds = preprocessing.create_eval_dataset(
         preprocessing.file_examples(kept, np.zeros(len(kept), np.int32)),
-        config.replace(cache=""),
+        data_config(config).replace(cache=""),
         config.eval_batch_size,
         cache_key=None,
         read=tf.io.read_file,

@@ -1,4 +1,4 @@
-"""Is the input pipeline fast enough? `python -m input_pipeline.benchmark`.
+"""Is the input pipeline fast enough? `python -m engine.modes.input_benchmark`.
 
 Writes `--num_images` generated 210x140 JPEGs in a temporary ships layout, then
 in one run, for the same model, batch and image size:
@@ -115,13 +115,14 @@ def main(argv):
             )
         except ConfigError as e:
             _fail(str(e))
+        from engine.data import data_config
         from input_pipeline import create_data
 
         start = time.perf_counter()
         write_ship_tree(root, FLAGS.num_images)
         print(f"wrote {FLAGS.num_images} 210x140 JPEGs in {time.perf_counter() - start:.1f} s")
-        uncached = create_data(config.replace(cache=""))
-        data = create_data(config)
+        uncached = create_data(data_config(config).replace(cache=""))
+        data = create_data(data_config(config))
         batch = config.batch_size
         decode = pipeline_images_per_second(uncached.train_fn(), FLAGS.pipeline_batches, batch)
         # Untimed: one epoch and a bit, so any warm-up is over.

@@ -30,6 +30,7 @@ from absl import logging
 from engine import config as config_lib
 from engine import files, train
 from engine.actions import preemption
+from engine.data import data_config
 
 # (runner label, precision, xla, graph rewrite). The graph rewrite is grappler's
 # automatic mixed precision on an fp32 model: float16 on a GPU, oneDNN bfloat16 on a CPU.
@@ -158,14 +159,8 @@ def _engine_runner(config, data, loss_scale_override=None):
     return window, time.perf_counter() - start, state.model
 
 
-def _fit_interleaved(config, data, repeats, steps, between_windows):
-    """Keras `fit` on the same model, data, optimizer, policy, loss scale and clipping.
-
-    A callback closes a timed window of `fit` every `steps` steps and then calls
-    `between_windows()`, which runs the engine's windows: the runners alternate
-    A B A B at the granularity of one window, with no `fit` start-up in any
-    window. Returns (fit's window seconds, first-call seconds, model).
-    """
+def _compiled_for_fit(config, data):
+    """The model of `config`, compiled for `fit` as the engine would train it."""
     import keras
 
     from engine import optimizers
@@ -195,6 +190,20 @@ def _fit_interleaved(config, data, repeats, steps, between_windows):
         steps_per_execution=config.steps_per_loop,
         auto_scale_loss=False,  # would wrap a static scale in a dynamic LossScaleOptimizer
     )
+    return model
+
+
+def _fit_interleaved(config, data, repeats, steps, between_windows):
+    """Keras `fit` on the same model, data, optimizer, policy, loss scale and clipping.
+
+    A callback closes a timed window of `fit` every `steps` steps and then calls
+    `between_windows()`, which runs the engine's windows: the runners alternate
+    A B A B at the granularity of one window, with no `fit` start-up in any
+    window. Returns (fit's window seconds, first-call seconds, model).
+    """
+    import keras
+
+    model = _compiled_for_fit(config, data)
     loops_per_window = steps // config.steps_per_loop
     windows, first = [], []
 
@@ -291,7 +300,7 @@ def run_worker(config, graph_rewrite, repeats, steps):
         )
         tf.config.optimizer.set_experimental_options({option: True})
     keras.utils.set_random_seed(config.seed)
-    data = create_data(config)
+    data = create_data(data_config(config))
     _warm_up(config, data)
     engine_window, engine_first, model = _engine_runner(config, data)
     engine_rss = _peak_rss_mb()
@@ -359,7 +368,7 @@ def _worker_command(config, graph_rewrite, repeats, steps):
             "steps": steps,
         }
     )
-    return [sys.executable, "-m", "engine.benchmark", payload]
+    return [sys.executable, "-m", "engine.modes.benchmark", payload]
 
 
 def _is_pathological(precision, xla, on_gpu):
@@ -373,36 +382,41 @@ def run_benchmark(config):
     from input_pipeline import create_data
 
     # Bad data is the user's one-line error here, not a skipped row per configuration.
-    create_data(config)
+    create_data(data_config(config))
     on_gpu = bool(tf.config.list_physical_devices("GPU"))
     machine = _machine()
     peaks = {d: measure_peak_gflops(d) for d in ("float32", "bfloat16", "float16")}
     logging.info("measured matmul peak GFLOP/s: %s", {k: round(v, 1) for k, v in peaks.items()})
+    rows, skipped, interrupted = _measure_configurations(config, on_gpu)
+    result = {
+        "machine": machine,
+        "peak_gflops": peaks,
+        "rows": rows,
+        "skipped": skipped,
+        "loss_scale_overhead": next(
+            (r["loss_scale_overhead"] for r in rows if "loss_scale_overhead" in r), None
+        ),
+    }
+    _report(config, result, interrupted)
+    if interrupted:
+        logging.error("interrupted: the table above holds the configurations measured so far")
+        raise SystemExit(interrupted)  # 128 + the signal's number, as a shell reports it
+    return result
+
+
+def _measure_configurations(config, on_gpu):
+    """Each configuration in its worker: (rows, skipped, exit status of a stop or 0)."""
     rows, skipped, interrupted = [], [], 0
-    repeats = config.benchmark_repeats
-    steps = config.benchmark_steps or config.steps_per_loop
     label = None  # the configuration being measured
     # From the first worker to the last, SIGTERM is handled like Ctrl-C: the
     # running worker is killed and the rows measured so far are kept.
     with preemption.terminate_as_interrupt():
         try:
             for runner, precision, xla, rewrite in benchmark_configurations(config):
-                # Without the JSON path: the parent writes it.
-                cfg = config.replace(precision=precision, xla=xla, mode="train", benchmark_json="")
-                r, s = repeats, steps
-                reduced_budget = None
-                if _is_pathological(precision, xla, on_gpu):
-                    # float16 kernels without XLA on a CPU take up to seconds a step:
-                    # two windows (or fewer, if asked) of one one-step loop, for both runners.
-                    cfg = cfg.replace(steps_per_loop=1)
-                    r, s = min(2, repeats), 1
-                    reduced_budget = (
-                        f"too slow on this device for the full budget: "
-                        f"{r} window{'s' if r > 1 else ''} of one {s}-step loop"
-                    )
+                cfg, repeats, steps, reduced_budget = _budget(config, precision, xla, on_gpu)
                 label = f"{runner} {precision}{' +xla' if xla else ''}"
-                logging.info("benchmarking %s (%d x %d steps)", label, r, s)
-                measured, reason = _run_worker_process(cfg, rewrite, r, s)
+                logging.info("benchmarking %s (%d x %d steps)", label, repeats, steps)
+                measured, reason = _run_worker_process(cfg, rewrite, repeats, steps)
                 if reason:
                     skipped.append({"configuration": label, "reason": reason})
                 for row in measured:
@@ -416,19 +430,32 @@ def run_benchmark(config):
             if label:
                 reason = "stopped by SIGTERM" if interrupted == 143 else "interrupted (Ctrl-C)"
                 skipped.append({"configuration": label, "reason": reason})
-    result = {
-        "machine": machine,
-        "peak_gflops": peaks,
-        "rows": rows,
-        "skipped": skipped,
-        "loss_scale_overhead": next(
-            (r["loss_scale_overhead"] for r in rows if "loss_scale_overhead" in r), None
-        ),
-    }
+    return rows, skipped, interrupted
+
+
+def _budget(config, precision, xla, on_gpu):
+    """(the worker's config, timed windows, steps per window, why reduced or None)."""
+    # Without the JSON path: the parent writes it.
+    cfg = config.replace(precision=precision, xla=xla, mode="train", benchmark_json="")
+    repeats = config.benchmark_repeats
+    if not _is_pathological(precision, xla, on_gpu):
+        return cfg, repeats, config.benchmark_steps or config.steps_per_loop, None
+    # float16 kernels without XLA on a CPU take up to seconds a step:
+    # two windows (or fewer, if asked) of one one-step loop, for both runners.
+    r = min(2, repeats)
+    why = (
+        f"too slow on this device for the full budget: "
+        f"{r} window{'s' if r > 1 else ''} of one 1-step loop"
+    )
+    return cfg.replace(steps_per_loop=1), r, 1, why
+
+
+def _report(config, result, interrupted):
+    """Prints the table and writes the JSON, with stop signals held back meanwhile."""
     with _signals_deferred():
-        _add_derived(rows, peaks)
+        _add_derived(result["rows"], result["peak_gflops"])
         # The table first: a file that cannot be written must not take it along.
-        print(format_table(rows, skipped), flush=True)
+        print(format_table(result["rows"], result["skipped"]), flush=True)
         if config.benchmark_json:
             try:
                 _write_json(config.benchmark_json, result)
@@ -436,10 +463,6 @@ def run_benchmark(config):
                 if not interrupted:
                     raise
                 logging.error("%s", e)  # the exit status still says what stopped the run
-    if interrupted:
-        logging.error("interrupted: the table above holds the configurations measured so far")
-        raise SystemExit(interrupted)  # 128 + the signal's number, as a shell reports it
-    return result
 
 
 def _run_worker_process(config, graph_rewrite, repeats, steps):
@@ -482,7 +505,8 @@ def _signals_deferred():
 
 
 def _worker_env():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # The repository's root, three levels up from engine/modes/benchmark.py.
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     path = os.environ.get("PYTHONPATH")
     return dict(os.environ, PYTHONPATH=root + (os.pathsep + path if path else ""))
 
