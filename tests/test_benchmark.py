@@ -389,7 +389,7 @@ def _fit_once(monkeypatch, **overrides):
         initial.extend(w.numpy() for w in model.trainable_weights)
         return model
 
-    monkeypatch.setattr(loop, "create_model_for", create_and_keep)
+    monkeypatch.setattr(train, "create_model_for", create_and_keep)
     config = tiny_config(steps_per_loop=2, train_steps=100, **overrides)
     _, _, model = benchmark._fit_interleaved(
         config, create_data(data_config(config)), 1, 2, lambda: None

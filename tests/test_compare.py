@@ -135,7 +135,7 @@ def test_only_the_float16_run_takes_the_loss_scale_flags(tmp_path, monkeypatch):
         given[config.precision] = config
         return _result(4, 4)
 
-    monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
+    monkeypatch.setattr(train, "train_and_evaluate", fake_train)
     config = Config(
         mode="compare", compare="fp32,mixed,mixed_bf16", model="tiny", initial_scale=1024.0
     )
@@ -155,7 +155,7 @@ def test_a_stopped_configuration_stops_the_comparison(tmp_path, monkeypatch):
         trained.append(config.precision)
         return _result(50, 50, "SIGTERM")
 
-    monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
+    monkeypatch.setattr(train, "train_and_evaluate", fake_train)
     config = Config(mode="compare", compare="fp32,mixed_bf16", model="tiny")
     results = compare.compare(config, str(tmp_path))
     # One SIGTERM stops the whole comparison, not just the configuration it hit.
@@ -183,7 +183,7 @@ def test_a_diverging_configuration_is_a_row_and_the_rest_still_run(tmp_path, mon
             )  # no loss scale given: nan
         return _result(4, 4)
 
-    monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
+    monkeypatch.setattr(train, "train_and_evaluate", fake_train)
     config = Config(mode="compare", compare="mixed,fp32", model="tiny")
     with pytest.raises(divergence.TrainingDiverged) as info:
         compare.compare(config, str(tmp_path))
@@ -273,7 +273,7 @@ def test_a_stop_after_a_divergence_ends_the_comparison_as_stopped_not_diverged(
             raise preemption.Terminated
         return _result(3, 3, "SIGTERM")  # the loop saved and returned
 
-    monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
+    monkeypatch.setattr(train, "train_and_evaluate", fake_train)
     args = ["--mode=compare", "--compare=mixed,fp32,mixed_bf16", f"--model_dir={tmp_path}"]
     with caplog.at_level("WARNING"):
         # Not 3 ("do not retry"): mixed_bf16 never ran, the same command trains it.
@@ -379,7 +379,7 @@ def test_a_failed_export_of_the_last_configuration_names_no_rest_to_train(
             raise export.ExportError(f"the SavedModel could not be written to {config.export_dir}")
         return _result(4, 4)
 
-    monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
+    monkeypatch.setattr(train, "train_and_evaluate", fake_train)
     config = Config(
         mode="compare",
         compare="fp32,mixed_bf16",

@@ -12,6 +12,7 @@ import tensorflow as tf
 from conftest import run_main, tiny_config
 from image_trees import make_folder_tree, make_ships_tree, write_csv
 
+from engine import train
 from engine.config import Config, ConfigError
 from engine.extras import create_train_step
 from engine.loss_scale import NoOpLossScale
@@ -80,9 +81,9 @@ def test_predict_without_a_checkpoint_is_a_config_error(tmp_path):
 def test_predict_with_another_model_is_a_config_error(tmp_path):
     root, _ = make_ships_tree(tmp_path / "ships")
     run_dir = str(tmp_path / "run")
-    train = tiny_config(dataset=f"ships:{root}", batch_size=8, train_steps=1, eval_batch_size=8)
-    train.train_and_evaluate(train, run_dir)
-    config = train.replace(
+    trained = tiny_config(dataset=f"ships:{root}", batch_size=8, train_steps=1, eval_batch_size=8)
+    train.train_and_evaluate(trained, run_dir)
+    config = trained.replace(
         mode="predict", predict_csv=f"{root}/test.csv", model_dir=run_dir, model="resnet50"
     )
     with pytest.raises(
@@ -91,7 +92,7 @@ def test_predict_with_another_model_is_a_config_error(tmp_path):
         predict.predict(config, run_dir)
     # At another resolution the weights would restore: config.json catches it.
     with pytest.raises(ConfigError, match="--image_size=24 differs from --image_size=16"):
-        predict.predict(config.replace(model=train.model, image_size=24), run_dir)
+        predict.predict(config.replace(model=trained.model, image_size=24), run_dir)
     # Without config.json the flags are taken as given, and the restore still checks.
     os.remove(os.path.join(run_dir, "checkpoints", "config.json"))
     config = config.replace(model="small_resnet")
@@ -104,11 +105,11 @@ def test_main_predicts_with_the_runs_own_model_size_and_precision_from_model_dir
     root, _ = make_ships_tree(tmp_path / "ships", num_test=4)
     run_dir = str(tmp_path / "run")
     # Every one of these differs from main.py's default: predict must read them from the run.
-    train = tiny_config(
+    trained = tiny_config(
         dataset=f"ships:{root}", image_size=24, batch_size=8, eval_batch_size=8, train_steps=1
     )
-    assert (train.model, train.image_size, train.precision) != ("small_resnet", 32, "mixed")
-    train.train_and_evaluate(train, run_dir)
+    assert (trained.model, trained.image_size, trained.precision) != ("small_resnet", 32, "mixed")
+    train.train_and_evaluate(trained, run_dir)
     predicted = _main("--mode=predict", f"--model_dir={run_dir}", f"--predict_csv={root}/test.csv")
     assert predicted.returncode == 0, predicted.stderr[-2000:]
     assert f"predict: --model=tiny --image_size=24 --precision=fp32 --dataset=ships:{root}" in (
@@ -127,13 +128,13 @@ def test_main_predicts_with_the_runs_own_model_size_and_precision_from_model_dir
 def test_predict_falls_back_from_a_damaged_checkpoint(tmp_path, caplog):
     root, _ = make_ships_tree(tmp_path / "ships", num_test=3)
     run_dir = str(tmp_path / "run")
-    train = tiny_config(
+    trained = tiny_config(
         dataset=f"ships:{root}", batch_size=8, train_steps=2, eval_batch_size=8, checkpoint_every=1
     )
-    train.train_and_evaluate(train, run_dir)
+    train.train_and_evaluate(trained, run_dir)
     data_file = tmp_path / "run" / "checkpoints" / "ckpt-2.data-00000-of-00001"
     data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
-    config = train.replace(mode="predict", predict_csv=f"{root}/test.csv", model_dir=run_dir)
+    config = trained.replace(mode="predict", predict_csv=f"{root}/test.csv", model_dir=run_dir)
     with caplog.at_level("INFO"):
         path = predict.predict(config, run_dir)
     messages = [r.getMessage() for r in caplog.records]
@@ -158,12 +159,12 @@ def ships_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ships_run")
     root, _ = make_ships_tree(tmp / "ships", num_test=3)
     run_dir = str(tmp / "run")
-    train = tiny_config(dataset=f"ships:{root}", batch_size=8, train_steps=1, eval_batch_size=8)
-    train.train_and_evaluate(train, run_dir)
+    trained = tiny_config(dataset=f"ships:{root}", batch_size=8, train_steps=1, eval_batch_size=8)
+    train.train_and_evaluate(trained, run_dir)
     return (
         root,
         run_dir,
-        train.replace(mode="predict", predict_csv=f"{root}/test.csv", model_dir=run_dir),
+        trained.replace(mode="predict", predict_csv=f"{root}/test.csv", model_dir=run_dir),
     )
 
 
@@ -173,8 +174,8 @@ def folder_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("folder_run")
     root = make_folder_tree(tmp / "folder")
     run_dir = str(tmp / "run")
-    train = tiny_config(dataset=f"folder:{root}", batch_size=8, train_steps=1, eval_batch_size=8)
-    train.train_and_evaluate(train, run_dir)
+    trained = tiny_config(dataset=f"folder:{root}", batch_size=8, train_steps=1, eval_batch_size=8)
+    train.train_and_evaluate(trained, run_dir)
     return run_dir
 
 

@@ -234,13 +234,12 @@ def test_sigterm_without_model_dir_names_the_folder_to_rerun_with(tmp_path):
 def test_a_stop_during_start_up_without_model_dir_names_the_folder(
     tmp_path, capsys, caplog, monkeypatch
 ):
-    from engine import loop
 
     monkeypatch.chdir(tmp_path)  # runs/ is made in the working directory
     with monkeypatch.context() as patch:
         # Surely start-up: the folder is made, the model not yet built.
         stopped = _signal_when_called(train.build_state, signal.SIGTERM)
-        patch.setattr(loop, "build_state", stopped)
+        patch.setattr(train, "build_state", stopped)
         assert main_in_process(*QUICK, "--train_steps=6") == 128 + signal.SIGTERM
     stderr = capsys.readouterr().err
     named = _named_folder(stderr, tmp_path)

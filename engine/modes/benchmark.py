@@ -28,7 +28,7 @@ import time
 from absl import logging
 
 from engine import config as config_lib
-from engine import files, train
+from engine import files
 from engine.actions import preemption
 from engine.data import data_config
 
@@ -130,7 +130,7 @@ def _engine_runner(config, data, loss_scale_override=None):
     """Returns (window(steps) -> seconds, first-call seconds, model)."""
     import tensorflow as tf
 
-    from engine import loop
+    from engine import loop, train
     from engine.extras import create_train_step
 
     strategy = tf.distribute.get_strategy()
@@ -163,7 +163,7 @@ def _compiled_for_fit(config, data):
     """The model of `config`, compiled for `fit` as the engine would train it."""
     import keras
 
-    from engine import optimizers
+    from engine import optimizers, train
     from engine.precision import get_policy
 
     policy = get_policy(config.precision)
@@ -248,6 +248,8 @@ def _warm_up(config, data):
     compilation alone, for both.
     """
     import tensorflow as tf
+
+    from engine import train
 
     model = train.create_model_for(config, data.num_classes)
     images, _ = next(iter(data.train_fn()))
