@@ -317,6 +317,13 @@ class Config:
         "Split each batch into this many micro-batches; one decision and update per batch.",
         scopes=[NOT_BENCHMARK],
     )
+    # --- BatchNorm statistics ---
+    bn_recalibration_examples: int = option(
+        1024,
+        "Recompute BatchNorm's statistics from this many training examples (capped at one "
+        "epoch) before each eval, the last checkpoint and the export (0 = off).",
+        scopes=[NOT_BENCHMARK],
+    )
 
     def __post_init__(self):
         validate(self)
@@ -530,7 +537,7 @@ def _check_distribution(config):
 
 
 def _check_tensorboard(config):
-    for name in ("summary_every", "histogram_every"):
+    for name in ("summary_every", "histogram_every", "bn_recalibration_examples"):
         if not isinstance(getattr(config, name), int) or getattr(config, name) < 0:
             raise ConfigError(
                 f"--{name} must be an integer >= 0 (0 = off), got {getattr(config, name)}"

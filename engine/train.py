@@ -6,9 +6,10 @@ outer loop (`loop.run_loops`) its actions, in the order they act after each
 inner loop:
 
   profiler → divergence check → summaries → stop on divergence → histograms
-  → eval → checkpoints
+  → eval (BatchNorm statistics recomputed first) → checkpoints
 
-and, once training ends: the last save, the final eval and the export.
+and, once training ends: BatchNorm statistics, the last save, the final eval
+and the export.
 Preemption (SIGTERM, SIGINT) sets the stop flag the loop and the checkpoint
 action read.
 """
@@ -23,7 +24,14 @@ from absl import logging
 
 from engine import config as config_lib
 from engine import distribute, loop, optimizers
-from engine.actions import checkpointing, divergence, export, preemption, summaries
+from engine.actions import (
+    batch_norm_stats,
+    checkpointing,
+    divergence,
+    export,
+    preemption,
+    summaries,
+)
 from engine.actions.evaluation import Evaluation
 from engine.actions.histograms import Histograms
 from engine.actions.profiling import StepProfiler
@@ -160,7 +168,10 @@ def train_and_evaluate(config, model_dir):
                 actions.all,
                 stop,
             )
-            actions.checkpoints.save_unless_saved(step)
+            # The last checkpoint (the one --mode=predict restores) holds the
+            # statistics the final eval and the export use.
+            recalibrated = not stop and run.recalibrate(step)
+            actions.checkpoints.save_unless_saved(step, changed=recalibrated)
         return _finish(config, run, actions, step, stop)
     finally:
         run.profiler.stop()
@@ -242,6 +253,9 @@ def _restore(config, run):
         return iter(strategy.distribute_datasets_from_function(train_fn))
 
     run.iterator = new_iterator()
+    run.recalibrate = batch_norm_stats.create_recalibration(
+        config, strategy, run.state.model, run.data
+    )
     run.checkpoint = checkpointing.create_checkpoint(run.state, run.iterator)
     # Only the chief writes to model_dir; other workers write to a temporary
     # folder, deleted at the end, and here if restoring fails.
@@ -279,7 +293,8 @@ def _create_actions(config, run):
         run.writer, run.state, run.monitor, config.batch_size, config.summary_every
     )
     evaluation = Evaluation(
-        run.eval_loop, run.eval_data, run.writer, steps_per_epoch(config, run.data)
+        *(run.eval_loop, run.eval_data, run.writer, steps_per_epoch(config, run.data)),
+        run.recalibrate,
     )
     actions = [
         run.profiler,

@@ -55,4 +55,9 @@ def create_resnet50(num_classes, image_size):
         input_shape=(image_size, image_size, 3),
         pooling="avg",
     )
+    for layer in backbone.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            # Keras Applications' 0.99 leaves the moving statistics of a short,
+            # fast-changing run describing early weights; 0.9 as in the models above.
+            layer.momentum = 0.9
     return keras.Model(backbone.input, _head(backbone.output, num_classes), name="resnet50")

@@ -147,8 +147,49 @@ def keras_loss_scale_optimizer(poison):
     )
 
 
+def bn_recalibration(xla):
+    """Precise BatchNorm statistics with two replicas, each on its own half-batches."""
+    from engine.actions.batch_norm_stats import Recalibration
+
+    strategy = distribute.create_strategy("mirrored", 2)
+    # Four per-replica batches, each with its own offset: replica 0 gets the
+    # first and third, replica 1 the second and fourth (one input pipeline).
+    images = tf.stack([tf.random.stateless_uniform([4, 16, 16, 3], [i, 0]) + i for i in range(4)])
+    per_replica = tf.data.Dataset.from_tensor_slices((images, tf.zeros([4, 4], tf.int32)))
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        model = create_model("tiny", 3, 16, "float32", fused_batch_norm=xla != "xla")
+    recalibrate = Recalibration(
+        strategy, model, lambda ctx: per_replica, num_batches=2, jit_compile=xla == "xla"
+    )
+    recalibrate(step=1)
+    features = keras.Model(model.inputs, model.get_layer("conv").output)
+    x = [features(images[i]).numpy().astype(np.float64) for i in range(4)]
+    expected = [
+        np.mean([b.mean(axis=(0, 1, 2)) for b in x], 0),
+        np.mean([b.var(axis=(0, 1, 2)) for b in x], 0),
+    ]
+    got = [_replica_values(v) for v in recalibrate.statistics]
+    identical = all(all(np.array_equal(r, reps[0]) for r in reps) for reps in got)
+    error = max(
+        float(np.max(np.abs(reps[0] - e) / np.abs(e)))
+        for reps, e in zip(got, expected, strict=True)
+    )
+    print(
+        json.dumps(
+            {
+                "replicas": strategy.num_replicas_in_sync,
+                "identical_across_replicas": identical,
+                "max_relative_error": error,
+            }
+        )
+    )
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "skip_agreement":
+    if sys.argv[1] == "bn_recalibration":
+        bn_recalibration(sys.argv[2])
+    elif sys.argv[1] == "skip_agreement":
         skip_agreement(int(sys.argv[2]))
     elif sys.argv[1] == "keras_loss_scale_optimizer":
         keras_loss_scale_optimizer(int(sys.argv[2]))

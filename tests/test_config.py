@@ -38,6 +38,7 @@ def test_the_applies_only_to_lists_come_from_the_declarations():
         "precision_diagnostics",
         "inject_nonfinite",
         "deterministic",
+        "bn_recalibration_examples",
     }
     assert set(config_lib.RESUME_FIELDS) == {
         "model",

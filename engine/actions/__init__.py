@@ -9,7 +9,8 @@ and calling it with the `LoopRecord` acts. `engine.train` lists them in order:
   summaries.Summaries          TensorBoard scalars and the console line
   divergence.StopOnDivergence  raises before any save, so a good checkpoint stays
   histograms.Histograms        `--histogram_every` (absent when 0)
-  evaluation.Evaluation        eval after each epoch; the final eval
+  evaluation.Evaluation        eval after each epoch (BatchNorm statistics recomputed
+                               first, `batch_norm_stats`); the final eval
   checkpointing.Checkpoints    `--checkpoint_every`, and a save on a stop signal
 
 `preemption` turns SIGTERM/SIGINT into the stop flag the loop reads; `export`

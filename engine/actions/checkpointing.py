@@ -491,7 +491,10 @@ class Checkpoints(Action):
     def save(self, step):
         self.last_good, self.saved_step = self.manager.save(checkpoint_number=step), step
 
-    def save_unless_saved(self, step):
-        """The last step's save, at the end of training (unless a loop just saved it)."""
-        if self.saved_step != step:
+    def save_unless_saved(self, step, changed=False):
+        """The last step's save at the end of training, unless a loop saved this very state.
+
+        `changed`: the state changed since that save (recalibrated statistics).
+        """
+        if changed or self.saved_step != step:
             self.save(step)

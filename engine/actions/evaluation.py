@@ -9,12 +9,14 @@ class Evaluation(Action):
     """One pass over the eval data at the end of each epoch, written as `eval/*`.
 
     The last step's eval is the run's final one, done once training ends
-    (`evaluate`), after the last checkpoint is saved.
+    (`evaluate`), after the last checkpoint is saved. `recalibrate` (see
+    `batch_norm_stats`) recomputes BatchNorm's statistics before each epoch's
+    eval; before the final one, `engine.train` has already done it.
     """
 
-    def __init__(self, eval_loop, eval_data, writer, steps_per_epoch):
+    def __init__(self, eval_loop, eval_data, writer, steps_per_epoch, recalibrate):
         self.eval_loop, self.eval_data, self.writer = eval_loop, eval_data, writer
-        self.steps_per_epoch = steps_per_epoch
+        self.steps_per_epoch, self.recalibrate = steps_per_epoch, recalibrate
         self.loss, self.accuracy = float("nan"), float("nan")
 
     def steps_to_boundary(self, step):
@@ -22,6 +24,7 @@ class Evaluation(Action):
 
     def __call__(self, record):
         if record.step % self.steps_per_epoch == 0 and record.step < record.total:
+            self.recalibrate(record.step)
             self.evaluate(record.step)
 
     def evaluate(self, step):
