@@ -1,1 +1,4 @@
-"""The mixed-precision training engine. Start reading at `train_step.py`."""
+"""The mixed-precision training engine.
+
+Read `precision.py`, `loss_scale.py`, `step.py` and `loop.py`, in that order.
+"""

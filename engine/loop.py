@@ -48,15 +48,19 @@ class LoopStats(tf.Module):
     """Sums over the steps since the host last read them; not checkpointed."""
 
     NAMES = ("steps", "loss", "correct", "grad_norm", "finite_steps")
-    # For the divergence guard: the longest skip run seen during the loop (not
-    # just the one at its end) and the number of steps with a non-finite loss.
     NAMES += ("max_consecutive_skips", "nonfinite_losses")
 
     def __init__(self):
         super().__init__(name="loop_stats")
-        for name in self.NAMES:
-            dtype = tf.float32 if name in ("loss", "grad_norm") else tf.int64
-            setattr(self, name, tf.Variable(tf.zeros([], dtype), trainable=False))
+        self.steps = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.loss = tf.Variable(0.0, dtype=tf.float32, trainable=False)
+        self.correct = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.grad_norm = tf.Variable(0.0, dtype=tf.float32, trainable=False)
+        self.finite_steps = tf.Variable(0, dtype=tf.int64, trainable=False)
+        # For the divergence guard: the longest skip run seen during the loop (not
+        # just the one at its end) and the number of steps with a non-finite loss.
+        self.max_consecutive_skips = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.nonfinite_losses = tf.Variable(0, dtype=tf.int64, trainable=False)
 
     def read_and_reset(self):
         values = {name: getattr(self, name).numpy() for name in self.NAMES}
@@ -181,7 +185,8 @@ class Action:
 
     `steps_to_boundary(step)`: steps until this action must run (the next loop
     is cut to end there), or None. `before_loop(step)`: before a loop starts.
-    `__call__(record)`: after each loop, in the order the actions are listed.
+    `__call__(record)`: after each loop, in the order the actions are listed; an
+    action may mark the record for those after it (`record.diverged`).
     """
 
     def steps_to_boundary(self, step):
@@ -207,7 +212,7 @@ class LoopRecord:
     diverged: tuple | None = None  # set by the divergence guard: (reason, message)
 
 
-def every(interval, step):
+def steps_to_multiple(interval, step):
     """Steps until the next multiple of `interval` (0 = never): a `steps_to_boundary`."""
     return interval - step % interval if interval else None
 

@@ -16,13 +16,11 @@ import tensorflow as tf
 
 
 class NoOpLossScale(tf.Module):
-    """The scale for float32 and bfloat16: multiplies by one, never skips a step.
+    """The scale for float32 and bfloat16: multiplies by one and never changes.
 
-    It still reports finiteness to `update`, so the step can skip a non-finite
-    update in any precision; the scale itself stays 1.
+    The step still skips a non-finite update in every precision; `update(finite)`
+    ignores its argument here.
     """
-
-    dynamic = False
 
     def __init__(self, name="loss_scale"):
         super().__init__(name=name)
@@ -87,8 +85,6 @@ class DynamicLossScale(StaticLossScale):
     The update is branch-free (`tf.where`), so it costs a few scalar ops in the graph
     and never a host round trip.
     """
-
-    dynamic = True
 
     def __init__(
         self,

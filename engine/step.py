@@ -112,16 +112,25 @@ def apply_or_skip(
 
 
 def apply_scaled_gradients(
-    optimizer, loss_scale, scaled_grads, variables, clip_norm=0.0, apply_gradients=None
+    optimizer,
+    loss_scale,
+    scaled_grads,
+    variables,
+    clip_norm=0.0,
+    on_skip=None,
+    apply_gradients=None,
 ):
     """Stages 4-8 for one replica, from the scaled gradients.
+
+    `on_skip` runs on a skipped step (e.g. putting BatchNorm statistics back);
+    `apply_gradients` defaults to Keras' `optimizer.apply` (see `TrainStep`).
 
     Returns:
       (finite, grad_norm, finite_per_variable), as `check_and_clip`.
     """
     grads = sum_over_replicas(loss_scale.unscale(scaled_grads))
     grads, finite, grad_norm, finite_per_variable = check_and_clip(grads, clip_norm)
-    apply_or_skip(optimizer, loss_scale, grads, variables, finite, apply_gradients=apply_gradients)
+    apply_or_skip(optimizer, loss_scale, grads, variables, finite, on_skip, apply_gradients)
     return finite, grad_norm, finite_per_variable
 
 
@@ -137,7 +146,10 @@ class TrainStep:
         gradient of the global mean.
       clip_norm: clip the unscaled gradients to this global norm; 0 disables.
       loss_fn: `(labels, logits) -> float32 loss per example`.
-      apply_gradients: `(optimizer, grads, variables)`, stage 7's update.
+      apply_gradients: `(optimizer, grads, variables)`, stage 7's update on one
+        replica; default Keras' `optimizer.apply` (the engine passes TF's fused
+        kernels, `extras.fused_update`). Several replicas always use Keras'
+        `optimizer.apply`, which sums over replicas (`cross_replica_update`).
       scaled_gradients_hook: optional `(scaled_grads, variables, number) ->
         scaled_grads`, between stages 3 and 4.
       observers: `(unscaled_grads, loss_scale) -> {name: tensor}` functions whose

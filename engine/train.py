@@ -144,7 +144,11 @@ def train_and_evaluate(config, model_dir):
     run.total = total_train_steps(config, run.data)
     logging.info(
         "training %s on %s (%d classes) for %d steps, precision %s%s, model_dir %s",
-        *(config.model, config.dataset, run.data.num_classes, run.total, config.precision),
+        config.model,
+        config.dataset,
+        run.data.num_classes,
+        run.total,
+        config.precision,
         " + XLA" if config.xla else "",
         model_dir,
     )
@@ -163,7 +167,11 @@ def train_and_evaluate(config, model_dir):
         with preemption.stop_on_signals() as stop:
             actions = _create_actions(config, run)
             step = loop.run_loops(
-                *(run.train_loop, run.iterator, run.state, run.stats, run.total),
+                run.train_loop,
+                run.iterator,
+                run.state,
+                run.stats,
+                run.total,
                 config.steps_per_loop,
                 actions.all,
                 stop,
@@ -293,7 +301,10 @@ def _create_actions(config, run):
         run.writer, run.state, run.monitor, config.batch_size, config.summary_every
     )
     evaluation = Evaluation(
-        *(run.eval_loop, run.eval_data, run.writer, steps_per_epoch(config, run.data)),
+        run.eval_loop,
+        run.eval_data,
+        run.writer,
+        steps_per_epoch(config, run.data),
         run.recalibrate,
     )
     actions = [

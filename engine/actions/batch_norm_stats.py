@@ -2,8 +2,8 @@
 
 A BatchNorm layer normalises a training batch by the batch's own moments, and
 everything that runs in inference mode (eval, `--mode=predict`, the exported
-SavedModel) by its moving averages. Those lag the weights: with Keras
-Applications' momentum 0.99 they still describe weights from about a hundred
+SavedModel) by its moving averages. Those lag the weights: with momentum 0.99
+(Keras Applications' default) they still describe weights from about a hundred
 steps back, and at a high learning rate that is a different network (measured
 on real photos: eval accuracy 0.21 with them, 0.69 with batch statistics).
 
@@ -98,8 +98,14 @@ class Recalibration:
         self.strategy, self.model, self.num_batches = strategy, model, num_batches
         self.layers = batch_norm_layers(model)
         self.statistics = [v for layer in self.layers for v in _statistics(layer)]
+        # The same batches in the same order on every call, even when training
+        # lets its parallel map reorder (no --deterministic): idempotent statistics.
+        ordered = tf.data.Options()
+        ordered.deterministic = True
         self._dataset = strategy.distribute_datasets_from_function(
-            lambda context: dataset_fn(context).take(num_batches * _replicas_fed(context))
+            lambda context: (
+                dataset_fn(context).take(num_batches * _replicas_fed(context)).with_options(ordered)
+            )
         )
         self._forward = tf.function(self._batch_statistics, jit_compile=jit_compile)
         self._recalibrate = tf.function(self._recalibrate_all)

@@ -36,7 +36,7 @@ from engine.config import (
     same_file,
 )
 from engine.files import first_line
-from engine.loop import Action, every
+from engine.loop import Action, steps_to_multiple
 
 CONFIG_FILE = "config.json"
 # The class names in label order: a `folder:` data set takes them from its folders,
@@ -482,9 +482,11 @@ class Checkpoints(Action):
         self.last_good, self.saved_step = last_good, saved_step
 
     def steps_to_boundary(self, step):
-        return every(self.checkpoint_every, step)
+        return steps_to_multiple(self.checkpoint_every, step)
 
     def __call__(self, record):
+        if record.step == record.total and not record.stop:
+            return  # saved once training ends, after BatchNorm's statistics are recomputed
         if record.stop or (self.checkpoint_every and record.step % self.checkpoint_every == 0):
             self.save(record.step)
 

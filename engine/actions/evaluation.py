@@ -2,7 +2,7 @@
 
 from absl import logging
 
-from engine.loop import Action, every
+from engine.loop import Action, steps_to_multiple
 
 
 class Evaluation(Action):
@@ -20,7 +20,7 @@ class Evaluation(Action):
         self.loss, self.accuracy = float("nan"), float("nan")
 
     def steps_to_boundary(self, step):
-        return every(self.steps_per_epoch, step)
+        return steps_to_multiple(self.steps_per_epoch, step)
 
     def __call__(self, record):
         if record.step % self.steps_per_epoch == 0 and record.step < record.total:

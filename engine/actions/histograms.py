@@ -2,7 +2,7 @@
 
 from engine.actions import summaries
 from engine.extras import diagnostics
-from engine.loop import Action, every
+from engine.loop import Action, steps_to_multiple
 
 
 class Histograms(Action):
@@ -19,7 +19,7 @@ class Histograms(Action):
         self.probe = diagnostics.create_gradient_probe(train_step)
 
     def steps_to_boundary(self, step):
-        return every(self.histogram_every, step)
+        return steps_to_multiple(self.histogram_every, step)
 
     def __call__(self, record):
         if record.step % self.histogram_every == 0:

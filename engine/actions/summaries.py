@@ -14,7 +14,7 @@ from tensorboard.plugins.hparams import api as hp
 
 from engine import config as config_lib
 from engine import files, optimizers
-from engine.loop import Action, every
+from engine.loop import Action, steps_to_multiple
 
 # The run's final numbers, written once at the end: the HParams dashboard's metrics.
 FINAL_METRICS = (
@@ -258,7 +258,7 @@ class Summaries(Action):
         self.values = {}  # the last written
 
     def steps_to_boundary(self, step):
-        return every(self.summary_every, step)
+        return steps_to_multiple(self.summary_every, step)
 
     def __call__(self, record):
         self.interval_seconds += record.seconds

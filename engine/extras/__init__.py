@@ -1,11 +1,12 @@
 """Optional step machinery, and `create_train_step`, which plugs it into the step.
 
-Each piece is absent from the step unless asked for:
+Each piece but the last is absent from the step unless asked for:
   * class weights (`--class_weighting`): a weighted loss function;
   * fault injection (`--inject_nonfinite`, `inject.py`): a hook on the scaled gradients;
   * float16 range diagnostics (`--precision_diagnostics`, `diagnostics.py`): an observer;
   * gradient accumulation (`--grad_accum_steps`, `accumulate.py`): micro-batches;
-  * fused optimizer kernels (`fused_update.py`): the update of stage 7.
+  * fused optimizer kernels (`fused_update.py`): the update of stage 7; on by
+    default here (`fused_optimizer=True`), where they cover the update.
 """
 
 import tensorflow as tf
