@@ -23,6 +23,8 @@ PRECISIONS = ("fp32", "mixed", "mixed_bf16")
 MODELS = ("tiny", "small_resnet", "resnet50")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
+PRETRAINED = ("none", "imagenet")  # Keras Applications' weights; for resnet50 only
+PREPROCESSINGS = ("auto", "scaled", "caffe")
 BUILTIN_DATASETS = ("shapes", "synthetic")
 DATASET_PREFIXES = ("tfds:", "folder:", "ships:")
 # The data sets that read --train_split and --eval_split; the others have no splits.
@@ -324,6 +326,35 @@ class Config:
         "epoch) before each eval, the last checkpoint and the export (0 = off).",
         scopes=[NOT_BENCHMARK],
     )
+    # --- Starting weights (fine-tuning; engine/initialization.py) ---
+    init_weights: str = option(
+        "",
+        "Start every layer but the head from this Keras weights file (.h5 as Keras "
+        "Applications publishes them, or .weights.h5), matched by layer name.",
+        scopes=[TRAINING_RUNS],
+    )
+    pretrained: str = option(
+        "none",
+        "Start from Keras Applications' weights (imagenet: --model=resnet50), downloaded "
+        "once into Keras' cache (~/.keras/models).",
+        choices=PRETRAINED,
+        scopes=[TRAINING_RUNS],
+    )
+    init_from: str = option(
+        "",
+        "Start the model from the latest checkpoint of this run folder (its head too when "
+        "the classes agree); optimizer, step and loss scale start fresh.",
+        scopes=[TRAINING_RUNS],
+    )
+    preprocessing: str = option(
+        "auto",
+        "Input pixels as the weights expect: scaled (the pipeline's range, [-1, 1] for "
+        "photos) or caffe (Keras' ResNet50 preprocess_input); auto: caffe with --pretrained "
+        "or --init_weights, the source run's with --init_from, else scaled.",
+        choices=PREPROCESSINGS,
+        scopes=[NOT_BENCHMARK],
+        resume=True,
+    )
 
     def __post_init__(self):
         validate(self)
@@ -401,6 +432,7 @@ def validate(config):
         _check_checkpointing,
         _check_distribution,
         _check_tensorboard,
+        _check_initialization,
     ):
         check(config)
     refuse_out_of_scope(config)
@@ -570,6 +602,25 @@ def check_local_path(flag, path):
         )
 
 
+def _check_initialization(config):
+    given = [
+        flag
+        for flag, value in (
+            ("--init_weights", config.init_weights),
+            ("--init_from", config.init_from),
+            ("--pretrained", config.pretrained != "none"),
+        )
+        if value
+    ]
+    if len(given) > 1:
+        raise ConfigError(f"{' and '.join(given)} each set the starting weights; keep one")
+    if config.pretrained != "none" and config.model != "resnet50":
+        raise ConfigError(
+            f"--pretrained={config.pretrained} has weights for --model=resnet50 only, not "
+            f"--model={config.model}; use --init_weights=FILE for other weights"
+        )
+
+
 def _check_choice(name, value, choices):
     if value not in choices:
         raise ConfigError(f"--{name}={value!r} is not one of: {', '.join(choices)}")
@@ -645,6 +696,8 @@ PATH_FLAGS = (
     "benchmark_json",
     "predict_csv",
     "predictions_csv",
+    "init_weights",
+    "init_from",
 )
 
 

@@ -19,11 +19,13 @@ def check(config):
 
     Raises:
       ConfigError: the folder of a file --cache, --benchmark_json or
-        --predictions_csv is missing or a file, or --export_dir cannot be made.
+        --predictions_csv is missing or a file, --export_dir cannot be made, or
+        --init_weights / --init_from name nothing.
     """
     _check_cache(config)
     _check_output_files(config)
     _check_export_dir(config)
+    _check_initial_weights(config)
 
 
 def _check_cache(config):
@@ -74,6 +76,19 @@ def _check_export_dir(config):
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(
             f"--export_dir={export_dir}: {existing} is not writable; give another path"
+        )
+
+
+def _check_initial_weights(config):
+    if config.init_weights and not os.path.isfile(config.init_weights):
+        raise ConfigError(
+            f"--init_weights={config.init_weights}: no such file; name a Keras weights file "
+            "(.h5 or .weights.h5)"
+        )
+    if config.init_from and not os.path.isdir(config.init_from):
+        raise ConfigError(
+            f"--init_from={config.init_from}: no such folder; name the --model_dir of a "
+            "finished training run"
         )
 
 

@@ -23,7 +23,7 @@ import tensorflow as tf
 from absl import logging
 
 from engine import config as config_lib
-from engine import distribute, loop, optimizers
+from engine import distribute, initialization, loop, optimizers
 from engine.actions import (
     batch_norm_stats,
     checkpointing,
@@ -41,6 +41,7 @@ from engine.loss_scale import create_loss_scale
 from engine.precision import get_policy, slow_combination_warning
 from engine.step import create_eval_step
 from input_pipeline import create_data
+from input_pipeline.preprocessing import PIXEL_RANGE
 from models import create_model
 
 
@@ -68,11 +69,13 @@ def device_type():
     return "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
 
 
-def create_model_for(config, num_classes):
-    """The run's model under its precision's policy.
+def create_model_for(config, num_classes, pixel_range=PIXEL_RANGE):
+    """The run's model under its precision's policy, fed pixels in `pixel_range`.
 
     BatchNorm runs on TensorFlow's fused kernels unless XLA compiles the step
     (see `models.batch_norm`: faster on TensorFlow's kernels, slower under XLA).
+    `--preprocessing=caffe` puts Keras' ResNet50 input step in the model (see
+    `models.inputs`); "auto" is decided before (`initialization.resolve_preprocessing`).
     """
     policy = get_policy(config.precision)
     return create_model(
@@ -81,6 +84,8 @@ def create_model_for(config, num_classes):
         config.image_size,
         policy.keras_policy,
         fused_batch_norm=not config.xla,
+        preprocessing="caffe" if config.preprocessing == "caffe" else "scaled",
+        pixel_range=pixel_range,
     )
 
 
@@ -89,7 +94,7 @@ def build_state(config, data, strategy):
     policy = get_policy(config.precision)
     total_steps = total_train_steps(config, data)
     with strategy.scope():
-        model = create_model_for(config, data.num_classes)
+        model = create_model_for(config, data.num_classes, data.pixel_range)
         optimizer = optimizers.create_optimizer(config, total_steps)
         optimizer.build(model.trainable_variables)
         loss_scale = create_loss_scale(
@@ -138,6 +143,7 @@ def train_and_evaluate(config, model_dir):
       checkpointing.DamagedCheckpoints: checkpoints exist but none can be read.
       divergence.TrainingDiverged: the divergence guard stopped the run.
     """
+    config = initialization.resolve_preprocessing(config, model_dir)
     run = _prepare(config, model_dir)
     _build(config, run)
     _restore(config, run)
@@ -224,6 +230,11 @@ def _prepare(config, model_dir):
 def _build(config, run):
     """The train state, the step with the extras the config asks for, and both loops."""
     run.state = build_state(config, run.data, run.strategy)
+    if not run.resume:  # a resumed run restores its own weights
+        with run.strategy.scope():
+            initialization.initialize(
+                config, run.state.model, run.data.num_classes, run.data.pixel_range
+            )
     run.stats = loop.LoopStats()
     run.monitor = diagnostics.StepMonitor(
         [v.path for v in run.state.model.trainable_variables],

@@ -4,7 +4,7 @@ import contextlib
 
 import keras
 
-from models import batch_norm, resnet
+from models import batch_norm, inputs, resnet
 
 _CONSTRUCTORS = {
     "tiny": resnet.create_tiny,
@@ -25,7 +25,15 @@ def _dtype_policy(name):
         keras.config.set_dtype_policy(previous)
 
 
-def create_model(name, num_classes, image_size, dtype="float32", fused_batch_norm=True):
+def create_model(
+    name,
+    num_classes,
+    image_size,
+    dtype="float32",
+    fused_batch_norm=True,
+    preprocessing="scaled",
+    pixel_range=(-1.0, 1.0),
+):
     """Builds model `name` for `image_size`² RGB inputs.
 
     Args:
@@ -36,6 +44,8 @@ def create_model(name, num_classes, image_size, dtype="float32", fused_batch_nor
       fused_batch_norm: BatchNorm on TensorFlow's fused kernels (see
         `batch_norm`): faster on TensorFlow's own kernels, slower under XLA, so
         pass False for a model whose step XLA compiles.
+      preprocessing: what the model does to its input first (`inputs.PREPROCESSINGS`).
+      pixel_range: the range of the pixels the model is fed (what "caffe" maps from).
 
     Returns:
       A built `keras.Model` mapping float32 images to float32 logits.
@@ -43,5 +53,6 @@ def create_model(name, num_classes, image_size, dtype="float32", fused_batch_nor
     if name not in _CONSTRUCTORS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     with _dtype_policy(dtype):
-        model = _CONSTRUCTORS[name](num_classes=num_classes, image_size=image_size)
+        preprocess = inputs.input_layer(preprocessing, pixel_range)
+        model = _CONSTRUCTORS[name](num_classes, image_size, preprocess=preprocess)
     return batch_norm.fuse_batch_norm(model) if fused_batch_norm else model

@@ -29,35 +29,51 @@ def _residual_block(x, filters, strides, name):
     return layers.ReLU()(layers.Add()([shortcut, y]))
 
 
-def create_small_resnet(num_classes, image_size, widths=(32, 64, 128)):
-    """A ResNet with one basic block per stage: trains in minutes on a CPU."""
+def _inputs(image_size, preprocess):
+    """(model input, what the first layer sees): `preprocess` (a layer or None) between."""
     inputs = keras.Input((image_size, image_size, 3), name="images")
-    x = layers.ReLU()(_conv_bn(inputs, widths[0], 3, name="stem"))
+    return inputs, preprocess(inputs) if preprocess else inputs
+
+
+def create_small_resnet(num_classes, image_size, preprocess=None, widths=(32, 64, 128)):
+    """A ResNet with one basic block per stage: trains in minutes on a CPU."""
+    inputs, x = _inputs(image_size, preprocess)
+    x = layers.ReLU()(_conv_bn(x, widths[0], 3, name="stem"))
     for stage, width in enumerate(widths):
         x = _residual_block(x, width, strides=1 if stage == 0 else 2, name=f"stage{stage}")
     x = layers.GlobalAveragePooling2D()(x)
     return keras.Model(inputs, _head(x, num_classes), name="small_resnet")
 
 
-def create_tiny(num_classes, image_size):
+def create_tiny(num_classes, image_size, preprocess=None):
     """A few thousand weights with one BatchNorm: for tests."""
-    inputs = keras.Input((image_size, image_size, 3), name="images")
-    x = layers.ReLU()(_conv_bn(inputs, 8, 3, strides=2, name="conv"))
+    inputs, x = _inputs(image_size, preprocess)
+    x = layers.ReLU()(_conv_bn(x, 8, 3, strides=2, name="conv"))
     x = layers.GlobalAveragePooling2D()(x)
     return keras.Model(inputs, _head(x, num_classes), name="tiny")
 
 
-def create_resnet50(num_classes, image_size):
-    """The seed's ResNet50 (Keras Applications, random init) with a float32 head."""
+def create_resnet50(num_classes, image_size, preprocess=None):
+    """The seed's ResNet50 (Keras Applications, random init) with a float32 head.
+
+    Its layers keep Keras Applications' names, so Keras' weight files for it
+    load by name (`models.weights`).
+    """
+    if preprocess:
+        inputs, x = _inputs(image_size, preprocess)
+        shape = {"input_tensor": x}
+    else:
+        shape = {"input_shape": (image_size, image_size, 3)}
     backbone = keras.applications.ResNet50(
         include_top=False,
-        weights=None,  # never download weights at run time
-        input_shape=(image_size, image_size, 3),
+        weights=None,  # never download weights at run time; see engine/initialization.py
         pooling="avg",
+        **shape,
     )
     for layer in backbone.layers:
         if isinstance(layer, layers.BatchNormalization):
             # Keras Applications' 0.99 leaves the moving statistics of a short,
             # fast-changing run describing early weights; 0.9 as in the models above.
             layer.momentum = 0.9
-    return keras.Model(backbone.input, _head(backbone.output, num_classes), name="resnet50")
+    inputs = inputs if preprocess else backbone.input
+    return keras.Model(inputs, _head(backbone.output, num_classes), name="resnet50")

@@ -39,6 +39,7 @@ def test_the_applies_only_to_lists_come_from_the_declarations():
         "inject_nonfinite",
         "deterministic",
         "bn_recalibration_examples",
+        "preprocessing",
     }
     assert set(config_lib.RESUME_FIELDS) == {
         "model",
@@ -56,6 +57,7 @@ def test_the_applies_only_to_lists_come_from_the_declarations():
         "skip_bad_images",
         "augment",
         "lr_schedule",
+        "preprocessing",
     }
 
 

@@ -112,9 +112,10 @@ def test_main_predicts_with_the_runs_own_model_size_and_precision_from_model_dir
     train.train_and_evaluate(trained, run_dir)
     predicted = _main("--mode=predict", f"--model_dir={run_dir}", f"--predict_csv={root}/test.csv")
     assert predicted.returncode == 0, predicted.stderr[-2000:]
-    assert f"predict: --model=tiny --image_size=24 --precision=fp32 --dataset=ships:{root}" in (
-        predicted.stderr
-    )
+    assert (
+        f"predict: --model=tiny --image_size=24 --precision=fp32 --preprocessing=scaled "
+        f"--dataset=ships:{root}"
+    ) in (predicted.stderr)
     with open(os.path.join(run_dir, "predictions.csv"), newline="") as f:
         assert len(list(csv.reader(f))) == 5  # header and four predictions
     # A flag set to neither its default nor the run's value is refused, naming both.

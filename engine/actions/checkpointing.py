@@ -277,7 +277,7 @@ def check_classes(config, directory, class_names):
     written before `classes.json` existed are not checked.
     """
     path = os.path.join(directory, CLASSES_FILE)
-    saved = _load_json(path, list, "the class names the checkpoints were trained on")
+    saved = load_classes(directory)
     if saved is None:
         return
     new = list(class_names)
@@ -348,6 +348,12 @@ def _same_data_set(name, saved, new):
     while tail and tail[0] == os.pardir:
         tail.pop(0)
     return bool(tail) and new_parts[-len(tail) :] == tail
+
+
+def load_classes(directory):
+    """The class names in `<directory>/classes.json`, in label order, or None if it is missing."""
+    path = os.path.join(directory, CLASSES_FILE)
+    return _load_json(path, list, "the class names the checkpoints were trained on")
 
 
 def load_config(directory):
