@@ -346,6 +346,12 @@ class Config:
         "the classes agree); optimizer, step and loss scale start fresh.",
         scopes=[TRAINING_RUNS],
     )
+    freeze_steps: int = option(
+        0,
+        "Train only the head for this many steps (every other layer frozen, its BatchNorm "
+        "in inference mode), then every layer (0 = off).",
+        scopes=[TRAINING_RUNS],
+    )
     preprocessing: str = option(
         "auto",
         "Input pixels as the weights expect: scaled (the pipeline's range, [-1, 1] for "
@@ -465,7 +471,7 @@ def _check_counts(config):
         "eval_batch_size",
     ):
         _check_positive_int(name, getattr(config, name))
-    for name in ("epochs", "train_steps", "warmup_steps", "seed"):
+    for name in ("epochs", "train_steps", "warmup_steps", "freeze_steps", "seed"):
         # Seeds reach numpy, which takes 32 bits; counts past 2**31 no run reaches.
         limit = 2**32 if name == "seed" else 2**31
         if not 0 <= getattr(config, name) < limit:

@@ -29,6 +29,7 @@ from engine.actions import (
     checkpointing,
     divergence,
     export,
+    freezing,
     preemption,
     summaries,
 )
@@ -147,6 +148,10 @@ def train_and_evaluate(config, model_dir):
     run = _prepare(config, model_dir)
     _build(config, run)
     _restore(config, run)
+    run.start_step = int(run.state.step.numpy())
+    # Frozen until --freeze_steps (a resume past it starts unfrozen); see `freezing`.
+    freezing.set_frozen(run.state.model, run.start_step < config.freeze_steps)
+    _build_step(config, run)
     run.total = total_train_steps(config, run.data)
     logging.info(
         "training %s on %s (%d classes) for %d steps, precision %s%s, model_dir %s",
@@ -160,7 +165,6 @@ def train_and_evaluate(config, model_dir):
     )
     run.writer = summaries.SummaryWriter(run.write_dir.path)
     run.profiler = StepProfiler(config.profile_steps, run.write_dir.path, run.total)
-    run.start_step = int(run.state.step.numpy())
     run.profiler.warn_if_unreached(run.start_step)
     # What an earlier run logged after the checkpoint resumed from is not shown.
     run.writer.session_start(run.start_step + 1)
@@ -173,7 +177,7 @@ def train_and_evaluate(config, model_dir):
         with preemption.stop_on_signals() as stop:
             actions = _create_actions(config, run)
             step = loop.run_loops(
-                run.train_loop,
+                lambda iterator, n: run.train_loop(iterator, n),  # --freeze_steps rebuilds it
                 run.iterator,
                 run.state,
                 run.stats,
@@ -228,7 +232,7 @@ def _prepare(config, model_dir):
 
 
 def _build(config, run):
-    """The train state, the step with the extras the config asks for, and both loops."""
+    """The train state, with its starting weights, the loop statistics and the eval loop."""
     run.state = build_state(config, run.data, run.strategy)
     if not run.resume:  # a resumed run restores its own weights
         with run.strategy.scope():
@@ -236,6 +240,13 @@ def _build(config, run):
                 config, run.state.model, run.data.num_classes, run.data.pixel_range
             )
     run.stats = loop.LoopStats()
+    run.eval_loop = loop.create_eval_loop(
+        run.strategy, create_eval_step(run.state.model), config.xla
+    )
+
+
+def _build_step(config, run):
+    """The step over the trainable weights, with the extras the config asks for, and its loop."""
     run.monitor = diagnostics.StepMonitor(
         [v.path for v in run.state.model.trainable_variables],
         precision_diagnostics=config.precision_diagnostics,
@@ -253,9 +264,6 @@ def _build(config, run):
     )
     run.train_loop = loop.create_train_loop(
         run.strategy, run.train_step, run.state, run.stats, config.xla, run.monitor
-    )
-    run.eval_loop = loop.create_eval_loop(
-        run.strategy, create_eval_step(run.state.model), config.xla
     )
 
 
@@ -309,7 +317,12 @@ def _create_actions(config, run):
         run.manager, config.checkpoint_every, run.last_good, run.saved_step
     )
     summary = summaries.Summaries(
-        run.writer, run.state, run.monitor, config.batch_size, config.summary_every
+        run.writer,
+        run.state,
+        run.monitor,
+        config.batch_size,
+        config.summary_every,
+        write_at=(config.freeze_steps,),
     )
     evaluation = Evaluation(
         run.eval_loop,
@@ -324,11 +337,24 @@ def _create_actions(config, run):
         summary,
         divergence.StopOnDivergence(run.state, checkpoints),
     ]
+
+    def histograms():
+        return Histograms(run.writer, run.train_step, images, labels, config.histogram_every)
+
     if config.histogram_every:
-        actions.append(
-            Histograms(run.writer, run.train_step, images, labels, config.histogram_every)
-        )
+        actions.append(histograms())
     actions += [evaluation, checkpoints]
+    if run.start_step < config.freeze_steps:
+
+        def rebuild_step():  # the actions that hold the frozen step take the new one
+            _build_step(config, run)
+            summary.monitor = run.monitor  # read at the boundary (`write_at`)
+            if config.histogram_every:
+                actions[next(i for i, a in enumerate(actions) if isinstance(a, Histograms))] = (
+                    histograms()
+                )
+
+        actions.append(freezing.Unfreeze(config.freeze_steps, run.state.model, rebuild_step))
     return types.SimpleNamespace(
         all=actions, checkpoints=checkpoints, summaries=summary, evaluation=evaluation
     )

@@ -142,8 +142,8 @@ def test_lagging_statistics_are_mended_in_eval_checkpoint_and_export(tmp_path, m
     # cores; the small ResNet with the same momentum shows the same lag in seconds.
     create_model_for = train.create_model_for
 
-    def slow_momentum(config, num_classes):
-        model = create_model_for(config, num_classes)
+    def slow_momentum(config, num_classes, *args):
+        model = create_model_for(config, num_classes, *args)
         for layer in batch_norm_stats.batch_norm_layers(model):
             layer.momentum = 0.99
         return model

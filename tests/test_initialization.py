@@ -267,3 +267,54 @@ def test_caffe_preprocessing_is_the_models_in_training_eval_predict_and_export(t
     np.testing.assert_allclose(served.numpy(), by_hand, rtol=1e-4, atol=1e-5)
     predicted = [int(row["category"]) for row in rows]
     assert predicted == [int(ships.CATEGORIES[i]) for i in np.argmax(by_hand, axis=-1)]
+
+
+def _checkpoint_values(config, model_dir, step, num_classes=5):
+    model = train.create_model_for(config, num_classes)
+    path = os.path.join(checkpointing.checkpoint_dir(model_dir), f"ckpt-{step}")
+    tf.train.Checkpoint(model=model).restore(path).expect_partial()
+    return {v.path: v.numpy() for v in model.weights}
+
+
+def test_freeze_steps_train_only_the_head_then_every_layer(tmp_path, monkeypatch):
+    steps_built = []
+    create = train.create_train_step
+
+    def recording(model, *args, **kwargs):
+        steps_built.append([v.path for v in model.trainable_variables])
+        return create(model, *args, **kwargs)
+
+    monkeypatch.setattr(train, "create_train_step", recording)
+    # Step 3 has nan gradients: a skipped frozen step changes nothing either.
+    config = tiny_config(
+        precision="mixed",
+        freeze_steps=4,
+        train_steps=8,
+        checkpoint_every=2,
+        keep_checkpoints=10,
+        inject_nonfinite="3",
+        deterministic=True,
+        lr_schedule="constant",  # so a run of 2 steps is the first 2 of a run of 8
+    )
+    model_dir = str(tmp_path / "run")
+    result = run.run(config, model_dir)
+    assert result.skipped_steps == 1
+    # The frozen step's variables are the head's alone: nothing else is updated,
+    # checked for finiteness or counted in the gradient norm.
+    assert steps_built[0] == [f"{HEAD}/kernel", f"{HEAD}/bias"]
+    assert len(steps_built) == 2 and len(steps_built[1]) > 2
+    at = {step: _checkpoint_values(config, model_dir, step) for step in (2, 4, 6)}
+    for path, value in at[4].items():
+        if path.startswith(HEAD + "/"):
+            assert not np.array_equal(value, at[2][path]), path  # the head trains
+        else:  # kernels, BatchNorm's scale and offset and its statistics
+            np.testing.assert_array_equal(value, at[2][path], err_msg=path)
+    moved = [p for p in at[6] if not p.startswith(HEAD) and not np.array_equal(at[6][p], at[4][p])]
+    assert "conv/kernel" in moved and "conv_bn/moving_mean" in moved  # then every layer
+    # Stopped inside the frozen phase and resumed: frozen again, then unfrozen,
+    # to the same weights as the run above.
+    split_dir = str(tmp_path / "split")
+    run.run(config.replace(train_steps=2), split_dir)
+    resumed = run.run(config, split_dir)
+    assert resumed.trained_steps == 6 and resumed.weights_digest == result.weights_digest
+    assert [len(paths) for paths in steps_built[2:]] == [2, 2, len(steps_built[1])]

@@ -96,8 +96,8 @@ class Recalibration:
 
     def __init__(self, strategy, model, dataset_fn, num_batches, jit_compile=False):
         self.strategy, self.model, self.num_batches = strategy, model, num_batches
-        self.layers = batch_norm_layers(model)
-        self.statistics = [v for layer in self.layers for v in _statistics(layer)]
+        self.jit_compile = jit_compile
+        self._trace_for(batch_norm_layers(model))
         # The same batches in the same order on every call, even when training
         # lets its parallel map reorder (no --deterministic): idempotent statistics.
         ordered = tf.data.Options()
@@ -107,10 +107,18 @@ class Recalibration:
                 dataset_fn(context).take(num_batches * _replicas_fed(context)).with_options(ordered)
             )
         )
-        self._forward = tf.function(self._batch_statistics, jit_compile=jit_compile)
+
+    def _trace_for(self, layers):
+        """The functions over `layers`' statistics (traced again when they change)."""
+        self.layers = layers
+        self.statistics = [v for layer in layers for v in _statistics(layer)]
+        self._forward = tf.function(self._batch_statistics, jit_compile=self.jit_compile)
         self._recalibrate = tf.function(self._recalibrate_all)
 
     def __call__(self, step):
+        layers = batch_norm_layers(self.model)  # --freeze_steps changes which
+        if layers != self.layers:
+            self._trace_for(layers)
         if not self.layers:
             return False
         start = time.perf_counter()

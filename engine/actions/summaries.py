@@ -249,9 +249,10 @@ class Summaries(Action):
     since the last write reach TensorBoard and the log before the run ends.
     """
 
-    def __init__(self, writer, state, monitor, batch_size, summary_every):
+    def __init__(self, writer, state, monitor, batch_size, summary_every, write_at=()):
         self.writer, self.state, self.monitor = writer, state, monitor
         self.batch_size, self.summary_every = batch_size, summary_every
+        self.write_at = set(write_at)  # steps written whatever the cadence (a new step after)
         self.interval, self.interval_seconds = {}, 0.0  # since the last write
         self.first_step_seconds = None
         self.timed_seconds = 0.0  # in the loops after the first, whose speed is measured
@@ -266,6 +267,7 @@ class Summaries(Action):
         due = not self.summary_every or record.step % self.summary_every == 0
         # A stop or a divergence writes at once: its skips must not be lost.
         urgent = record.first or record.step == record.total or record.stop or record.diverged
+        urgent = urgent or record.step in self.write_at
         if not (due or urgent):
             return
         values = _loop_values(self.state, self.interval, self.batch_size)
