@@ -54,6 +54,7 @@ def read_texts(logdir):
     """{tag: [(step, text), ...]} of the text summaries under `logdir`."""
     # Text is a scalar string; images are strings too, but a vector of them.
     found = _tensor_summaries(logdir, lambda p: p.dtype == 7 and not p.tensor_shape.dim)
+    found.pop("custom_scalars__config__", None)  # the dashboard's layout: a proto, not text
     return {
         tag: [(step, tf_make_ndarray(p).item().decode()) for step, p in events]
         for tag, events in found.items()

@@ -256,3 +256,32 @@ def test_a_flagfile_replayed_from_another_folder_resumes_with_the_runs_files(tmp
     assert (first / "export" / "saved_model.pb").exists()
     assert os.listdir(elsewhere) == []
     assert sorted(os.listdir(first / "cache")) == caches  # read back, not written again
+
+
+def test_every_scalar_explains_itself_and_the_layout_groups_mixed_precision(trained):
+    import re
+
+    from tensorboard.backend.event_processing import plugin_event_accumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+
+    parent, _, _ = trained
+    acc = plugin_event_accumulator.EventAccumulator(str(parent / RUN), size_guidance={"tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()["tensors"]
+    scalars = sorted(read_scalars(parent / RUN))
+    assert {"train/loss_scale", "train/fp16_underflow_fraction", "eval/accuracy"} <= set(scalars)
+    for tag in scalars:
+        description = acc.SummaryMetadata(tag).summary_description
+        assert len(description) > 20, tag  # what it is and how to read it
+    assert (
+        "halves on every skipped step"
+        in acc.SummaryMetadata("train/loss_scale").summary_description
+    )
+    (event,) = acc.Tensors(metadata.CONFIG_SUMMARY_TAG)
+    layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    assert [c.title for c in layout.category] == ["Mixed precision", "Training"]
+    charts = {chart.title: chart.multiline.tag for c in layout.category for chart in c.chart}
+    assert "Loss scale" in charts and "float16 underflow and overflow" in charts
+    for title, patterns in charts.items():  # every chart draws something this run wrote
+        assert any(re.search(p, tag) for p in patterns for tag in scalars), title
+    assert metadata.CONFIG_SUMMARY_TAG in tags

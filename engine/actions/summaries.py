@@ -14,6 +14,7 @@ from tensorboard.plugins.hparams import api as hp
 
 from engine import config as config_lib
 from engine import files, optimizers
+from engine.actions import dashboard
 from engine.loop import Action, steps_to_multiple
 
 # The run's final numbers, written once at the end: the HParams dashboard's metrics.
@@ -34,6 +35,7 @@ class SummaryWriter:
     def __init__(self, logdir):
         self.logdir = logdir
         self._writer = tf.summary.create_file_writer(logdir)
+        self._described = set()  # tags whose description this writer wrote
 
     def session_start(self, step):
         """Marks the summaries from `step` on as this run's.
@@ -54,9 +56,19 @@ class SummaryWriter:
         tf.raw_ops.ImportEvent(writer=self._writer._resource, event=event.SerializeToString())
 
     def scalars(self, step, values):
+        """Writes `values` ({tag: number}); a tag's first write carries its description."""
         with self._writer.as_default(step=step):
             for tag, value in values.items():
-                tf.summary.scalar(tag, value)
+                description = None
+                if tag not in self._described:
+                    description = dashboard.DESCRIPTIONS.get(tag)
+                    self._described.add(tag)
+                tf.summary.scalar(tag, value, description=description)
+
+    def layout(self):
+        """The custom-scalars dashboard's layout (`dashboard.LAYOUT`), at step 0."""
+        with self._writer.as_default(step=0):
+            dashboard.write_layout()
 
     def text(self, step, tag, markdown):
         with self._writer.as_default(step=step):
@@ -177,6 +189,7 @@ def write_run_start(writer, config, device):
     env = environment(config, device)
     writer.text(0, "run/environment", markdown_table(["component", "value"], env.items()))
     writer.hparams(config)
+    writer.layout()
 
 
 def write_flagfile(config, model_dir):
