@@ -20,7 +20,7 @@ from input_pipeline.paths import absolute_path
 MODES = ("train", "predict", "compare", "benchmark")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
 PRECISIONS = ("fp32", "mixed", "mixed_bf16")
-MODELS = ("tiny", "small_resnet", "resnet50")
+MODELS = ("tiny", "small_resnet", "resnet50", "vit_test", "vit_mini", "vit_tiny", "vit_small")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
 PRETRAINED = ("none", "imagenet")  # Keras Applications' weights; for resnet50 only

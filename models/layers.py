@@ -1,4 +1,17 @@
-"""Walking a Keras model's layers."""
+"""What every model shares: its input, its float32 head, and walking its layers."""
+
+import keras
+
+
+def model_inputs(image_size, preprocess=None):
+    """(model input, what the first layer sees): `preprocess` (a layer or None) between."""
+    inputs = keras.Input((image_size, image_size, 3), name="images")
+    return inputs, preprocess(inputs) if preprocess else inputs
+
+
+def head(features, num_classes):
+    """The classifier: float32, as a float16 softmax/cross-entropy loses precision and overflows."""
+    return keras.layers.Dense(num_classes, dtype="float32", name="logits")(features)
 
 
 def all_layers(model):

@@ -1,15 +1,17 @@
 """Name -> Keras model. Every model ends in a float32 classifier head (logits)."""
 
 import contextlib
+import functools
 
 import keras
 
-from models import batch_norm, inputs, resnet
+from models import batch_norm, inputs, resnet, vit
 
 _CONSTRUCTORS = {
     "tiny": resnet.create_tiny,
     "small_resnet": resnet.create_small_resnet,
     "resnet50": resnet.create_resnet50,
+    **{name: functools.partial(vit.create_vit, name) for name in vit.SIZES},
 }
 MODEL_NAMES = tuple(_CONSTRUCTORS)
 

@@ -8,10 +8,7 @@ Channel counts are multiples of 8, which tensor cores need for float16 matmuls.
 import keras
 from keras import layers
 
-
-def _head(features, num_classes):
-    # float32 head: a float16 softmax/cross-entropy loses precision and can overflow.
-    return layers.Dense(num_classes, dtype="float32", name="logits")(features)
+from models.layers import head, model_inputs
 
 
 def _conv_bn(x, filters, kernel, strides=1, name=None):
@@ -29,28 +26,22 @@ def _residual_block(x, filters, strides, name):
     return layers.ReLU()(layers.Add()([shortcut, y]))
 
 
-def _inputs(image_size, preprocess):
-    """(model input, what the first layer sees): `preprocess` (a layer or None) between."""
-    inputs = keras.Input((image_size, image_size, 3), name="images")
-    return inputs, preprocess(inputs) if preprocess else inputs
-
-
 def create_small_resnet(num_classes, image_size, preprocess=None, widths=(32, 64, 128)):
     """A ResNet with one basic block per stage: trains in minutes on a CPU."""
-    inputs, x = _inputs(image_size, preprocess)
+    inputs, x = model_inputs(image_size, preprocess)
     x = layers.ReLU()(_conv_bn(x, widths[0], 3, name="stem"))
     for stage, width in enumerate(widths):
         x = _residual_block(x, width, strides=1 if stage == 0 else 2, name=f"stage{stage}")
     x = layers.GlobalAveragePooling2D()(x)
-    return keras.Model(inputs, _head(x, num_classes), name="small_resnet")
+    return keras.Model(inputs, head(x, num_classes), name="small_resnet")
 
 
 def create_tiny(num_classes, image_size, preprocess=None):
     """A few thousand weights with one BatchNorm: for tests."""
-    inputs, x = _inputs(image_size, preprocess)
+    inputs, x = model_inputs(image_size, preprocess)
     x = layers.ReLU()(_conv_bn(x, 8, 3, strides=2, name="conv"))
     x = layers.GlobalAveragePooling2D()(x)
-    return keras.Model(inputs, _head(x, num_classes), name="tiny")
+    return keras.Model(inputs, head(x, num_classes), name="tiny")
 
 
 def create_resnet50(num_classes, image_size, preprocess=None):
@@ -60,7 +51,7 @@ def create_resnet50(num_classes, image_size, preprocess=None):
     load by name (`models.weights`).
     """
     if preprocess:
-        inputs, x = _inputs(image_size, preprocess)
+        inputs, x = model_inputs(image_size, preprocess)
         shape = {"input_tensor": x}
     else:
         shape = {"input_shape": (image_size, image_size, 3)}
@@ -76,4 +67,4 @@ def create_resnet50(num_classes, image_size, preprocess=None):
             # fast-changing run describing early weights; 0.9 as in the models above.
             layer.momentum = 0.9
     inputs = inputs if preprocess else backbone.input
-    return keras.Model(inputs, _head(backbone.output, num_classes), name="resnet50")
+    return keras.Model(inputs, head(backbone.output, num_classes), name="resnet50")

@@ -68,11 +68,11 @@ def _replica_values(variable):
     return [np.asarray(c) for c in components]
 
 
-def skip_agreement(poison):
+def skip_agreement(poison, model_name="tiny"):
     strategy = distribute.create_strategy("mirrored", 2)
     _, _, halves = _batches(0, poison=poison)
     state, model, before = _run(
-        strategy, lambda p: create_model("tiny", 3, 16, p), "mixed_float16", halves
+        strategy, lambda p: create_model(model_name, 3, 16, p), "mixed_float16", halves
     )
     identical = all(
         all(np.array_equal(r, reps[0]) for r in reps)
@@ -190,7 +190,7 @@ if __name__ == "__main__":
     if sys.argv[1] == "bn_recalibration":
         bn_recalibration(sys.argv[2])
     elif sys.argv[1] == "skip_agreement":
-        skip_agreement(int(sys.argv[2]))
+        skip_agreement(int(sys.argv[2]), *sys.argv[3:])
     elif sys.argv[1] == "keras_loss_scale_optimizer":
         keras_loss_scale_optimizer(int(sys.argv[2]))
     else:

@@ -1,0 +1,114 @@
+"""The Vision Transformer: float32 where float16 fails, and the engine's guarantees on it."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import ROOT, tiny_config
+
+from engine import train
+from models import create_model
+from models.vit import SelfAttention, default_patch_size
+
+MIXED = "mixed_float16"
+
+
+def _identity_attention(width):
+    """One head whose q, k and v are its input: logits are x·x / sqrt(width)."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(MIXED)
+    try:
+        layer = SelfAttention(1, width)
+        layer.build((None, 4, width))
+    finally:
+        keras.config.set_dtype_policy(previous)
+    eye = np.eye(width, dtype=np.float32)
+    layer.qkv.set_weights([np.concatenate([eye, eye, eye], axis=1), np.zeros(3 * width)])
+    layer.out.set_weights([eye, np.zeros(width)])
+    return layer
+
+
+def test_attention_logits_beyond_float16_still_give_a_finite_softmax():
+    width = 8
+    layer = _identity_attention(width)
+    assert layer.compute_dtype == "float16"
+    # Tokens of 200s: each logit is 8 * 200**2 / sqrt(8) ~ 113,000 > float16's 65,504.
+    x = tf.constant(200.0 * np.ones((2, 4, width)), tf.float16)
+    out = layer(x)
+    assert out.dtype == tf.float16 and np.isfinite(out.numpy()).all()
+    np.testing.assert_allclose(out.numpy(), 200.0)  # equal logits: the mean of equal values
+    # The same attention with float16 logits: inf logits, nan softmax (the trap).
+    logits16 = tf.einsum("bqd,bkd->bqk", x, x) * tf.cast(width**-0.5, tf.float16)
+    assert not np.isfinite(tf.nn.softmax(logits16).numpy()).all()
+
+
+def test_the_model_keeps_large_activations_finite_in_mixed_precision():
+    keras.utils.set_random_seed(0)
+    model = create_model("vit_test", 3, 16, MIXED, fused_batch_norm=False)
+    attentions = [layer for layer in model.layers if isinstance(layer, SelfAttention)]
+    assert len(attentions) == 2 and all(a.compute_dtype == "float16" for a in attentions)
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.LayerNormalization)]
+    assert norms and all(n.compute_dtype == "float16" for n in norms)  # statistics: float32 inside
+    # Scale the first block's attention input so its logits exceed float16's range.
+    norm = model.get_layer("block0_norm1")
+    gamma, beta = norm.get_weights()
+    norm.set_weights([gamma * 300.0, beta])
+    images = tf.random.stateless_uniform([2, 16, 16, 3], [0, 1])
+    logits = model(images, training=False)
+    assert logits.dtype == tf.float32 and np.isfinite(logits.numpy()).all()
+
+
+def test_patch_size_gives_an_8_by_8_grid_at_32_px_and_16_px_patches_at_224():
+    assert default_patch_size(32) == 4 and default_patch_size(64) == 8
+    assert default_patch_size(224) == 16
+    model = create_model("vit_mini", 5, 32)
+    assert model.get_layer("tokens").output.shape[1] == 64
+    assert 1.1e6 < model.count_params() < 1.3e6
+
+
+def test_a_small_vit_trains_in_mixed_precision_without_a_nonfinite_loss(tmp_path):
+    config = tiny_config(model="vit_test", precision="mixed", xla=True, train_steps=30)
+    result = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert math.isfinite(result.train_loss) and math.isfinite(result.eval_loss)
+    # The dynamic scale at work: early steps may overflow at 2**15 and back off,
+    # halving once per skip (no growth within --growth_interval steps).
+    assert result.skipped_steps <= 2
+    assert result.loss_scale == 2.0 ** (15 - result.skipped_steps)
+    assert result.train_loss < math.log(5)  # below a uniform guess over five classes: it learns
+
+
+def test_a_vit_resumes_to_the_same_weights(tmp_path):
+    config = tiny_config(
+        model="vit_test", precision="mixed", deterministic=True, lr_schedule="constant"
+    )
+    whole = train.train_and_evaluate(config.replace(train_steps=6), str(tmp_path / "whole"))
+    train.train_and_evaluate(config.replace(train_steps=2), str(tmp_path / "split"))
+    resumed = train.train_and_evaluate(config.replace(train_steps=6), str(tmp_path / "split"))
+    assert resumed.trained_steps == 4 and resumed.weights_digest == whole.weights_digest
+
+
+@pytest.mark.parametrize("poisoned", [1])
+def test_mirrored_replicas_agree_to_skip_with_a_vit(poisoned):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tests", "mirrored_checks.py"),
+            "skip_agreement",
+            str(poisoned),
+            "vit_test",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["replicas"] == 2 and result["skipped"] == 1 and result["scale"] == 2.0**14
+    assert result["identical_across_replicas"] and result["unchanged"]
