@@ -38,13 +38,19 @@ FLAGS = flags.FLAGS
 
 
 def config_from_flags():
-    """Builds the validated `Config` from the parsed flags (`~` in paths expanded)."""
-    return config_lib.Config(
+    """Builds the validated `Config` from the parsed flags (`~` in paths expanded).
+
+    Options not given take the model family's defaults (`config_lib.FAMILY_DEFAULTS`).
+    """
+    fields = dataclasses.fields(config_lib.Config)
+    config = config_lib.Config(
         **{
             field.name: config_lib.expand_home(field.name, FLAGS[field.name].value)
-            for field in dataclasses.fields(config_lib.Config)
+            for field in fields
         }
     )
+    given = {field.name for field in fields if FLAGS[field.name].present}
+    return config_lib.with_family_defaults(config, given)
 
 
 def _parse_flags(argv):

@@ -32,6 +32,19 @@ SPLIT_DATASETS = ("tfds:", "folder:")
 DEFAULT_COMPARE = "fp32,fp32+xla,mixed,mixed+xla,mixed_bf16,mixed_bf16+xla"
 
 FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32
+# Where the defaults above would train a model family badly, its own, taken for every
+# option the command line does not give (`with_family_defaults`). ViTs: AdamW with
+# weight decay (attention models overfit small data without it), a lower peak rate with
+# a warm-up (early attention logits blow up at 3e-3), gradients clipped at norm 1.
+FAMILY_DEFAULTS = {
+    "vit": {
+        "optimizer": "adamw",
+        "learning_rate": 1e-3,
+        "weight_decay": 0.05,
+        "warmup_steps": 30,
+        "clip_norm": 1.0,
+    },
+}
 
 
 class ConfigError(ValueError):
@@ -205,6 +218,11 @@ class Config:
         2.0**24, "Upper bound of the dynamic loss scale.", scopes=[FLOAT16_ONLY]
     )
     clip_norm: float = option(0.0, "Clip unscaled gradients to this global norm (0 = off).")
+    label_smoothing: float = option(
+        0.0,
+        "Mix this much of a uniform distribution into the targets (0 = off, below 1).",
+        scopes=[NOT_BENCHMARK],
+    )
     seed: int = option(0, "Seed for data generation, initialisation and shuffling.", resume=True)
     train_examples: int = option(4096, "Generated train examples (shapes, synthetic).", resume=True)
     eval_examples: int = option(1024, "Generated eval examples (shapes, synthetic).")
@@ -513,6 +531,10 @@ def _check_rates(config):
                 f"--{name} must be a finite number >= 0 (0 turns it off; float32: at most "
                 f"3.4e38), got {getattr(config, name)}"
             )
+    if not 0 <= config.label_smoothing < 1:
+        raise ConfigError(
+            f"--label_smoothing must be >= 0 and below 1, got {config.label_smoothing}"
+        )
 
 
 def _check_loss_scale(config):
@@ -808,3 +830,18 @@ def parse_profile_steps(value):
             f"shown, from 1; both traced), got {value!r}"
         )
     return start, end
+
+
+def model_family(model):
+    """ "vit" for the Vision Transformers, "resnet" for the rest."""
+    return "vit" if model.startswith("vit_") else "resnet"
+
+
+def with_family_defaults(config, given):
+    """`config` with its model family's `FAMILY_DEFAULTS` for every option not in `given`.
+
+    `given` holds the names of the options the user set (main.py: the flags present
+    on the command line or in a flagfile); a `Config` built in code keeps its values.
+    """
+    defaults = FAMILY_DEFAULTS.get(model_family(config.model), {})
+    return config.replace(**{k: v for k, v in defaults.items() if k not in given})

@@ -30,7 +30,11 @@ def create_optimizer(config, total_steps):
     if config.optimizer == "momentum":
         return keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=wd)
     if config.optimizer == "adamw":
-        return keras.optimizers.AdamW(lr, weight_decay=config.weight_decay or 1e-4)
+        optimizer = keras.optimizers.AdamW(lr, weight_decay=config.weight_decay or 1e-4)
+        # Decay the kernels only, as is usual: not biases, norms' scales and
+        # offsets, or position embeddings.
+        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "embedding"])
+        return optimizer
     return keras.optimizers.Adam(lr, weight_decay=wd)
 
 

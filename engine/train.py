@@ -261,6 +261,7 @@ def _build_step(config, run):
         precision_diagnostics=config.precision_diagnostics,
         inject=config_lib.parse_inject_nonfinite(config.inject_nonfinite),
         grad_accum_steps=config.grad_accum_steps,
+        label_smoothing=config.label_smoothing,
     )
     run.train_loop = loop.create_train_loop(
         run.strategy, run.train_step, run.state, run.stats, config.xla, run.monitor

@@ -40,6 +40,7 @@ def test_the_applies_only_to_lists_come_from_the_declarations():
         "deterministic",
         "bn_recalibration_examples",
         "preprocessing",
+        "label_smoothing",
     }
     assert set(config_lib.RESUME_FIELDS) == {
         "model",

@@ -112,3 +112,53 @@ def test_mirrored_replicas_agree_to_skip_with_a_vit(poisoned):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["replicas"] == 2 and result["skipped"] == 1 and result["scale"] == 2.0**14
     assert result["identical_across_replicas"] and result["unchanged"]
+
+
+def test_a_vit_takes_its_familys_defaults_unless_the_flag_is_given():
+    from conftest import main_flags
+
+    from engine.config import FAMILY_DEFAULTS, Config
+
+    with main_flags("--model=vit_mini") as main:
+        config = main.config_from_flags()
+    vit = FAMILY_DEFAULTS["vit"]
+    assert {k: getattr(config, k) for k in vit} == vit
+    with main_flags("--model=vit_mini", "--learning_rate=3e-3", "--optimizer=adam") as main:
+        config = main.config_from_flags()
+    assert (config.learning_rate, config.optimizer, config.clip_norm) == (3e-3, "adam", 1.0)
+    with main_flags("--model=small_resnet") as main:  # the ResNets keep the plain defaults
+        assert main.config_from_flags() == Config()
+
+
+def test_label_smoothing_mixes_a_uniform_target_into_the_loss():
+    from engine.extras import create_loss_fn
+    from engine.step import cross_entropy
+
+    labels = tf.constant([0, 2])
+    logits = tf.constant([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    smoothed = create_loss_fn(label_smoothing=0.3)(labels, logits)
+    log_p = tf.nn.log_softmax(logits).numpy()
+    targets = 0.7 * np.eye(3)[[0, 2]] + 0.3 / 3
+    np.testing.assert_allclose(smoothed.numpy(), -(targets * log_p).sum(-1), rtol=1e-6)
+    assert create_loss_fn() is cross_entropy
+    weighted = create_loss_fn(class_weights=(1.0, 1.0, 2.0), label_smoothing=0.3)(labels, logits)
+    np.testing.assert_allclose(weighted.numpy(), smoothed.numpy() * [1.0, 2.0], rtol=1e-6)
+
+
+def test_adamw_decays_kernels_not_biases_norms_or_position_embeddings():
+    from engine import optimizers
+    from engine.config import Config
+
+    keras.utils.set_random_seed(0)
+    model = create_model("vit_test", 3, 16)
+    optimizer = optimizers.create_optimizer(
+        Config(optimizer="adamw", weight_decay=0.5, lr_schedule="constant"), 10
+    )
+    optimizer.build(model.trainable_variables)
+    before = {v.path: v.numpy() for v in model.trainable_variables}
+    optimizer.apply([tf.zeros_like(v) for v in model.trainable_variables])  # decay alone
+    moved = {
+        v.path for v in model.trainable_variables if not np.array_equal(v.numpy(), before[v.path])
+    }
+    assert "block0_attn/qkv/kernel" in moved and "logits/kernel" in moved
+    assert not any(p.endswith(("bias", "gamma", "beta", "embedding")) for p in moved), moved

@@ -1,7 +1,7 @@
 """Optional step machinery, and `create_train_step`, which plugs it into the step.
 
 Each piece but the last is absent from the step unless asked for:
-  * class weights (`--class_weighting`): a weighted loss function;
+  * class weights (`--class_weighting`) and label smoothing: another loss function;
   * fault injection (`--inject_nonfinite`, `inject.py`): a hook on the scaled gradients;
   * float16 range diagnostics (`--precision_diagnostics`, `diagnostics.py`): an observer;
   * gradient accumulation (`--grad_accum_steps`, `accumulate.py`): micro-batches;
@@ -9,6 +9,7 @@ Each piece but the last is absent from the step unless asked for:
     default here (`fused_optimizer=True`), where they cover the update.
 """
 
+import keras
 import tensorflow as tf
 
 from engine.extras import diagnostics, fused_update
@@ -17,12 +18,22 @@ from engine.extras.inject import create_hook
 from engine.step import TrainStep, cross_entropy
 
 
-def weighted_cross_entropy(class_weights):
-    """`cross_entropy` with each example's loss multiplied by its class's weight."""
-    weights = tf.constant(class_weights, tf.float32)
+def create_loss_fn(class_weights=None, label_smoothing=0.0):
+    """`cross_entropy`, or a variant: smoothed targets, each example weighted by its class."""
+    if class_weights is None and not label_smoothing:
+        return cross_entropy
 
     def loss_fn(labels, logits):
-        return cross_entropy(labels, logits) * tf.gather(weights, labels)
+        if label_smoothing:
+            targets = tf.one_hot(labels, tf.shape(logits)[-1], dtype=tf.float32)
+            loss = keras.losses.categorical_crossentropy(
+                targets, logits, from_logits=True, label_smoothing=label_smoothing
+            )
+        else:
+            loss = cross_entropy(labels, logits)
+        if class_weights is not None:
+            loss *= tf.gather(tf.constant(class_weights, tf.float32), labels)
+        return loss
 
     return loss_fn
 
@@ -38,12 +49,14 @@ def create_train_step(
     inject=None,
     grad_accum_steps=1,
     fused_optimizer=True,
+    label_smoothing=0.0,
 ):
     """Returns a `TrainStep` with the optional machinery the arguments ask for.
 
     Args:
       model, optimizer, loss_scale, global_batch_size, clip_norm: as `TrainStep`.
       class_weights: optional per-class loss weights (one float per class).
+      label_smoothing: mix this much of a uniform distribution into the targets.
       precision_diagnostics: also return `underflow_fraction` and
         `overflow_fraction` (see `diagnostics.float16_range_fractions`).
       inject: optional parsed `--inject_nonfinite` spec (see `inject.inject_nonfinite`).
@@ -57,7 +70,7 @@ def create_train_step(
         loss_scale,
         global_batch_size,
         clip_norm,
-        loss_fn=cross_entropy if class_weights is None else weighted_cross_entropy(class_weights),
+        loss_fn=create_loss_fn(class_weights, label_smoothing),
         apply_gradients=fused_update.apply_gradients if fused_optimizer else None,
         scaled_gradients_hook=create_hook(inject) if inject else None,
         observers=[diagnostics.float16_range_fractions] if precision_diagnostics else [],
