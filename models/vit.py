@@ -64,6 +64,11 @@ class SelfAttention(layers.Layer):
         attended = ops.reshape(ops.transpose(attended, (0, 2, 1, 3)), (-1, tokens, self.width))
         return self.out(attended)
 
+    def forward_flops(self, tokens):
+        """FLOPs of one example's forward pass: projections and both attention products."""
+        projections = 2 * tokens * self.width * 4 * self.width  # q, k, v and out
+        return projections + 2 * 2 * tokens * tokens * self.width  # q·k and p·v
+
     def get_config(self):
         return super().get_config() | {"num_heads": self.num_heads, "width": self.width}
 

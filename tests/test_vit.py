@@ -162,3 +162,14 @@ def test_adamw_decays_kernels_not_biases_norms_or_position_embeddings():
     }
     assert "block0_attn/qkv/kernel" in moved and "logits/kernel" in moved
     assert not any(p.endswith(("bias", "gamma", "beta", "embedding")) for p in moved), moved
+
+
+def test_counted_flops_include_every_token_and_the_attention_products():
+    from engine.modes.benchmark import count_train_flops_per_example
+
+    model = create_model("vit_test", 3, 16)  # 64 tokens of width 32, 2 blocks, MLP 64
+    tokens, width, mlp = 64, 32, 64
+    patches = 2 * tokens * width * (2 * 2 * 3)
+    attention = 2 * tokens * width * 4 * width + 2 * 2 * tokens * tokens * width
+    block = attention + 2 * 2 * tokens * width * mlp
+    assert count_train_flops_per_example(model) == 3 * (patches + 2 * block + 2 * width * 3)

@@ -15,6 +15,7 @@ Run as `python main.py --mode=benchmark [--model=... --image_size=... --batch_si
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import platform
 import re
@@ -99,16 +100,19 @@ def measure_peak_gflops(dtype, size=2048, repeats=7):
 
 
 def count_train_flops_per_example(model):
-    """Counted FLOPs of one training example: 3 x the forward FLOPs of Conv2D/Dense.
+    """Counted FLOPs of one training example: 3 x the forward FLOPs of the matmuls.
 
-    Forward FLOPs of a layer are 2 x its multiply-accumulates; the backward pass
-    costs about twice the forward (gradients for inputs and for weights), the
-    usual convention for MFU. Elementwise ops, BatchNorm and pooling are left
-    out (a few percent for ResNets).
+    Forward FLOPs of a layer are 2 x its multiply-accumulates: Conv2D, Dense (at
+    every position it is applied to: each token of a Transformer) and a ViT's
+    self-attention (its projections and both attention products). The backward
+    pass costs about twice the forward (gradients for inputs and for weights),
+    the usual convention for MFU. Elementwise ops, normalisation, softmax and
+    pooling are left out (a few percent).
     """
     import keras
 
     from models import all_layers
+    from models.vit import SelfAttention
 
     forward = 0
     # Nested models are walked into; they are neither Conv2D nor Dense themselves.
@@ -119,7 +123,10 @@ def count_train_flops_per_example(model):
             c_in = layer.kernel.shape[2]
             forward += 2 * out[1] * out[2] * out[3] * k_h * k_w * c_in // layer.groups
         elif isinstance(layer, keras.layers.Dense):
-            forward += 2 * layer.kernel.shape[0] * layer.kernel.shape[1]
+            positions = math.prod(layer.output.shape[1:-1])  # 1 for a head's vector
+            forward += 2 * positions * layer.kernel.shape[0] * layer.kernel.shape[1]
+        elif isinstance(layer, SelfAttention):
+            forward += layer.forward_flops(layer.output.shape[1])
     return 3 * forward
 
 
