@@ -125,3 +125,19 @@ def tiny_config(**overrides):
     )
     base.update(overrides)
     return Config(**base)
+
+
+def mirrored_check(*args):
+    """Runs `tests/mirrored_checks.py ARGS` in its own process (two logical CPU devices
+    must be set up before TensorFlow starts); returns the JSON line it prints last."""
+    import json
+
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", "mirrored_checks.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

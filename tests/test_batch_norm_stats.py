@@ -1,16 +1,12 @@
 """engine.actions.batch_norm_stats.py: BatchNorm statistics recomputed from training batches."""
 
 import hashlib
-import json
-import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import ROOT, tiny_config
+from conftest import mirrored_check, tiny_config
 
 from engine import train
 from engine.actions import batch_norm_stats
@@ -188,20 +184,7 @@ def test_lagging_statistics_are_mended_in_eval_checkpoint_and_export(tmp_path, m
 
 @pytest.mark.parametrize("xla", ["noxla", "xla"])
 def test_mirrored_replicas_hold_identical_statistics_of_both_replicas_batches(xla):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "tests", "mirrored_checks.py"),
-            "bn_recalibration",
-            xla,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = mirrored_check("bn_recalibration", xla)
     assert result["replicas"] == 2
     assert result["identical_across_replicas"]
     assert result["max_relative_error"] < 1e-5

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, mirrored_check
 from image_trees import make_folder_tree
 
 TINY = [
@@ -27,23 +27,11 @@ TINY = [
 ]
 
 
-def _check(*args):
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "mirrored_checks.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.parametrize("poisoned", [0, 1])
 def test_one_replica_nonfinite_both_replicas_skip_and_back_off_once(poisoned):
     # Replica 1 matters too: Keras' LossScaleOptimizer decides on replica 0's own
     # gradients and applies nan there (measured, see BUILD_NOTES.md).
-    result = _check("skip_agreement", str(poisoned))
+    result = mirrored_check("skip_agreement", str(poisoned))
     assert result["replicas"] == 2
     assert result["skipped"] == 1
     assert result["scale"] == 2.0**14  # 2^15 halved once, not once per replica
@@ -54,15 +42,15 @@ def test_one_replica_nonfinite_both_replicas_skip_and_back_off_once(poisoned):
 def test_documented_difference_keras_decides_on_replica_0_alone():
     # Pins what BUILD_NOTES.md reports of Keras 3's LossScaleOptimizer: if this
     # starts failing, Keras changed and the notes must change with it.
-    bad_first = _check("keras_loss_scale_optimizer", "0")
+    bad_first = mirrored_check("keras_loss_scale_optimizer", "0")
     assert bad_first["weights"] == [[1.0, 1.0], [1.0, 1.0]] and bad_first["scale"] == [512.0] * 2
-    bad_second = _check("keras_loss_scale_optimizer", "1")
+    bad_second = mirrored_check("keras_loss_scale_optimizer", "1")
     assert all(np.isnan(w).all() for w in bad_second["weights"])  # applied nan everywhere
     assert bad_second["scale"] == [1024.0] * 2  # and never backed off
 
 
 def test_two_replicas_match_one_device_on_the_concatenated_batch():
-    result = _check("matches_single_device")
+    result = mirrored_check("matches_single_device")
     assert result["changed"]  # the step did update the weights
     assert result["replica_spread"] == 0.0  # replicas bit-identical
     assert result["max_diff"] < 1e-6

@@ -1,16 +1,11 @@
 """The Vision Transformer: float32 where float16 fails, and the engine's guarantees on it."""
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
-import pytest
 import tensorflow as tf
-from conftest import ROOT, tiny_config
+from conftest import mirrored_check, tiny_config
 
 from engine import train
 from models import create_model
@@ -93,23 +88,8 @@ def test_a_vit_resumes_to_the_same_weights(tmp_path):
     assert resumed.trained_steps == 4 and resumed.weights_digest == whole.weights_digest
 
 
-@pytest.mark.parametrize("poisoned", [1])
-def test_mirrored_replicas_agree_to_skip_with_a_vit(poisoned):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "tests", "mirrored_checks.py"),
-            "skip_agreement",
-            str(poisoned),
-            "vit_test",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_mirrored_replicas_agree_to_skip_with_a_vit():
+    result = mirrored_check("skip_agreement", "1", "vit_test")  # replica 1's batch poisoned
     assert result["replicas"] == 2 and result["skipped"] == 1 and result["scale"] == 2.0**14
     assert result["identical_across_replicas"] and result["unchanged"]
 
