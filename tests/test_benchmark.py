@@ -143,10 +143,12 @@ def test_fit_and_engine_windows_alternate():
         calls.append(time.perf_counter())
         time.sleep(0.2)
 
-    windows, first, _ = benchmark._fit_interleaved(
+    windows, first, model = benchmark._fit_interleaved(
         config, create_data(data_config(config)), 3, 4, engine_window
     )
     assert len(windows) == 3 and len(calls) == 3 and first > 0
+    # The timed first call is one step alone, then a warm-up loop and 3 windows of 2 loops.
+    assert int(model.optimizer.iterations) == 1 + 2 * (1 + 3 * 2)
     for i in range(2):
         # fit's window i ran between engine windows i and i+1, and excludes them.
         gap = calls[i + 1] - calls[i]

@@ -145,7 +145,7 @@ def _engine_runner(config, data, loss_scale_override=None):
     if loss_scale_override is not None:
         state.loss_scale = loss_scale_override
     # Timed from here, like fit's first call: the step, the loop and the
-    # iterator are built, traced and compiled, and the first loop runs.
+    # iterator are built, traced and compiled, and one step runs (as in training).
     start = time.perf_counter()
     stats = loop.LoopStats()
     step = create_train_step(
@@ -162,7 +162,8 @@ def _engine_runner(config, data, loss_scale_override=None):
         state.step.numpy()  # wait for the last loop to finish
         return time.perf_counter() - t0
 
-    window(config.steps_per_loop)
+    train_loop(iterator, tf.constant(1, tf.int32))  # n is a tensor: no second trace
+    state.step.numpy()
     return window, time.perf_counter() - start, state.model
 
 
@@ -207,12 +208,19 @@ def _fit_interleaved(config, data, repeats, steps, between_windows):
     `between_windows()`, which runs the engine's windows: the runners alternate
     A B A B at the granularity of one window, with no `fit` start-up in any
     window. Returns (fit's window seconds, first-call seconds, model).
+
+    Fit's first call is timed alone, one step on a one-batch data set, as the
+    engine's: with `steps_per_execution` steps in it, its time would be
+    compilation plus steps to subtract, which noise can turn into nothing.
     """
     import keras
 
     model = _compiled_for_fit(config, data)
     loops_per_window = steps // config.steps_per_loop
-    windows, first = [], []
+    windows = []
+    start = time.perf_counter()
+    model.fit(data.train_fn().take(1), epochs=1, steps_per_epoch=1, verbose=0)
+    first = time.perf_counter() - start
 
     class _Interleave(keras.callbacks.Callback):
         # With steps_per_execution, a batch-end callback fires once per execution.
@@ -223,7 +231,7 @@ def _fit_interleaved(config, data, repeats, steps, between_windows):
             now = time.perf_counter()
             self.executions += 1
             if self.executions == 1:
-                first.append(now - start)  # fit's start-up, tracing and compilation
+                pass  # a warm-up: another iterator may have cost fit a second trace
             elif (self.executions - 1) % loops_per_window:
                 return
             else:
@@ -232,7 +240,6 @@ def _fit_interleaved(config, data, repeats, steps, between_windows):
                 between_windows()
             self.window_start = time.perf_counter()
 
-    start = time.perf_counter()
     model.fit(
         data.train_fn(),
         epochs=1,
@@ -243,7 +250,7 @@ def _fit_interleaved(config, data, repeats, steps, between_windows):
     )
     if len(windows) != repeats:
         raise RuntimeError(f"fit stopped after {len(windows)} of {repeats} timed windows")
-    return windows, first[0], model
+    return windows, first, model
 
 
 def _warm_up(config, data):
@@ -341,8 +348,6 @@ def run_worker(config, graph_rewrite, repeats, steps):
 def _row(runner, config, times, steps, first_call_s, rss_mb, flops_per_example):
     rates = [steps * config.batch_size / t for t in times]
     step_s = statistics.median(times) / steps
-    # The first call ran steps_per_loop steps: take the steady ones away.
-    first_step_s = max(first_call_s - (config.steps_per_loop - 1) * step_s, 0.0)
     return {
         "runner": runner,
         "model": config.model,
@@ -357,7 +362,7 @@ def _row(runner, config, times, steps, first_call_s, rss_mb, flops_per_example):
         "examples_per_sec_min": min(rates),
         "examples_per_sec_max": max(rates),
         "step_ms": 1000.0 * step_s,
-        "first_step_s": first_step_s,
+        "first_step_s": first_call_s,
         "peak_rss_mb": rss_mb,
         "train_gflop_per_example": flops_per_example / 1e9,
         # "dynamic" or a static scale; None where the precision scales no loss.
