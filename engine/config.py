@@ -186,6 +186,11 @@ class Config:
         resume=True,
     )
     image_size: int = option(32, "Input height and width in pixels.", resume=True)
+    patch_size: int = option(
+        0,
+        "ViT patch side in pixels; 0: an 8x8 grid of patches up to 128 px, 16 px above.",
+        resume=True,
+    )
     batch_size: int = option(64, "Global training batch size.", resume=True)
     epochs: int = option(6, "Training epochs (ignored when --train_steps > 0).")
     train_steps: int = option(0, "Training steps; > 0 overrides --epochs.")
@@ -222,6 +227,13 @@ class Config:
         0.0,
         "Mix this much of a uniform distribution into the targets (0 = off, below 1).",
         scopes=[NOT_BENCHMARK],
+    )
+    stochastic_depth: float = option(
+        0.0,
+        "ViT: drop each block's residual branches for this share of the examples in the "
+        "last block, less in earlier ones, 0 in the first (0 = off, below 1).",
+        scopes=[NOT_BENCHMARK],
+        resume=True,
     )
     seed: int = option(0, "Seed for data generation, initialisation and shuffling.", resume=True)
     train_examples: int = option(4096, "Generated train examples (shapes, synthetic).", resume=True)
@@ -501,6 +513,19 @@ def _check_counts(config):
         raise ConfigError("set --epochs or --train_steps to a positive number")
     if config.image_size < 8:
         raise ConfigError(f"--image_size must be at least 8, got {config.image_size}")
+    _check_patch_size(config)
+
+
+def _check_patch_size(config):
+    if not config.patch_size:
+        return
+    if model_family(config.model) != "vit":
+        raise ConfigError(f"--patch_size is for the ViT models, not --model={config.model}")
+    if config.patch_size < 0 or config.image_size % config.patch_size:
+        raise ConfigError(
+            f"--patch_size={config.patch_size} must be positive and divide "
+            f"--image_size={config.image_size}"
+        )
 
 
 def _check_benchmark_and_profile(config):
@@ -531,10 +556,11 @@ def _check_rates(config):
                 f"--{name} must be a finite number >= 0 (0 turns it off; float32: at most "
                 f"3.4e38), got {getattr(config, name)}"
             )
-    if not 0 <= config.label_smoothing < 1:
-        raise ConfigError(
-            f"--label_smoothing must be >= 0 and below 1, got {config.label_smoothing}"
-        )
+    for name in ("label_smoothing", "stochastic_depth"):
+        if not 0 <= getattr(config, name) < 1:
+            raise ConfigError(f"--{name} must be >= 0 and below 1, got {getattr(config, name)}")
+    if config.stochastic_depth and model_family(config.model) != "vit":
+        raise ConfigError(f"--stochastic_depth is for the ViT models, not --model={config.model}")
 
 
 def _check_loss_scale(config):

@@ -132,8 +132,8 @@ def _copy_from_run(config, model, num_classes, pixel_range):
     """Copies the layers of the latest checkpoint in `--init_from` into `model`."""
     run_dir = config.init_from
     saved = _source_config(run_dir)
-    for name in ("model", "image_size"):
-        if saved.get(name) != getattr(config, name):
+    for name in ("model", "image_size", "patch_size"):
+        if saved.get(name, 0) != getattr(config, name):
             raise ConfigError(
                 f"--init_from={run_dir} was trained with --{name}={saved.get(name)}, not "
                 f"--{name}={getattr(config, name)}; start from a run of the same model and size"
@@ -147,6 +147,7 @@ def _copy_from_run(config, model, num_classes, pixel_range):
         config.image_size,
         preprocessing=_concrete(saved.get("preprocessing")),
         pixel_range=pixel_range,
+        patch_size=config.patch_size,
     )
     latest = checkpointing.list_checkpoints(directory)[-1]
     try:

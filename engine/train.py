@@ -87,6 +87,8 @@ def create_model_for(config, num_classes, pixel_range=PIXEL_RANGE):
         fused_batch_norm=not config.xla,
         preprocessing="caffe" if config.preprocessing == "caffe" else "scaled",
         pixel_range=pixel_range,
+        patch_size=config.patch_size,
+        stochastic_depth=config.stochastic_depth,
     )
 
 

@@ -35,6 +35,8 @@ def create_model(
     fused_batch_norm=True,
     preprocessing="scaled",
     pixel_range=(-1.0, 1.0),
+    patch_size=0,
+    stochastic_depth=0.0,
 ):
     """Builds model `name` for `image_size`² RGB inputs.
 
@@ -48,6 +50,8 @@ def create_model(
         pass False for a model whose step XLA compiles.
       preprocessing: what the model does to its input first (`inputs.PREPROCESSINGS`).
       pixel_range: the range of the pixels the model is fed (what "caffe" maps from).
+      patch_size: a ViT's patch side (0: `vit.default_patch_size`); ResNets take none.
+      stochastic_depth: a ViT's last-block drop rate (see `vit`); ResNets take none.
 
     Returns:
       A built `keras.Model` mapping float32 images to float32 logits.
@@ -56,5 +60,8 @@ def create_model(
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     with _dtype_policy(dtype):
         preprocess = inputs.input_layer(preprocessing, pixel_range)
-        model = _CONSTRUCTORS[name](num_classes, image_size, preprocess=preprocess)
+        options = {}
+        if name in vit.SIZES:
+            options = {"patch_size": patch_size, "stochastic_depth": stochastic_depth}
+        model = _CONSTRUCTORS[name](num_classes, image_size, preprocess=preprocess, **options)
     return batch_norm.fuse_batch_norm(model) if fused_batch_norm else model

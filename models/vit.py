@@ -18,6 +18,10 @@ compute in float32 all the same, because float16 fails there:
 
 The residual stream stays in the compute dtype, as in the usual mixed-precision
 ViT; the loss scale handles the small gradients deep in the stack.
+
+Stochastic depth (`stochastic_depth` > 0) drops each block's two residual branches
+per example while training, with a probability rising linearly from 0 in the first
+block to `stochastic_depth` in the last.
 """
 
 import keras
@@ -88,16 +92,48 @@ class PositionEmbedding(layers.Layer):
         return x + ops.cast(self.embedding, x.dtype)
 
 
-def _block(x, width, heads, mlp, name):
+@keras.saving.register_keras_serializable(package="models")
+class StochasticDepth(layers.Layer):
+    """Zeroes a residual branch for a `rate` share of the examples while training.
+
+    The kept examples' branches are scaled by 1 / (1 - rate), so the expected sum
+    is the inference-time one. The draws come from a Keras `SeedGenerator`, whose
+    state the engine checkpoints (`checkpointing.random_states`): a resumed run
+    draws the same masks.
+    """
+
+    def __init__(self, rate, **kwargs):
+        super().__init__(**kwargs)
+        self.rate = rate
+        self.seed_generator = keras.random.SeedGenerator()
+
+    def call(self, x, training=False):
+        if not training or not self.rate:
+            return x
+        shape = (ops.shape(x)[0],) + (1,) * (len(x.shape) - 1)
+        keep = keras.random.uniform(shape, seed=self.seed_generator) >= self.rate
+        return x * ops.cast(keep, x.dtype) / ops.cast(1.0 - self.rate, x.dtype)
+
+    def get_config(self):
+        return super().get_config() | {"rate": self.rate}
+
+
+def _residual(x, branch, rate, name, index):
+    if rate:
+        branch = StochasticDepth(rate, name=f"{name}_drop{index}")(branch)
+    return layers.Add(name=f"{name}_add{index}")([x, branch])
+
+
+def _block(x, width, heads, mlp, name, drop=0.0):
     y = layers.LayerNormalization(epsilon=1e-6, name=f"{name}_norm1")(x)
-    x = layers.Add(name=f"{name}_add1")([x, SelfAttention(heads, width, name=f"{name}_attn")(y)])
+    x = _residual(x, SelfAttention(heads, width, name=f"{name}_attn")(y), drop, name, 1)
     y = layers.LayerNormalization(epsilon=1e-6, name=f"{name}_norm2")(x)
     y = layers.Dense(mlp, activation="gelu", name=f"{name}_mlp1")(y)
     y = layers.Dense(width, name=f"{name}_mlp2")(y)
-    return layers.Add(name=f"{name}_add2")([x, y])
+    return _residual(x, y, drop, name, 2)
 
 
-def create_vit(name, num_classes, image_size, preprocess=None, patch_size=0):
+def create_vit(name, num_classes, image_size, preprocess=None, patch_size=0, stochastic_depth=0.0):
     """ViT `name` (a key of `SIZES`) for `image_size`² images; `patch_size` 0: the default."""
     width, depth, heads, mlp = SIZES[name]
     patch = patch_size or default_patch_size(image_size)
@@ -108,7 +144,8 @@ def create_vit(name, num_classes, image_size, preprocess=None, patch_size=0):
     x = layers.Reshape(((image_size // patch) ** 2, width), name="tokens")(x)
     x = PositionEmbedding(name="position_embedding")(x)
     for i in range(depth):
-        x = _block(x, width, heads, mlp, name=f"block{i}")
+        drop = stochastic_depth * i / max(depth - 1, 1)
+        x = _block(x, width, heads, mlp, name=f"block{i}", drop=drop)
     x = layers.LayerNormalization(epsilon=1e-6, name="final_norm")(x)
     x = layers.GlobalAveragePooling1D(name="pool")(x)
     return keras.Model(inputs, head(x, num_classes), name=name)

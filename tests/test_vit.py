@@ -4,6 +4,7 @@ import math
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 from conftest import mirrored_check, tiny_config
 
@@ -79,13 +80,50 @@ def test_a_small_vit_trains_in_mixed_precision_without_a_nonfinite_loss(tmp_path
 
 
 def test_a_vit_resumes_to_the_same_weights(tmp_path):
+    # With stochastic depth the resumed run must also draw the same masks.
     config = tiny_config(
-        model="vit_test", precision="mixed", deterministic=True, lr_schedule="constant"
+        model="vit_test",
+        precision="mixed",
+        deterministic=True,
+        lr_schedule="constant",
+        stochastic_depth=0.5,
     )
     whole = train.train_and_evaluate(config.replace(train_steps=6), str(tmp_path / "whole"))
     train.train_and_evaluate(config.replace(train_steps=2), str(tmp_path / "split"))
     resumed = train.train_and_evaluate(config.replace(train_steps=6), str(tmp_path / "split"))
     assert resumed.trained_steps == 4 and resumed.weights_digest == whole.weights_digest
+
+
+def test_stochastic_depth_drops_whole_branches_per_example_only_in_training():
+    from models.vit import StochasticDepth
+
+    keras.utils.set_random_seed(0)
+    layer = StochasticDepth(0.5)
+    x = tf.ones((400, 3, 2))
+    assert np.array_equal(layer(x).numpy(), x.numpy())  # inference: the identity
+    kept = layer(x, training=True).numpy()
+    per_example = kept.reshape(400, -1)
+    assert set(np.unique(per_example)) == {0.0, 2.0}  # dropped, or scaled by 1 / (1 - 0.5)
+    assert (per_example == per_example[:, :1]).all()  # one draw per example
+    assert 150 < (per_example[:, 0] == 0).sum() < 250
+    assert not np.array_equal(layer(x, training=True).numpy(), kept)  # new draws each call
+    model = create_model("vit_test", 3, 16, stochastic_depth=0.2)
+    rates = [layer.rate for layer in model.layers if isinstance(layer, StochasticDepth)]
+    assert rates == [0.2, 0.2]  # the last block's two branches; none in the first (rate 0)
+
+
+def test_patch_size_sets_the_token_grid_and_is_checked():
+    from engine.config import ConfigError
+
+    model = create_model("vit_test", 3, 32, patch_size=8)
+    assert model.get_layer("tokens").output.shape[1] == 16
+    for flags, message in [
+        ({"model": "vit_test", "patch_size": 5}, "divide --image_size=32"),
+        ({"model": "small_resnet", "patch_size": 4}, "for the ViT models"),
+        ({"model": "small_resnet", "stochastic_depth": 0.1}, "for the ViT models"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            tiny_config(image_size=32, **flags)
 
 
 def test_mirrored_replicas_agree_to_skip_with_a_vit():

@@ -5,7 +5,8 @@ plus `config.json`, the configuration of the run that wrote the first checkpoint
 `classes.json`, its class names in label order.
 The root object has these children, so any of them can be restored alone
 (`tf.train.Checkpoint(model=model).restore(path).expect_partial()`):
-  model, optimizer, loss_scale, step, skipped_steps, consecutive_skips, iterator.
+  model, optimizer, loss_scale, step, skipped_steps, consecutive_skips, iterator, and
+  `random` for a model that draws random numbers (`random_states`).
 `iterator` is the training `tf.data` iterator: its stream position and the few batches
 in flight (the pipelines are index-based, see `input_pipeline/batching.py`: the data
 itself is not in it), so a resumed run sees exactly the batches it would have seen.
@@ -55,9 +56,20 @@ def checkpoint_dir(model_dir):
     return os.path.join(model_dir, "checkpoints")
 
 
+def random_states(model):
+    """The states of the model's Keras `SeedGenerator`s (dropout, stochastic depth).
+
+    `tf.train.Checkpoint(model=...)` does not reach them: without them a resumed
+    run would draw other masks than the run it continues.
+    """
+    return [v for v in model.non_trainable_variables if v.path.endswith("seed_generator_state")]
+
+
 def create_checkpoint(state, iterator=None):
     """The root `tf.train.Checkpoint` for a `loop.TrainState` and the train iterator."""
     children = {name: getattr(state, name) for name in STATE_CHILDREN}
+    if random_states(state.model):
+        children["random"] = random_states(state.model)
     if isinstance(iterator, tf.__internal__.tracking.Trackable):
         children["iterator"] = iterator
     elif iterator is not None:
@@ -444,7 +456,8 @@ def _restore(checkpoint, path, new_iterator=None):
     if not hasattr(checkpoint, "iterator"):
         checkpoint.restore(path).assert_existing_objects_matched()
         return
-    state_only = tf.train.Checkpoint(**{n: getattr(checkpoint, n) for n in STATE_CHILDREN})
+    names = STATE_CHILDREN + (("random",) if hasattr(checkpoint, "random") else ())
+    state_only = tf.train.Checkpoint(**{n: getattr(checkpoint, n) for n in names})
     saved = {name.split("/")[0] for name, _ in tf.train.list_variables(path)}
     if "iterator" not in saved:
         logging.warning(

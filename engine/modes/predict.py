@@ -1,8 +1,8 @@
 """`--mode=predict`: restore the trained model and label a ships test CSV.
 
 The model is rebuilt with the settings the run recorded in its config.json
-(`RUN_FIELDS`: --model, --image_size, --precision, --preprocessing, --dataset; see
-`with_run_settings`), only its weights are restored from the latest checkpoint
+(`RUN_FIELDS`: --model, --image_size, --patch_size, --precision, --preprocessing,
+--dataset; see `with_run_settings`), only its weights are restored from the latest checkpoint
 in `<model_dir>/checkpoints`, and the test images go through the eval
 preprocessing. The output is a submission-style CSV `image,category` with the
 contest's category ids 1..5, one row per input row, in input order.
@@ -68,7 +68,7 @@ def _inside(path, folder):
 
 # What defines the model and its input: taken from the run, so a prediction
 # needs no flag of the training command retyped.
-RUN_FIELDS = ("model", "image_size", "precision", "preprocessing", "dataset")
+RUN_FIELDS = ("model", "image_size", "patch_size", "precision", "preprocessing", "dataset")
 
 
 def with_run_settings(config, model_dir):
