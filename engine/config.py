@@ -19,7 +19,7 @@ from input_pipeline.paths import absolute_path
 
 MODES = ("train", "predict", "compare", "benchmark")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
-PRECISIONS = ("fp32", "mixed", "mixed_bf16")
+PRECISIONS = ("auto", "fp32", "mixed", "mixed_bf16")
 MODELS = ("tiny", "small_resnet", "resnet50", "vit_test", "vit_mini", "vit_tiny", "vit_small")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
@@ -110,7 +110,12 @@ FLOAT16_ONLY = Scope(
     "precision",
     ("mixed",),
     _applies_only(
-        "--precision=mixed (float16)", lambda c: f"--precision={c.precision} has no loss scale"
+        "--precision=mixed (float16)",
+        lambda c: (
+            "--precision=auto may pick one without a loss scale (set --precision=mixed to keep it)"
+            if c.precision == "auto"
+            else f"--precision={c.precision} has no loss scale"
+        ),
     ),
 )
 NAMED_SPLITS = Scope(
@@ -170,14 +175,18 @@ class Config:
         choices=MODES,
     )
     precision: str = option(
-        "mixed",
-        "fp32; mixed = float16 compute + loss scaling; mixed_bf16 = bfloat16 compute.",
+        "auto",
+        "fp32; mixed = float16 compute + loss scaling; mixed_bf16 = bfloat16 compute; auto: "
+        "what is fast and correct on this machine, logged and recorded with the run.",
         choices=PRECISIONS,
         scopes=[NOT_BENCHMARK],
         resume=True,
     )
     xla: bool = option(
-        False, "Compile the training step with XLA (jit_compile=True).", scopes=[NOT_BENCHMARK]
+        None,
+        "Compile the training step with XLA (jit_compile=True); unset: chosen with "
+        "--precision=auto, else off.",
+        scopes=[NOT_BENCHMARK],
     )
     model: str = option("small_resnet", "Model architecture.", choices=MODELS, resume=True)
     dataset: str = option(
@@ -813,6 +822,8 @@ def to_flagfile(config):
         if field.name in ("fresh", "overwrite"):
             continue  # actions on the model_dir, not configuration
         value = _replayable(field.name, getattr(config, field.name))
+        if value is None:
+            continue  # unset (--xla before --precision=auto decides): the default replays it
         if isinstance(value, bool):
             lines.append(f"--{field.name}" if value else f"--no{field.name}")
         else:

@@ -23,7 +23,7 @@ import tensorflow as tf
 from absl import logging
 
 from engine import config as config_lib
-from engine import distribute, initialization, loop, optimizers
+from engine import distribute, initialization, loop, machine, optimizers
 from engine.actions import (
     batch_norm_stats,
     checkpointing,
@@ -146,6 +146,7 @@ def train_and_evaluate(config, model_dir):
       checkpointing.DamagedCheckpoints: checkpoints exist but none can be read.
       divergence.TrainingDiverged: the divergence guard stopped the run.
     """
+    config = machine.resolve(config, model_dir)  # --precision=auto decided
     config = initialization.resolve_preprocessing(config, model_dir)
     run = _prepare(config, model_dir)
     _build(config, run)

@@ -41,6 +41,7 @@ def test_the_applies_only_to_lists_come_from_the_declarations():
         "bn_recalibration_examples",
         "preprocessing",
         "label_smoothing",
+        "stochastic_depth",
     }
     assert set(config_lib.RESUME_FIELDS) == {
         "model",
@@ -59,6 +60,8 @@ def test_the_applies_only_to_lists_come_from_the_declarations():
         "augment",
         "lr_schedule",
         "preprocessing",
+        "patch_size",
+        "stochastic_depth",
     }
 
 
