@@ -272,9 +272,10 @@ class Config:
     )
     augment: bool = option(True, "Random crop + flip when training on real images.", resume=True)
     cache: str = option(
-        "memory",
-        "Cache decoded images: memory, a folder (files DIR/cache-*), a file-path prefix (files "
-        "PREFIX-*), or empty for none.",
+        "auto",
+        "Decoded images: auto (in memory if they fit half the available memory, else "
+        "streamed), memory, a folder (files DIR/cache-*) or file-path prefix (PREFIX-*) read "
+        "back into memory, or empty: streamed from the files, decoded at every step.",
     )
     # Not in a benchmark: its workers never turn on TF's op determinism.
     deterministic: bool = option(
@@ -804,7 +805,7 @@ def _replayable(name, value):
     """`value` of flag `name` as flags.txt writes it: the same files from any folder."""
     if name == "dataset":
         return absolute_dataset(value)
-    if name in PATH_FLAGS and not (name == "cache" and value == "memory"):
+    if name in PATH_FLAGS and not (name == "cache" and value in ("auto", "memory")):
         return absolute_path(value)
     return value
 

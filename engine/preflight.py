@@ -29,7 +29,7 @@ def check(config):
 
 
 def _check_cache(config):
-    if config.cache in ("", "memory"):
+    if config.cache in ("", "auto", "memory"):
         return
     parent = os.path.dirname(os.path.abspath(cache_prefix(config.cache)))
     if not os.path.isdir(parent):

@@ -24,7 +24,7 @@ class DataConfig:
     eval_fraction: float  # the stratified hold-out when there is no eval split
     data_dir: str  # TFDS' data directory
     download: bool  # let TFDS download a missing set
-    cache: str  # "", "memory", a folder or a file-path prefix (see `paths.cache_prefix`)
+    cache: str  # "auto", "", "memory", a folder or a file-path prefix (`paths.cache_prefix`)
     augment: bool
     skip_bad_images: bool
     class_weighting: bool

@@ -159,6 +159,8 @@ def create_file_data(config, class_names, train, evals, what):
     )
     eval_paths, eval_labels, skipped_eval = _decodable(config, class_names, "eval", *evals, what)
     skipped = skipped_train + skipped_eval
+    cache = preprocessing.choose_cache(config, len(train_paths) + len(eval_paths), what)
+    config = config.replace(cache=cache)
     train_key, eval_key = _files_key(train_paths, train_labels), _files_key(eval_paths, eval_labels)
 
     train_fn = preprocessing.create_train_fn(
@@ -237,6 +239,8 @@ def _tfds_data(config, name):
     for split, labels in ((config.train_split, train_labels), (eval_split, eval_labels)):
         if labels.size == 0:
             raise preprocessing.DataError(f"--dataset=tfds:{name}: split {split!r} is empty")
+    images = int(train_labels.size + eval_labels.size)
+    config = config.replace(cache=preprocessing.choose_cache(config, images, f"tfds:{name}"))
     # full_name ("mnist/3.0.1") pins the version: a bare name follows the installed TFDS.
     # --data_dir absolute, so a replayed flags.txt finds the same cache.
     data_dir = absolute_path(config.data_dir)

@@ -16,6 +16,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 tempfile.tempdir = tempfile.gettempdir()
 CHILD_TMPDIR = tempfile.mkdtemp(prefix="engine-tests-")
 os.environ["TMPDIR"] = CHILD_TMPDIR
+# Remembered image checks (input_pipeline.preprocessing) go there too, not to ~/.cache.
+os.environ["XDG_CACHE_HOME"] = os.path.join(CHILD_TMPDIR, "cache")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)

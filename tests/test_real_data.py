@@ -494,3 +494,54 @@ def test_class_names_and_counts_are_logged(tmp_path):
     lines = [call.args[0] % call.args[1:] for call in info.call_args_list]
     train_line = next(line for line in lines if " train: " in line)
     assert "Cargo 7, Military 5, Carrier 4, Cruise 3, Tankers 6" in train_line
+
+
+# --- start-up at scale: the image check remembered, the cache chosen --------
+
+
+def test_the_image_check_is_remembered_until_a_file_changes(tmp_path, monkeypatch):
+    root = make_folder_tree(tmp_path / "data", per_class=4)
+    bad = tmp_path / "data" / "train" / "red" / "img0_0.jpg"
+    corrupt(str(bad))
+    config = _real_config(f"folder:{root}", skip_bad_images=True)
+    decoded = []
+    decode_all = preprocessing._decode_all
+    monkeypatch.setattr(
+        preprocessing,
+        "_decode_all",
+        lambda paths, what: decoded.append(len(paths)) or decode_all(paths, what),
+    )
+    first = create_data(data_config(config))
+    assert first.skipped_images == 1 and len(decoded) == 2  # train and eval checked
+    # A second run (or a resume) over the same files decodes none to check them,
+    # and still knows the bad one.
+    again = create_data(data_config(config))
+    assert again.skipped_images == 1 and len(decoded) == 2
+    with pytest.raises(DataError, match=f"cannot decode image {bad}"):
+        create_data(data_config(config.replace(skip_bad_images=False)))
+    # A file rewritten (its size or time changes) is checked again with its split.
+    os.utime(bad, ns=(1, 1))
+    create_data(data_config(config))
+    assert len(decoded) == 3
+
+
+def test_cache_auto_streams_what_does_not_fit_and_memory_is_refused(tmp_path, monkeypatch, caplog):
+    root = make_folder_tree(tmp_path, per_class=6)  # 18 images of 18 px (16 + a crop margin)
+    config = _real_config(f"folder:{root}", cache="auto", deterministic=True)
+    in_memory = create_data(data_config(config))
+    held = [x.numpy() for x, _ in in_memory.train_fn().take(2)]
+    # 18 * 18 * 18 * 3 bytes decoded, 3 times that while loading: 52,488 bytes.
+    monkeypatch.setattr(preprocessing, "available_memory", lambda: 2 * 52_000)
+    with caplog.at_level(logging.INFO):
+        streamed = create_data(data_config(config))
+    assert "streamed from the files" in caplog.text and "0.00 GB" in caplog.text
+    for x, y in zip(held, [x.numpy() for x, _ in streamed.train_fn().take(2)], strict=True):
+        np.testing.assert_array_equal(x, y)  # the same batches, decoded at every step
+    for cache in ("memory", str(tmp_path / "cache") + "/"):
+        with pytest.raises(DataError, match=rf"--cache={re.escape(cache)} for .*--cache=auto"):
+            create_data(data_config(config.replace(cache=cache)))
+    monkeypatch.setattr(preprocessing, "available_memory", lambda: 2 * 52_488)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        create_data(data_config(config))
+    assert "held in memory" in caplog.text
