@@ -40,6 +40,7 @@ class DataSpec:
     pixel_range: tuple
     class_weights: tuple | None = None  # per-class loss weights (--class_weighting)
     skipped_images: int = 0  # undecodable images dropped by --skip_bad_images
+    cache: str | None = None  # real images: where training reads them ("" = from the files)
 
 
 def create_data(config):
@@ -142,6 +143,7 @@ def _finish_spec(config, class_names, train_fn, eval_fn, train_labels, eval_labe
         preprocessing.PIXEL_RANGE,
         class_weights=weights,
         skipped_images=skipped,
+        cache=config.cache,
     )
 
 

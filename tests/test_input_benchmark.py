@@ -19,6 +19,6 @@ def test_pipeline_benchmark_refuses_a_bad_flag_in_one_line_before_writing_images
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.splitlines()[-1] == (
-        "error: --precision='fp16' is not one of: fp32, mixed, mixed_bf16"
+        "error: --precision='fp16' is not one of: auto, fp32, mixed, mixed_bf16"
     )
     assert "Traceback" not in proc.stderr and "wrote" not in proc.stdout
