@@ -14,6 +14,7 @@ Preemption (SIGTERM, SIGINT) sets the stop flag the loop and the checkpoint
 action read.
 """
 
+import contextlib
 import dataclasses
 import os
 import types
@@ -42,7 +43,7 @@ from engine.loss_scale import create_loss_scale
 from engine.precision import get_policy, slow_combination_warning
 from engine.step import create_eval_step
 from input_pipeline import create_data
-from input_pipeline.preprocessing import PIXEL_RANGE
+from input_pipeline.preprocessing import PIXEL_RANGE, DataError
 from models import create_model
 
 
@@ -177,7 +178,7 @@ def train_and_evaluate(config, model_dir):
         )
     try:
         # Signals are caught from here on: a SIGTERM during start-up still saves and exits 0.
-        with preemption.stop_on_signals() as stop:
+        with preemption.stop_on_signals() as stop, _images_named_if_they_fail(run.data):
             actions = _create_actions(config, run)
             step = loop.run_loops(
                 lambda iterator, n: run.train_loop(iterator, n),  # --freeze_steps rebuilds it
@@ -198,6 +199,25 @@ def train_and_evaluate(config, model_dir):
         run.profiler.stop()
         run.writer.close()
         run.write_dir.cleanup()
+
+
+@contextlib.contextmanager
+def _images_named_if_they_fail(data):
+    """An image file that fails mid-run (changed or gone since the start-up check) is named.
+
+    Checkpoints already written stay; a rerun checks the changed file again at
+    start-up (and skips it with --skip_bad_images).
+    """
+    try:
+        yield
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError):
+        bad = data.find_bad_files() if data.find_bad_files else []
+        if not bad:
+            raise
+        raise DataError(
+            f"image {bad[0]} can no longer be read or decoded (it passed the check at "
+            "start-up); fix or remove it, then rerun to resume from the last checkpoint"
+        ) from None
 
 
 def _prepare(config, model_dir):

@@ -41,6 +41,8 @@ class DataSpec:
     class_weights: tuple | None = None  # per-class loss weights (--class_weighting)
     skipped_images: int = 0  # undecodable images dropped by --skip_bad_images
     cache: str | None = None  # real images: where training reads them ("" = from the files)
+    # Image files: () -> those that cannot be read and decoded now (for an error met mid-run).
+    find_bad_files: Callable[[], list] | None = None
 
 
 def create_data(config):
@@ -183,7 +185,11 @@ def create_file_data(config, class_names, train, evals, what):
             read=tf.io.read_file,
         )
 
-    return _finish_spec(config, class_names, train_fn, eval_fn, train_labels, eval_labels, skipped)
+    spec = _finish_spec(config, class_names, train_fn, eval_fn, train_labels, eval_labels, skipped)
+    paths = train_paths + eval_paths
+    return dataclasses.replace(
+        spec, find_bad_files=lambda: preprocessing.undecodable_now(paths, what)
+    )
 
 
 def _decodable(config, class_names, split, paths, labels, what):

@@ -330,6 +330,11 @@ def find_undecodable(paths, what="images"):
     return bad
 
 
+def undecodable_now(paths, what="images"):
+    """`find_undecodable` without the remembered result: what fails to decode now."""
+    return _decode_all(list(paths), what)
+
+
 def checked_images_dir():
     """Where image checks are remembered: $XDG_CACHE_HOME (or ~/.cache)/mixed-precision-engine."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

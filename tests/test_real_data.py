@@ -545,3 +545,17 @@ def test_cache_auto_streams_what_does_not_fit_and_memory_is_refused(tmp_path, mo
     with caplog.at_level(logging.INFO):
         create_data(data_config(config))
     assert "held in memory" in caplog.text
+
+
+def test_an_image_that_breaks_mid_run_is_named_and_the_checkpoints_stay(tmp_path, monkeypatch):
+    root = make_folder_tree(tmp_path / "data", per_class=6)
+    config = _real_config(f"folder:{root}", cache="", train_steps=6, checkpoint_every=2)
+    run = str(tmp_path / "run")
+    train.train_and_evaluate(config.replace(train_steps=2), run)
+    # The file breaks after the start-up check passed it (as if between check and read).
+    bad = tmp_path / "data" / "train" / "red" / "img0_0.jpg"
+    corrupt(str(bad))
+    monkeypatch.setattr(preprocessing, "find_undecodable", lambda paths, what="": [])
+    with pytest.raises(DataError, match=f"image {bad} can no longer be read or decoded"):
+        train.train_and_evaluate(config, run)
+    assert os.path.exists(os.path.join(run, "checkpoints", "ckpt-2.index"))  # the first run's
