@@ -39,9 +39,9 @@ FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32
 FAMILY_DEFAULTS = {
     "vit": {
         "optimizer": "adamw",
-        "learning_rate": 1e-3,
+        "learning_rate": 2e-3,
         "weight_decay": 0.05,
-        "warmup_steps": 30,
+        "warmup_steps": 60,
         "clip_norm": 1.0,
     },
 }
