@@ -35,8 +35,9 @@ def get_policy(name: str) -> Policy:
     try:
         return POLICIES[name]
     except KeyError:
+        hint = " (decide 'auto' first: engine.machine.resolve)" if name == "auto" else ""
         raise ValueError(
-            f"unknown precision {name!r}; choose one of {', '.join(POLICIES)}"
+            f"unknown precision {name!r}; choose one of {', '.join(POLICIES)}{hint}"
         ) from None
 
 

@@ -335,7 +335,7 @@ def _fake_run(monkeypatch, row=None):
 
 def _benchmark_config(**overrides):
     # The benchmark chooses precision and XLA itself: both stay at their defaults.
-    base = dict(mode="benchmark", precision="mixed", dataset="synthetic", benchmark_repeats=1)
+    base = dict(mode="benchmark", precision="auto", dataset="synthetic", benchmark_repeats=1)
     return tiny_config(**{**base, **overrides})
 
 

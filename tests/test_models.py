@@ -159,7 +159,7 @@ def test_a_run_fuses_batch_norm_unless_xla_compiles_its_step():
     from models.batch_norm import FusedBatchNormalization
 
     for xla in (False, True):
-        config = config_lib.Config(model="tiny", image_size=16, xla=xla)
+        config = config_lib.Config(model="tiny", image_size=16, precision="fp32", xla=xla)
         norms = _batch_norms(create_model_for(config, num_classes=3))
         assert norms and all(isinstance(n, FusedBatchNormalization) != xla for n in norms)
 

@@ -532,7 +532,7 @@ def test_cache_auto_streams_what_does_not_fit_and_memory_is_refused(tmp_path, mo
     held = [x.numpy() for x, _ in in_memory.train_fn().take(2)]
     # 18 * 18 * 18 * 3 bytes decoded, 3.5 times that while loading: 61,236 bytes.
     monkeypatch.setattr(preprocessing, "available_memory", lambda: 2 * 61_000)
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="absl"):
         streamed = create_data(data_config(config))
     assert "streamed from the files" in caplog.text and "0.00 GB" in caplog.text
     for x, y in zip(held, [x.numpy() for x, _ in streamed.train_fn().take(2)], strict=True):
@@ -542,7 +542,7 @@ def test_cache_auto_streams_what_does_not_fit_and_memory_is_refused(tmp_path, mo
             create_data(data_config(config.replace(cache=cache)))
     monkeypatch.setattr(preprocessing, "available_memory", lambda: 2 * 61_236)
     caplog.clear()
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="absl"):
         create_data(data_config(config))
     assert "held in memory" in caplog.text
 

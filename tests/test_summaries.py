@@ -224,7 +224,7 @@ def test_the_flagfile_writes_local_relative_paths_absolutely(tmp_path, monkeypat
     # The command line expands `~` (config.expand_home); a Config built in Python
     # keeps it, and TFDS, which does not expand it, reads ./~/tfds.
     assert f"--data_dir={tmp_path}/~/tfds" in lines
-    assert "--cache=memory" in lines and "--dataset=shapes" in to_flagfile(tiny_config())
+    assert "--cache=auto" in lines and "--dataset=shapes" in to_flagfile(tiny_config())
 
 
 def test_a_flagfile_replayed_from_another_folder_resumes_with_the_runs_files(tmp_path):
