@@ -287,13 +287,16 @@ def _signal_when_called(function, signum):
     "during, signum", [("export", signal.SIGTERM), ("eval", signal.SIGINT)], ids=["export", "eval"]
 )
 def test_a_stop_during_the_final_eval_or_export_exits_128_n_and_a_rerun_finishes_it(
-    tmp_path, capsys, caplog, monkeypatch, during, signum
+    tmp_path, capsys, caplog, monkeypatch, request, during, signum
 ):
     from conftest import read_scalars
 
     from engine import loop
     from engine.actions import export
 
+    # Ctrl-C as in a fresh process, whatever an earlier test left installed.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     run, export_dir = tmp_path / "run", tmp_path / "export"
     plain = [f for f in RUN if f != "--deterministic" and not f.startswith("--inject")]
     args = [*plain, "--train_steps=4", f"--model_dir={run}", f"--export_dir={export_dir}"]
@@ -307,7 +310,7 @@ def test_a_stop_during_the_final_eval_or_export_exits_128_n_and_a_rerun_finishes
             patch.setattr(
                 loop, "create_eval_loop", lambda *a: _signal_when_called(create(*a), signum)
             )
-        assert main_in_process(*args) == 128 + signum
+        assert main_in_process(*args) == 128 + signum, f"SIGINT handler was {previous}"
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: stopped by {signum.name}; checkpoints already written are kept: "
         "rerun the same command to resume"
