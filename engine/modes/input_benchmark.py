@@ -143,8 +143,13 @@ def main(argv):
         step = train_images_per_second(config, data, one_batch, FLAGS.train_steps)
         end_to_end = train_images_per_second(config, data, data.train_fn, FLAGS.train_steps)
 
+    _report(config, decode, cached, step, end_to_end)
+
+
+def _report(config, decode, cached, step, end_to_end):
+    """Prints the figures; `cached` is None where --cache=auto streams the set."""
     print(
-        f"model {config.model}, image_size {config.image_size}, batch {batch}, "
+        f"model {config.model}, image_size {config.image_size}, batch {config.batch_size}, "
         f"precision {config.precision}{' + XLA' if config.xla else ''}, "
         f"{os.cpu_count()} CPU cores"
     )
