@@ -68,8 +68,9 @@ def random_states(model):
 def create_checkpoint(state, iterator=None):
     """The root `tf.train.Checkpoint` for a `loop.TrainState` and the train iterator."""
     children = {name: getattr(state, name) for name in STATE_CHILDREN}
-    if random_states(state.model):
-        children["random"] = random_states(state.model)
+    random = random_states(state.model)
+    if random:
+        children["random"] = random
     if isinstance(iterator, tf.__internal__.tracking.Trackable):
         children["iterator"] = iterator
     elif iterator is not None:
