@@ -240,11 +240,26 @@ def _tfds_data(config, name):
     # Imported here: TFDS is slow to import and only this source needs it.
     from input_pipeline import tfds_source
 
-    builder, image_key, class_names = tfds_source.open_builder(name, config)
+    builder, keys, class_names = tfds_source.open_builder(name, config)
     eval_split = config.eval_split or "test"
-    train_ds, train_labels = tfds_source.load_split(name, config.train_split, image_key, config)
-    eval_ds, eval_labels = tfds_source.load_split(name, eval_split, image_key, config)
-    for split, labels in ((config.train_split, train_labels), (eval_split, eval_labels)):
+    splits = (config.train_split, eval_split)
+    if tfds_source.random_access(builder):
+        (train_ds, train_labels, read), (eval_ds, eval_labels, eval_read) = (
+            tfds_source.open_source(name, split, keys, config) for split in splits
+        )
+    else:
+        logging.info(
+            "tfds:%s is prepared as %s, which has no random access: its encoded images are "
+            "held in memory (`tfds build %s --file_format=array_record` keeps them on disk)",
+            name,
+            builder.info.file_format.value,
+            name,
+        )
+        read = eval_read = preprocessing.identity
+        (train_ds, train_labels), (eval_ds, eval_labels) = (
+            tfds_source.load_split(name, split, keys[0], config) for split in splits
+        )
+    for split, labels in zip(splits, (train_labels, eval_labels), strict=True):
         if labels.size == 0:
             raise preprocessing.DataError(f"--dataset=tfds:{name}: split {split!r} is empty")
     images = int(train_labels.size + eval_labels.size)
@@ -255,12 +270,12 @@ def _tfds_data(config, name):
     key = (name, builder.info.full_name, data_dir)
 
     train_fn = preprocessing.create_train_fn(
-        train_ds, config, int(train_labels.size), (*key, config.train_split)
+        train_ds, config, int(train_labels.size), (*key, config.train_split), read
     )
 
     def eval_fn(input_context=None):
         return preprocessing.create_eval_dataset(
-            eval_ds, config, config.eval_batch_size, (*key, eval_split), input_context
+            eval_ds, config, config.eval_batch_size, (*key, eval_split), input_context, eval_read
         )
 
     return _finish_spec(config, class_names, train_fn, eval_fn, train_labels, eval_labels, 0)

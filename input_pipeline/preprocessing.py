@@ -91,7 +91,7 @@ def file_stamps(paths):
     return [(st.st_size, st.st_mtime_ns) for st in map(os.stat, paths)]
 
 
-def _identity(x):
+def identity(x):
     return x
 
 
@@ -225,7 +225,7 @@ def _damage_is_an_error(cache, key):
         ) from None
 
 
-def create_train_fn(examples, config, num_examples, cache_key, read=_identity):
+def create_train_fn(examples, config, num_examples, cache_key, read=identity):
     """A `train_fn(input_context=None)`: infinite, shuffled, augmented, normalised batches.
 
     The iterator state is a counter (see `batching`): with `--cache=memory` or
@@ -236,7 +236,8 @@ def create_train_fn(examples, config, num_examples, cache_key, read=_identity):
 
     Args:
       examples: unbatched dataset of `(x, int32 label)`, where `read(x)` gives
-        the encoded image bytes (x is a path for files, the bytes for tfds).
+        the encoded image bytes (x is a path for files, the bytes for a tfds
+        split read by `tfds.load`, an index for a `tfds.data_source`).
       config: the run's `Config` (image_size, augment, cache, batch_size,
         seed, deterministic).
       num_examples: examples in `examples`.
@@ -278,9 +279,7 @@ def create_train_fn(examples, config, num_examples, cache_key, read=_identity):
     return train_fn
 
 
-def create_eval_dataset(
-    examples, config, batch_size, cache_key, input_context=None, read=_identity
-):
+def create_eval_dataset(examples, config, batch_size, cache_key, input_context=None, read=identity):
     """One pass of centre-cropped, normalised batches; the last partial batch is kept."""
     size = source_size(config.image_size, config.augment)
     ds = batching.shard(examples, input_context)

@@ -6,13 +6,24 @@ prepare it, checked on the builder before `tfds.load` could start a download.
 
 Images are read still encoded (`tfds.decode.SkipDecoding`), so they go through
 the same decode, resize and augmentation path as image files.
+
+A set prepared as ArrayRecord (what `--download` prepares; `tfds build NAME
+--file_format=array_record`) is read by index through `tfds.data_source`: the
+pipelines hold only (index, label) pairs and each index reads its record from
+disk, like an image file. A set prepared as TFRecord (`tfds build`'s default)
+has no random access: `tfds.load` reads it and its encoded images are held in
+memory.
 """
+
+import atexit
+import gc
+import time
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from input_pipeline.preprocessing import DataError
+from input_pipeline.preprocessing import DataError, log_progress
 
 
 def _builder(name, data_dir):
@@ -41,25 +52,87 @@ def _image_and_label_keys(name, info):
 
 
 def open_builder(name, config):
-    """Returns (builder, image key, class names) after checking the data is usable.
+    """Returns (builder, (image key, label key), class names) after checking the data is usable.
+
+    With `--download`, an unprepared set is prepared as ArrayRecord (random access).
 
     Raises:
       DataError: unknown name, not image classification, or not prepared
         without `--download`.
     """
     builder = _builder(name, config.data_dir)
-    image_key, label_key = _image_and_label_keys(name, builder.info)
-    if not config.download and not builder.is_prepared():
+    keys = _image_and_label_keys(name, builder.info)
+    if config.download and not builder.is_prepared():
+        builder = tfds.builder(name, data_dir=config.data_dir or None, file_format="array_record")
+        builder.download_and_prepare()
+    elif not builder.is_prepared():
         flag = f" --data_dir={config.data_dir}" if config.data_dir else ""
         raise DataError(
             f"TFDS data set {name!r} is not prepared in {builder.data_dir}; prepare it once "
             f"with `tfds build {name}{flag}` or rerun with --download"
         )
-    return builder, image_key, tuple(builder.info.features[label_key].names)
+    return builder, keys, tuple(builder.info.features[keys[1]].names)
+
+
+def random_access(builder):
+    """Whether the prepared set can be read by index (`tfds.data_source`): ArrayRecord files."""
+    return builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
+
+
+def open_source(name, split, keys, config):
+    """(dataset of (int64 index, int32 label), labels, read) for `split` through `tfds.data_source`.
+
+    `read(index)` is a tf op giving the encoded image of example `index`, read
+    from disk (a Python call into the ArrayRecord reader inside the pipeline).
+    """
+    image_key, label_key = keys
+    try:
+        source = tfds.data_source(
+            name,
+            split=split,
+            data_dir=config.data_dir or None,
+            download=False,
+            decoders={image_key: tfds.decode.SkipDecoding()},
+        )
+    except (ValueError, KeyError) as e:  # an unknown split string
+        raise DataError(f"--dataset=tfds:{name}: cannot read split {split!r}: {e}") from None
+    labels = _read_labels(source, label_key, f"tfds:{name} {split}")
+    # A training iterator that calls Python, still alive when the interpreter
+    # exits (held by a reference cycle), deadlocks its shutdown; a collection
+    # while everything still runs frees it first.
+    atexit.register(gc.collect)
+
+    def fetch(index):
+        return source[int(index)][image_key]
+
+    def read(index):
+        return tf.ensure_shape(tf.numpy_function(fetch, [index], tf.string, stateful=False), [])
+
+    indices = np.arange(labels.size, dtype=np.int64)
+    return tf.data.Dataset.from_tensor_slices((indices, labels)), labels, read
+
+
+def _read_labels(source, label_key, what, chunk=1024):
+    """Every example's label, reading the records in order (a progress line every 10 s)."""
+    labels = np.empty(len(source), np.int32)
+    start = shown = time.monotonic()
+    for low in range(0, labels.size, chunk):
+        indices = list(range(low, min(low + chunk, labels.size)))
+        labels[indices] = [source[i][label_key] for i in indices]
+        if time.monotonic() - shown >= 10:
+            shown = time.monotonic()
+            log_progress(
+                f"reading the labels of {what}", indices[-1] + 1, labels.size, shown - start
+            )
+    return labels
 
 
 def load_split(name, split, image_key, config):
-    """(dataset of (encoded image bytes, int32 label), labels as a numpy array) for `split`."""
+    """(dataset of (encoded image bytes, int32 label), labels as a numpy array) for `split`.
+
+    Through `tfds.load`, for sets without random access: the encoded images are
+    held in memory by the pipelines.
+    """
     try:
         ds = tfds.load(
             name,

@@ -1,4 +1,4 @@
-"""Real data: tfds (through tfds.load, mocked), folder and ships trees generated here."""
+"""Real data: tfds (mocked, and a set prepared here), folder and ships trees generated here."""
 
 import logging
 import os
@@ -43,7 +43,7 @@ def _real_config(dataset, **overrides):
 # --- tfds -----------------------------------------------------------------
 
 
-def test_tfds_reads_through_tfds_load_and_the_shared_preprocessing(tmp_path):
+def test_tfds_reads_through_tfds_and_the_shared_preprocessing(tmp_path):
     import tensorflow_datasets as tfds
 
     # mock_data replaces only TFDS' reading and preparation; tfds.builder, tfds.load,
@@ -63,6 +63,74 @@ def test_tfds_reads_through_tfds_load_and_the_shared_preprocessing(tmp_path):
     assert images.min() >= -1.0 and images.max() <= 1.0
     # mnist is grayscale: after the RGB conversion all three channels are equal.
     np.testing.assert_array_equal(images[..., 0], images[..., 2])
+
+
+class _CountingSource:
+    """A `tfds.data_source` that counts the records read through it."""
+
+    reads = 0
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        _CountingSource.reads += 1
+        return self.source[index]
+
+
+def _first_batches(data, n=3):
+    batches = iter(data.train_fn())
+    return [tuple(t.numpy() for t in next(batches)) for _ in range(n)]
+
+
+def test_tfds_array_record_set_streams_by_index_through_tfds_data_source(tmp_path):
+    import tensorflow_datasets as tfds
+    import tfds_sets
+
+    sizes = tfds_sets.prepare(tmp_path)
+    real_source = tfds.data_source
+    config = _real_config(f"tfds:{tfds_sets.NAME}", data_dir=str(tmp_path), cache="")
+    with (
+        mock.patch.object(tfds, "load", side_effect=AssertionError("tfds.load")),
+        mock.patch.object(
+            tfds, "data_source", lambda *a, **k: _CountingSource(real_source(*a, **k))
+        ),
+    ):
+        data = create_data(data_config(config))
+        after_labels = _CountingSource.reads
+        streamed = _first_batches(data)
+        images, labels = _eval_arrays(data)
+        memory = _first_batches(create_data(data_config(config.replace(cache="memory"))))
+    assert (data.train_size, data.eval_size) == (sizes["train"], sizes["test"])
+    assert data.class_names == tfds_sets.CLASSES
+    # Only indices are held: every batch reads its 8 records again.
+    assert after_labels == sizes["train"] + sizes["test"]
+    assert _CountingSource.reads >= after_labels + 3 * 8 + sizes["test"]
+    for (images_s, labels_s), (images_m, labels_m) in zip(streamed, memory, strict=True):
+        np.testing.assert_array_equal(_colour_class(images_s), labels_s)
+        np.testing.assert_array_equal(images_s, images_m)
+        np.testing.assert_array_equal(labels_s, labels_m)
+    assert images.shape == (sizes["test"], 16, 16, 3)
+    np.testing.assert_array_equal(_colour_class(images), labels)
+
+
+def test_tfds_tfrecord_set_is_read_by_tfds_load_into_the_same_batches(tmp_path, caplog):
+    import tfds_sets
+
+    tfds_sets.prepare(tmp_path / "ar")
+    tfds_sets.prepare(tmp_path / "tfr", file_format="tfrecord")
+    batches = {}
+    for kind in ("ar", "tfr"):
+        config = _real_config(f"tfds:{tfds_sets.NAME}", data_dir=str(tmp_path / kind), cache="")
+        with caplog.at_level(logging.INFO, logger="absl"):
+            batches[kind] = _first_batches(create_data(data_config(config)))
+    assert "prepared as tfrecord, which has no random access" in caplog.text
+    for (images_a, labels_a), (images_t, labels_t) in zip(*batches.values(), strict=True):
+        np.testing.assert_array_equal(images_a, images_t)
+        np.testing.assert_array_equal(labels_a, labels_t)
 
 
 def test_tfds_file_cache_is_per_data_set_version(tmp_path):

@@ -11,7 +11,9 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
+import tfds_sets
 from conftest import ROOT, main_in_process
+from image_trees import make_folder_tree
 
 from engine import train
 from models import create_model
@@ -81,26 +83,43 @@ def _final_state(model_dir):
     return {n: reader.get_tensor(n) for n in names if not n.startswith("iterator")}
 
 
-def test_sigkilled_run_resumes_to_the_same_weights_scale_and_step(tmp_path):
-    total = ["--train_steps=120"]
+def _source(kind, tmp_path):
+    """(flags, steps, kill points) reading `kind` of data: generated, or images
+    streamed from disk by index (a shorter run: decoding at every step is slower)."""
+    if kind == "generated":
+        return RUN, 120, (20, 80)
+    drop = ("--train_examples", "--eval_examples", "--inject_nonfinite")
+    run = [f for f in RUN if not f.startswith(drop)] + ["--inject_nonfinite=41:45"]
+    if kind == "folder":  # image files, read and decoded at every step
+        root = make_folder_tree(tmp_path / "images", per_class=12, classes=("red", "green"))
+        return [*run, f"--dataset=folder:{root}", "--cache="], 60, (20, 40)
+    tfds_sets.prepare(tmp_path / "tfds")  # ArrayRecord records, read through tfds.data_source
+    tfds_flags = [f"--dataset=tfds:{tfds_sets.NAME}", f"--data_dir={tmp_path / 'tfds'}"]
+    return [*run, *tfds_flags, "--cache="], 60, (20, 40)
+
+
+@pytest.mark.parametrize("kind", ["generated", "folder", "tfds"])
+def test_sigkilled_run_resumes_to_the_same_weights_scale_and_step(tmp_path, kind):
+    flags, steps, kill_after = _source(kind, tmp_path)
+    total = [f"--train_steps={steps}"]
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    uninterrupted = _start(reference, *RUN, *total)  # runs alongside the first attempt
+    uninterrupted = _start(reference, *flags, *total)  # runs alongside the first attempt
     # Killed twice, each time somewhere after a checkpoint (mostly mid-loop):
     # once early, once after the injected skips; the third start finishes.
     kill_points = []
-    for at_least in (20, 80):
-        proc = _start(resumed, *RUN, *total)
+    for at_least in kill_after:
+        proc = _start(resumed, *flags, *total)
         _wait_for_checkpoint(proc, resumed, at_least)
         proc.send_signal(signal.SIGKILL)
         _log(proc)
         kill_points.append(_latest_step(resumed))
-    code, stderr = _run(resumed, *RUN, *total)
+    code, stderr = _run(resumed, *flags, *total)
     assert code == 0, stderr[-2000:]
     _log(uninterrupted)
     assert uninterrupted.returncode == 0
     assert f"ckpt-{kill_points[-1]} at step {kill_points[-1]}" in stderr
     expected, actual = _final_state(reference), _final_state(resumed)
-    assert int(actual["step/.ATTRIBUTES/VARIABLE_VALUE"]) == 120
+    assert int(actual["step/.ATTRIBUTES/VARIABLE_VALUE"]) == steps
     assert float(actual["loss_scale/_scale/.ATTRIBUTES/VARIABLE_VALUE"]) != 256.0
     assert int(actual["skipped_steps/.ATTRIBUTES/VARIABLE_VALUE"]) >= 4
     assert sorted(actual) == sorted(expected)
