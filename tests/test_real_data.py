@@ -1,6 +1,7 @@
 """Real data: tfds (mocked, and a set prepared here), folder and ships trees generated here."""
 
 import logging
+import math
 import os
 import re
 from unittest import mock
@@ -598,8 +599,9 @@ def test_cache_auto_streams_what_does_not_fit_and_memory_is_refused(tmp_path, mo
     config = _real_config(f"folder:{root}", cache="auto", deterministic=True)
     in_memory = create_data(data_config(config))
     held = [x.numpy() for x, _ in in_memory.train_fn().take(2)]
-    # 18 * 18 * 18 * 3 bytes decoded, 3.5 times that while loading: 61,236 bytes.
-    monkeypatch.setattr(preprocessing, "available_memory", lambda: 2 * 61_000)
+    # 18 * 18 * 18 * 3 bytes decoded, LOAD_PEAK times that while loading.
+    peak = math.ceil(preprocessing.LOAD_PEAK * 18 * 18 * 18 * 3)
+    monkeypatch.setattr(preprocessing, "available_memory", lambda: 2 * peak - 2)
     with caplog.at_level(logging.INFO, logger="absl"):
         streamed = create_data(data_config(config))
     assert "streamed from the files" in caplog.text and "0.00 GB" in caplog.text
@@ -608,7 +610,7 @@ def test_cache_auto_streams_what_does_not_fit_and_memory_is_refused(tmp_path, mo
     for cache in ("memory", str(tmp_path / "cache") + "/"):
         with pytest.raises(DataError, match=rf"--cache={re.escape(cache)} for .*--cache=auto"):
             create_data(data_config(config.replace(cache=cache)))
-    monkeypatch.setattr(preprocessing, "available_memory", lambda: 2 * 61_236)
+    monkeypatch.setattr(preprocessing, "available_memory", lambda: 2 * peak)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="absl"):
         create_data(data_config(config))
