@@ -70,6 +70,7 @@ class _CountingSource:
     """A `tfds.data_source` that counts the records read through it."""
 
     reads = 0
+    indices = []  # of every record read, in order
 
     def __init__(self, source):
         self.source = source
@@ -79,6 +80,7 @@ class _CountingSource:
 
     def __getitem__(self, index):
         _CountingSource.reads += 1
+        _CountingSource.indices.append(index)
         return self.source[index]
 
 
@@ -116,6 +118,26 @@ def test_tfds_array_record_set_streams_by_index_through_tfds_data_source(tmp_pat
         np.testing.assert_array_equal(labels_s, labels_m)
     assert images.shape == (sizes["test"], 16, 16, 3)
     np.testing.assert_array_equal(_colour_class(images), labels)
+
+
+def test_tfds_data_source_each_input_pipeline_reads_only_its_shard(tmp_path):
+    import tensorflow_datasets as tfds
+    import tfds_sets
+
+    tfds_sets.prepare(tmp_path)
+    real_source = tfds.data_source
+    config = _real_config(f"tfds:{tfds_sets.NAME}", data_dir=str(tmp_path), cache="")
+    read = {}
+    with mock.patch.object(
+        tfds, "data_source", lambda *a, **k: _CountingSource(real_source(*a, **k))
+    ):
+        data = create_data(data_config(config))
+        for i in range(2):
+            _CountingSource.indices = []
+            list(data.train_fn(tf.distribute.InputContext(2, i, 2)).take(4))
+            read[i] = set(_CountingSource.indices)
+    assert read[0] and read[1]
+    assert {index % 2 for index in read[0]} == {0} and {index % 2 for index in read[1]} == {1}
 
 
 def test_tfds_tfrecord_set_is_read_by_tfds_load_into_the_same_batches(tmp_path, caplog):
