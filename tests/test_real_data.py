@@ -4,6 +4,7 @@ import logging
 import math
 import os
 import re
+from typing import ClassVar
 from unittest import mock
 
 import numpy as np
@@ -70,7 +71,7 @@ class _CountingSource:
     """A `tfds.data_source` that counts the records read through it."""
 
     reads = 0
-    indices = []  # of every record read, in order
+    indices: ClassVar[list] = []  # of every record read, in order
 
     def __init__(self, source):
         self.source = source
