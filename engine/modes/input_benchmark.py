@@ -5,8 +5,9 @@ reads `--dataset`, a folder, ships or TFDS set of your own), then in one run,
 for the same model, batch and image size:
 
   pipeline        images/s of the training pipeline alone, every image read
-                  from its file, decoded, resized, cropped, flipped and
-                  normalised: the streaming path (`--cache=`)
+                  from its file (a TFDS ArrayRecord set: its record), decoded,
+                  resized, cropped, flipped and normalised: the streaming path
+                  (`--cache=`)
   pipeline+cache  the same from memory, when `--cache=auto` holds the images there
   train step      images/s of the training loop on one batch repeated (no input cost)
   end to end      images/s of the training loop fed by the default pipeline
@@ -26,6 +27,7 @@ from absl import app, flags
 
 flags.DEFINE_integer("num_images", 3000, "Generated 210x140 JPEGs.")
 flags.DEFINE_string("dataset", "", "A data set of your own (folder:, ships:, tfds:) instead.")
+flags.DEFINE_string("data_dir", "", "Where TFDS finds tfds: sets (default: its own).")
 flags.DEFINE_string("model", "small_resnet", "Model (see --model of main.py).")
 flags.DEFINE_integer("image_size", 32, "Input height and width.")
 flags.DEFINE_integer("batch_size", 64, "Batch size.")
@@ -108,6 +110,7 @@ def main(argv):
         try:  # before writing any image
             config = Config(
                 dataset=FLAGS.dataset or f"ships:{root}",
+                data_dir=FLAGS.data_dir,
                 model=FLAGS.model,
                 image_size=FLAGS.image_size,
                 batch_size=FLAGS.batch_size,
