@@ -25,6 +25,12 @@ import tensorflow_datasets as tfds
 
 from input_pipeline.preprocessing import DataError, log_progress
 
+# A training iterator whose pipeline calls Python (`open_source`'s reads), still
+# alive when the interpreter exits because a reference cycle holds it (as in a
+# script of one's own), deadlocks the exit; a collection while everything still
+# runs frees it first.
+atexit.register(gc.collect)
+
 
 def _builder(name, data_dir):
     try:
@@ -97,10 +103,6 @@ def open_source(name, split, keys, config):
     except (ValueError, KeyError) as e:  # an unknown split string
         raise DataError(f"--dataset=tfds:{name}: cannot read split {split!r}: {e}") from None
     labels = _read_labels(source, label_key, f"tfds:{name} {split}")
-    # A training iterator that calls Python, still alive when the interpreter
-    # exits (held by a reference cycle), deadlocks its shutdown; a collection
-    # while everything still runs frees it first.
-    atexit.register(gc.collect)
 
     def fetch(index):
         return source[int(index)][image_key]

@@ -4,13 +4,15 @@ import logging
 import math
 import os
 import re
+import subprocess
+import sys
 from typing import ClassVar
 from unittest import mock
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import read_scalars, tiny_config
+from conftest import ROOT, read_scalars, tiny_config
 from image_trees import (
     COLOURS,
     corrupt,
@@ -139,6 +141,32 @@ def test_tfds_data_source_each_input_pipeline_reads_only_its_shard(tmp_path):
             read[i] = set(_CountingSource.indices)
     assert read[0] and read[1]
     assert {index % 2 for index in read[0]} == {0} and {index % 2 for index in read[1]} == {1}
+
+
+def test_a_script_holding_a_data_source_iterator_in_a_cycle_still_exits(tmp_path):
+    import tfds_sets
+
+    tfds_sets.prepare(tmp_path)
+    # The iterator's pipeline calls Python; kept alive by a cycle until the
+    # interpreter exits, it would deadlock the exit without tfds_source's atexit.
+    script = f"""
+import sys
+sys.path.insert(0, {ROOT!r})
+from engine.config import Config
+from engine.data import data_config
+from input_pipeline import create_data
+config = Config(model="tiny", image_size=16, batch_size=8, cache="",
+                dataset="tfds:{tfds_sets.NAME}", data_dir={str(tmp_path)!r})
+def first_batch():  # leaves its iterator to the garbage collector
+    holder = {{"iterator": iter(create_data(data_config(config)).train_fn())}}
+    holder["self"] = holder
+    return next(holder["iterator"])[0]
+print(first_batch().shape)
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and "(8, 16, 16, 3)" in proc.stdout, proc.stderr[-2000:]
 
 
 def test_tfds_tfrecord_set_is_read_by_tfds_load_into_the_same_batches(tmp_path, caplog):
