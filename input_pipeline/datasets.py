@@ -245,7 +245,7 @@ def _tfds_data(config, name):
     splits = (config.train_split, eval_split)
     if tfds_source.random_access(builder):
         (train_ds, train_labels, read), (eval_ds, eval_labels, eval_read) = (
-            tfds_source.open_source(name, split, keys, config) for split in splits
+            tfds_source.open_source(name, split, keys, config, builder) for split in splits
         )
     else:
         logging.info(

@@ -17,13 +17,16 @@ memory.
 
 import atexit
 import gc
+import hashlib
+import os
 import time
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
-from input_pipeline.preprocessing import DataError, log_progress
+from input_pipeline.preprocessing import DataError, checked_images_dir, file_stamps, log_progress
 
 # A training iterator whose pipeline calls Python (`open_source`'s reads), still
 # alive when the interpreter exits because a reference cycle holds it (as in a
@@ -85,7 +88,7 @@ def random_access(builder):
     return builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
 
 
-def open_source(name, split, keys, config):
+def open_source(name, split, keys, config, builder):
     """(dataset of (int64 index, int32 label), labels, read) for `split` through `tfds.data_source`.
 
     `read(index)` is a tf op giving the encoded image of example `index`, read
@@ -102,7 +105,9 @@ def open_source(name, split, keys, config):
         )
     except (ValueError, KeyError) as e:  # an unknown split string
         raise DataError(f"--dataset=tfds:{name}: cannot read split {split!r}: {e}") from None
-    labels = _read_labels(source, label_key, f"tfds:{name} {split}")
+    labels = _remembered_labels(
+        builder, split, lambda: _read_labels(source, label_key, f"tfds:{name} {split}")
+    )
 
     def fetch(index):
         return source[int(index)][image_key]
@@ -112,6 +117,40 @@ def open_source(name, split, keys, config):
 
     indices = np.arange(labels.size, dtype=np.int64)
     return tf.data.Dataset.from_tensor_slices((indices, labels)), labels, read
+
+
+def _remembered_labels(builder, split, read_labels):
+    """`read_labels()`, remembered beside the image checks per split and files.
+
+    Keyed by the data set's full name, the split's files with each file's size
+    and modification time, and the records it takes from them: a resume or a
+    second run does not read every record again; a rebuilt set does.
+    """
+    try:
+        files = builder.info.splits[split].file_instructions
+    except KeyError:  # no split files to key on (as under `tfds.testing.mock_data`)
+        return read_labels()
+    names = [f.filename for f in files]
+    key = (
+        builder.info.full_name,
+        [(f.filename, f.skip, f.take) for f in files],
+        file_stamps(names),
+    )
+    digest = hashlib.sha1(repr(key).encode()).hexdigest()[:16]
+    path = os.path.join(checked_images_dir(), f"labels-{digest}.npy")
+    try:
+        return np.load(path)
+    except (OSError, ValueError):
+        pass
+    labels = read_labels()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(f"{path}.tmp", "wb") as f:
+            np.save(f, labels)
+        os.replace(f"{path}.tmp", path)
+    except OSError as e:
+        logging.warning("cannot remember the labels in %s (%s)", path, e)
+    return labels
 
 
 def _read_labels(source, label_key, what, chunk=1024):

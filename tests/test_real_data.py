@@ -4,6 +4,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from typing import ClassVar
@@ -121,6 +122,28 @@ def test_tfds_array_record_set_streams_by_index_through_tfds_data_source(tmp_pat
         np.testing.assert_array_equal(labels_s, labels_m)
     assert images.shape == (sizes["test"], 16, 16, 3)
     np.testing.assert_array_equal(_colour_class(images), labels)
+
+
+def test_tfds_data_source_labels_are_read_once_until_the_set_is_rebuilt(tmp_path):
+    import tensorflow_datasets as tfds
+    import tfds_sets
+
+    sizes = tfds_sets.prepare(tmp_path)
+    real_source = tfds.data_source
+    config = _real_config(f"tfds:{tfds_sets.NAME}", data_dir=str(tmp_path), cache="")
+    reads = []
+    with mock.patch.object(
+        tfds, "data_source", lambda *a, **k: _CountingSource(real_source(*a, **k))
+    ):
+        for rebuild in (False, False, True):
+            if rebuild:  # the files written again: new modification times
+                shutil.rmtree(tmp_path / tfds_sets.NAME)
+                tfds_sets.prepare(tmp_path)
+            before = _CountingSource.reads
+            create_data(data_config(config))
+            reads.append(_CountingSource.reads - before)
+    every_record = sizes["train"] + sizes["test"]
+    assert reads == [every_record, 0, every_record]
 
 
 def test_tfds_data_source_each_input_pipeline_reads_only_its_shard(tmp_path):
