@@ -210,14 +210,11 @@ def _gather_with_progress(ds, num_examples, size):
     (a progress line every 10 s)."""
     images = np.empty((num_examples, size, size, 3), np.uint8)
     labels = np.empty(num_examples, np.int32)
-    n, start = 0, time.monotonic()
-    shown = start
+    n, progress = 0, Progress("decoding images into memory", num_examples)
     for image, label in ds.prefetch(AUTOTUNE).as_numpy_iterator():
         images[n], labels[n] = image, label
         n += 1
-        if time.monotonic() - shown >= 10:
-            shown = time.monotonic()
-            log_progress("decoding images into memory", n, num_examples, shown - start)
+        progress.update(n)
     return tf.constant(images[:n]), tf.constant(labels[:n])
 
 
@@ -373,31 +370,45 @@ def _decode_all(paths, what):
         num_parallel_calls=AUTOTUNE,
         deterministic=False,
     )
-    decoded, start = set(), time.monotonic()
-    shown = start
+    decoded, progress = set(), Progress(f"checking {what}", len(paths))
     for index, _ in ds.ignore_errors().as_numpy_iterator():
         decoded.add(int(index))
-        if time.monotonic() - shown >= 10:
-            shown = time.monotonic()
-            log_progress(f"checking {what}", len(decoded), len(paths), shown - start)
-    logging.info("checked %d images of %s in %.1f s", len(paths), what, time.monotonic() - start)
+        progress.update(len(decoded))
+    logging.info("checked %d images of %s in %.1f s", len(paths), what, progress.seconds())
     return [p for i, p in enumerate(paths) if i not in decoded]
 
 
-def log_progress(doing, done, total, seconds):
-    """One line: `doing`: count of total, rate, ETA."""
-    rate = done / max(seconds, 1e-9)
-    eta = int((total - done) / rate) if rate else 0
-    logging.info(
-        "%s: %d of %d, %.0f/s, ETA %d:%02d:%02d",
-        doing,
-        done,
-        total,
-        rate,
-        eta // 3600,
-        eta // 60 % 60,
-        eta % 60,
-    )
+class Progress:
+    """Logs `doing`: count of total, rate, ETA, at most every `every` seconds.
+
+    For the long start-up jobs: the image check, decoding into memory, reading
+    a TFDS set's labels.
+    """
+
+    def __init__(self, doing, total, every=10.0):
+        self.doing, self.total, self.every = doing, total, every
+        self.start = self.shown = time.monotonic()
+
+    def update(self, done):
+        now = time.monotonic()
+        if now - self.shown < self.every:
+            return
+        self.shown = now
+        rate = done / max(now - self.start, 1e-9)
+        eta = int((self.total - done) / rate) if rate else 0
+        logging.info(
+            "%s: %d of %d, %.0f/s, ETA %d:%02d:%02d",
+            self.doing,
+            done,
+            self.total,
+            rate,
+            eta // 3600,
+            eta // 60 % 60,
+            eta % 60,
+        )
+
+    def seconds(self):
+        return time.monotonic() - self.start
 
 
 def drop_undecodable(paths, labels, skip_bad_images, what):

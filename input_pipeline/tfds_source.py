@@ -19,14 +19,13 @@ import atexit
 import gc
 import hashlib
 import os
-import time
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from input_pipeline.preprocessing import DataError, checked_images_dir, file_stamps, log_progress
+from input_pipeline.preprocessing import DataError, Progress, checked_images_dir, file_stamps
 
 # A training iterator whose pipeline calls Python (`open_source`'s reads), still
 # alive when the interpreter exits because a reference cycle holds it (as in a
@@ -153,18 +152,13 @@ def _remembered_labels(builder, split, read_labels):
     return labels
 
 
-def _read_labels(source, label_key, what, chunk=1024):
+def _read_labels(source, label_key, what):
     """Every example's label, reading the records in order (a progress line every 10 s)."""
     labels = np.empty(len(source), np.int32)
-    start = shown = time.monotonic()
-    for low in range(0, labels.size, chunk):
-        indices = list(range(low, min(low + chunk, labels.size)))
-        labels[indices] = [source[i][label_key] for i in indices]
-        if time.monotonic() - shown >= 10:
-            shown = time.monotonic()
-            log_progress(
-                f"reading the labels of {what}", indices[-1] + 1, labels.size, shown - start
-            )
+    progress = Progress(f"reading the labels of {what}", labels.size)
+    for i in range(labels.size):
+        labels[i] = source[i][label_key]
+        progress.update(i + 1)
     return labels
 
 
@@ -188,5 +182,8 @@ def load_split(name, split, image_key, config):
         raise DataError(f"--dataset=tfds:{name}: cannot read split {split!r}: {e}") from None
     ds = ds.map(lambda image, label: (image, tf.cast(label, tf.int32)))
     # One pass over the labels only (images stay encoded) for the class counts.
-    labels = np.fromiter(ds.map(lambda _, label: label).as_numpy_iterator(), np.int32)
-    return ds, labels
+    labels, progress = [], Progress(f"reading the labels of tfds:{name} {split}", len(ds))
+    for label in ds.map(lambda _, label: label).as_numpy_iterator():
+        labels.append(label)
+        progress.update(len(labels))
+    return ds, np.asarray(labels, np.int32)

@@ -1,5 +1,6 @@
 """Real data: tfds (mocked, and a set prepared here), folder and ships trees generated here."""
 
+import functools
 import logging
 import math
 import os
@@ -144,6 +145,28 @@ def test_tfds_data_source_labels_are_read_once_until_the_set_is_rebuilt(tmp_path
             reads.append(_CountingSource.reads - before)
     every_record = sizes["train"] + sizes["test"]
     assert reads == [every_record, 0, every_record]
+
+
+def test_start_up_jobs_log_count_rate_and_eta(tmp_path, monkeypatch, caplog):
+    import tfds_sets
+
+    from input_pipeline import tfds_source
+
+    tfds_sets.prepare(tmp_path / "tfds")
+    root = make_folder_tree(tmp_path / "images", per_class=4)
+    every_call = functools.partial(preprocessing.Progress, every=0)
+    monkeypatch.setattr(preprocessing, "Progress", every_call)
+    monkeypatch.setattr(tfds_source, "Progress", every_call)
+    tfds_config = _real_config(f"tfds:{tfds_sets.NAME}", data_dir=str(tmp_path / "tfds"))
+    with caplog.at_level(logging.INFO, logger="absl"):
+        create_data(data_config(tfds_config))
+        create_data(data_config(_real_config(f"folder:{root}", cache="memory"))).train_fn()
+    line = r": {n} of {n}, \d+/s, ETA 0:00:00"
+    assert re.search(
+        f"reading the labels of tfds:{tfds_sets.NAME} train" + line.format(n=34), caplog.text
+    )
+    assert re.search(r"checking folder:\S+ train" + line.format(n=9), caplog.text)
+    assert re.search("decoding images into memory" + line.format(n=9), caplog.text)
 
 
 def test_tfds_data_source_each_input_pipeline_reads_only_its_shard(tmp_path):
