@@ -22,13 +22,14 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import time
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from input_pipeline import batching
+from input_pipeline import batching, records
 from input_pipeline.paths import cache_prefix
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -119,14 +120,14 @@ def choose_cache(config, num_images, what):
 
     The budget is half the available memory (the rest is for the model, its
     activations and everything else running), against `LOAD_PEAK` times the
-    decoded size. `--cache=memory` and file caches (read back whole into
-    memory) are refused beyond it, with the figures, before anything is decoded.
+    decoded size. `--cache=memory` is refused beyond it, with the figures,
+    before anything is decoded. File caches hold nothing in memory.
 
     Raises:
-      DataError: an explicit memory or file cache that does not fit.
+      DataError: `--cache=memory` that does not fit.
     """
     available = available_memory()
-    if config.cache == "" or available is None:
+    if config.cache not in ("auto", "memory") or available is None:
         return "memory" if config.cache == "auto" else config.cache
     size = source_size(config.image_size, config.augment)
     decoded = num_images * size * size * 3
@@ -143,8 +144,8 @@ def choose_cache(config, num_images, what):
         return "memory" if fits else ""
     if not fits:
         raise DataError(
-            f"--cache={config.cache} for {what}: {figures}; use --cache=auto or --cache= "
-            "to stream the images from their files"
+            f"--cache=memory for {what}: {figures}; use --cache=auto or --cache= to stream the "
+            "images from their files, or --cache=DIR to decode them once into a cache on disk"
         )
     return config.cache
 
@@ -190,18 +191,57 @@ def _pipeline_key(key, input_context):
     return (*key, "shard", input_context.input_pipeline_id, input_context.num_input_pipelines)
 
 
-def _decoded_arrays(ds, config, num_examples, key, read):
-    """Decodes this pipeline's images once into memory: (uint8 [n, s, s, 3], labels).
-
-    With a file `--cache` the decoded images are read back from the cache file
-    (written by the first run) instead of being decoded again.
-    """
+def _decoded_arrays(ds, config, num_examples, read):
+    """Decodes this pipeline's images once into memory: (uint8 [n, s, s, 3], labels)."""
     size = source_size(config.image_size, config.augment)
     ds = ds.map(lambda x, y: (decode_and_resize(read(x), size), y), num_parallel_calls=AUTOTUNE)
-    if config.cache in ("", "memory"):
-        return _gather_with_progress(ds, num_examples, size)
-    with _damage_is_an_error(config.cache, key):
-        return _gather_with_progress(_cache(ds, config.cache, key), num_examples, size)
+    return _gather_with_progress(ds, num_examples, size)
+
+
+def _record_cache(examples, config, key, read):
+    """((indices, labels), decode) of this pipeline's images in a decoded cache on disk.
+
+    The first run decodes every image once into `<cache path>.array_record`, one
+    record of uint8 pixels per image; then each step reads its batch's records
+    by index (`decode(index)`): no JPEG decoding and nothing held in memory.
+
+    Raises:
+      DataError: the cache file is damaged, or the disk has no room for it.
+    """
+    xs, labels = examples
+    n, size = int(labels.shape[0]), source_size(config.image_size, config.augment)
+    path = _cache_path(config.cache, key) + ".array_record"
+    if not os.path.exists(path):
+        _check_room(config.cache, path, n * size * size * 3)
+        images = tf.data.Dataset.from_tensor_slices(xs).map(
+            lambda x: decode_and_resize(read(x), size), num_parallel_calls=AUTOTUNE
+        )
+        progress = Progress(f"writing the decoded cache {path}", n)
+        records.write(images.prefetch(AUTOTUNE).as_numpy_iterator(), path, progress)
+    try:
+        source = records.open_records(path, n)
+    except ValueError as e:
+        raise DataError(
+            f"--cache={config.cache}: the cache file {path} is damaged ({e}); delete it to "
+            "rebuild it, or use --cache=memory"
+        ) from None
+    read_record = records.reader(lambda index: source[index])
+
+    def decode(index):
+        return tf.reshape(tf.io.decode_raw(read_record(index), tf.uint8), [size, size, 3])
+
+    return (tf.range(n, dtype=tf.int64), labels), decode
+
+
+def _check_room(cache, path, needed):
+    """Raises `DataError` when the disk holding `path` has less than `needed` bytes free."""
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    if free < needed:
+        raise DataError(
+            f"--cache={cache}: the decoded images need {needed / 1e9:.2f} GB and "
+            f"{os.path.dirname(os.path.abspath(path))} has {free / 1e9:.2f} GB free; free some "
+            "space, give --cache another folder, or use --cache= to decode at every step"
+        )
 
 
 def _gather_with_progress(ds, num_examples, size):
@@ -242,11 +282,12 @@ def _damage_is_an_error(cache, key):
 def create_train_fn(examples, config, num_examples, cache_key, read=identity):
     """A `train_fn(input_context=None)`: infinite, shuffled, augmented, normalised batches.
 
-    The iterator state is a counter (see `batching`): with `--cache=memory` or
-    a file cache, each input pipeline's images are decoded once (on its first
-    call) into a uint8 tensor held outside the iterator and gathered by index;
-    with `--cache=""` only the `x`s are held and each step reads and decodes
-    its images again.
+    The iterator state is a counter (see `batching`): with `--cache=memory`,
+    each input pipeline's images are decoded once (on its first call) into a
+    uint8 tensor held outside the iterator and gathered by index; with a file
+    cache they are decoded once into records on disk, which each step reads by
+    index; with `--cache=""` only the `x`s are held and each step reads and
+    decodes its images again.
 
     Args:
       examples: unbatched dataset of `(x, int32 label)`, where `read(x)` gives
@@ -262,27 +303,30 @@ def create_train_fn(examples, config, num_examples, cache_key, read=identity):
 
     @batching.once_per_pipeline
     def load(input_context):
+        """(tensors gathered by index, decode): what a training example is made from."""
         shard = batching.shard(examples, input_context)  # each pipeline reads only its files
+        if config.cache == "memory":
+            return _decoded_arrays(shard, config, num_examples, read), identity
+        # Paths (or tfds' encoded bytes, or record indices) and labels only.
+        held = batching.gather_all(shard, num_examples)
         if config.cache:
             key = _pipeline_key(("train", size, cache_key), input_context)
-            return _decoded_arrays(shard, config, num_examples, key, read)
-        # Paths (or tfds' encoded bytes) only; read and decoded again at every step.
-        return batching.gather_all(shard, num_examples)
-
-    def decode(x):
-        return x if config.cache else decode_and_resize(read(x), size)
-
-    def finish(example, position):
-        x, label = example
-        image = decode(x)
-        if config.augment:
-            seed = tf.stack([tf.cast(config.seed, tf.int64), position])
-            image = augment(image, config.image_size, seed)
-        return normalise(image), label
+            return _record_cache(held, config, key, read)
+        return held, lambda x: decode_and_resize(read(x), size)
 
     def train_fn(input_context=None):
+        tensors, decode = load(input_context)
+
+        def finish(example, position):
+            x, label = example
+            image = decode(x)
+            if config.augment:
+                seed = tf.stack([tf.cast(config.seed, tf.int64), position])
+                image = augment(image, config.image_size, seed)
+            return normalise(image), label
+
         return batching.gather_train_batches(
-            load(input_context),
+            tensors,
             config.batch_size,
             config.seed,
             input_context,

@@ -15,8 +15,6 @@ has no random access: `tfds.load` reads it and its encoded images are held in
 memory.
 """
 
-import atexit
-import gc
 import hashlib
 import os
 
@@ -25,13 +23,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from input_pipeline import records
 from input_pipeline.preprocessing import DataError, Progress, checked_images_dir, file_stamps
-
-# A training iterator whose pipeline calls Python (`open_source`'s reads), still
-# alive when the interpreter exits because a reference cycle holds it (as in a
-# script of one's own), deadlocks the exit; a collection while everything still
-# runs frees it first.
-atexit.register(gc.collect)
 
 
 def _builder(name, data_dir):
@@ -108,12 +101,7 @@ def open_source(name, split, keys, config, builder):
         builder, split, lambda: _read_labels(source, label_key, f"tfds:{name} {split}")
     )
 
-    def fetch(index):
-        return source[int(index)][image_key]
-
-    def read(index):
-        return tf.ensure_shape(tf.numpy_function(fetch, [index], tf.string, stateful=False), [])
-
+    read = records.reader(lambda index: source[index][image_key])
     indices = np.arange(labels.size, dtype=np.int64)
     return tf.data.Dataset.from_tensor_slices((indices, labels)), labels, read
 

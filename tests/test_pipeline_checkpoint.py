@@ -56,9 +56,11 @@ def test_restored_shapes_iterator_continues_with_the_uninterrupted_batches(tmp_p
     _assert_same_batches(resumed, uninterrupted)
 
 
-@pytest.mark.parametrize("cache", ["memory", ""])
+@pytest.mark.parametrize("cache", ["memory", "", "file"])
 def test_restored_folder_iterator_continues_with_the_uninterrupted_batches(tmp_path, cache):
     root = make_folder_tree(tmp_path / "data", per_class=4)  # 12 images: 1.5 batches an epoch
+    if cache == "file":  # decoded records on disk, read by index
+        cache = str(tmp_path) + "/"
     config = tiny_config(
         dataset=f"folder:{root}", batch_size=8, eval_batch_size=8, cache=cache, deterministic=True
     )
@@ -91,7 +93,7 @@ def test_file_cache_is_written_at_start_up_and_gives_the_memory_cache_batches(tm
         return [x.numpy() for x, _ in train_fn().take(4)]
 
     from_file = batches(str(prefix))
-    assert len(list(prefix.parent.glob("imgs-*.index"))) == 1  # the train split's cache
+    assert len(list(prefix.parent.glob("imgs-*.array_record"))) == 1  # the train split's
     for a, b in zip(batches(str(prefix)), batches("memory"), strict=True):  # read back
         np.testing.assert_array_equal(a, b)
     for a, b in zip(from_file, batches("memory"), strict=True):

@@ -250,7 +250,7 @@ def test_tfds_file_cache_is_per_data_set_version(tmp_path):
         create_data(data_config(config)).train_fn()
         with mock.patch.object(tfds_source, "open_builder", newer_version):
             create_data(data_config(config)).train_fn()
-    assert len(_cache_indexes(prefix.parent)) == 2
+    assert len(list(prefix.parent.glob("imgs-*.array_record"))) == 2  # the train caches
 
 
 def test_tfds_unprepared_without_download_says_how_to_prepare_and_never_downloads(tmp_path):
@@ -357,7 +357,8 @@ def test_file_cache_given_a_folder_is_written_inside_it(tmp_path, trailing_separ
     data = create_data(data_config(_real_config(f"folder:{root}", cache=cache)))
     data.train_fn()
     list(data.eval_fn())
-    assert len(list(folder_path.glob("cache-*.index"))) == 2  # train and eval
+    assert len(list(folder_path.glob("cache-*.array_record"))) == 1  # train, decoded records
+    assert len(list(folder_path.glob("cache-*.index"))) == 1  # eval, TF's cache
     assert not list(tmp_path.glob("cache-*"))  # nothing beside the folder
 
 
@@ -378,13 +379,13 @@ def test_file_cache_is_not_read_back_after_images_are_overwritten_in_place(tmp_p
 
 @pytest.mark.parametrize("damage", ["stale_lock", "truncated", "missing"])
 @pytest.mark.parametrize("cache", ["imgs", ""], ids=["prefix", "folder"])
-def test_a_locked_or_damaged_file_cache_is_a_clear_error(tmp_path, damage, cache):
+def test_a_locked_or_damaged_eval_cache_is_a_clear_error(tmp_path, damage, cache):
     root = make_folder_tree(tmp_path / "data", per_class=4)
     folder_path = tmp_path / "cache"
     folder_path.mkdir()
     cache = str(folder_path / cache)  # cache/imgs-<hash>*, or cache/cache-<hash>*
     config = _real_config(f"folder:{root}", cache=cache)
-    create_data(data_config(config)).train_fn()  # writes the training images' cache
+    list(create_data(data_config(config)).eval_fn())  # writes the eval images' cache
     (index,) = folder_path.glob("*.index")
     stem = index.name[: -len(".index")]
     lock = folder_path / f"{stem}_0.lockfile"
@@ -400,7 +401,32 @@ def test_a_locked_or_damaged_file_cache_is_a_clear_error(tmp_path, damage, cache
         # The advice names this cache's files alone, not other data sets' under the prefix.
         expected = rf"--cache={re.escape(cache)}: the cache files are damaged .*; delete "
     with pytest.raises(DataError, match=expected + re.escape(f"{folder_path / stem}* ")):
+        create_data(data_config(config)).eval_fn()
+
+
+def test_a_damaged_training_cache_is_a_clear_error_and_a_missing_one_is_written(tmp_path):
+    root = make_folder_tree(tmp_path / "data", per_class=4)
+    prefix = tmp_path / "cache" / "imgs"
+    prefix.parent.mkdir()
+    config = _real_config(f"folder:{root}", cache=str(prefix), deterministic=True)
+    first = _first_batches(create_data(data_config(config)))
+    (records,) = prefix.parent.glob("imgs-*.array_record")
+    records.unlink()  # written again, to the same batches
+    for a, b in zip(first, _first_batches(create_data(data_config(config))), strict=True):
+        np.testing.assert_array_equal(a[0], b[0])
+    records.write_bytes(records.read_bytes()[: records.stat().st_size // 2])
+    with pytest.raises(DataError, match=rf"the cache file {re.escape(str(records))} is damaged"):
         create_data(data_config(config)).train_fn()
+
+
+def test_a_training_cache_without_room_on_disk_is_refused_before_writing(tmp_path, monkeypatch):
+    root = make_folder_tree(tmp_path / "data", per_class=4)
+    config = _real_config(f"folder:{root}", cache=str(tmp_path) + "/")
+    # 9 training images of 18 px: 8,748 bytes of pixels.
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: mock.Mock(free=8_000))
+    with pytest.raises(DataError, match=r"need 0.00 GB and .* has 0.00 GB free; free some space"):
+        create_data(data_config(config)).train_fn()
+    assert not list(tmp_path.glob("cache-*"))
 
 
 def _damage(folder, stem, how):
@@ -456,7 +482,8 @@ def test_each_input_pipeline_caches_its_own_shard(tmp_path):
     for _ in range(2):  # the second pass reads the cache files back
         for context in contexts:
             np.testing.assert_array_equal(images(on_disk, context), images(in_memory, context))
-    assert len(_cache_indexes(prefix.parent)) == 4  # train and eval, per pipeline
+    assert len(_cache_indexes(prefix.parent)) == 2  # eval, per pipeline
+    assert len(list(prefix.parent.glob("imgs-*.array_record"))) == 2  # train, per pipeline
 
 
 def test_empty_class_folder_is_an_error_naming_it(tmp_path):
@@ -704,9 +731,10 @@ def test_cache_auto_streams_what_does_not_fit_and_memory_is_refused(tmp_path, mo
     assert "streamed from the files" in caplog.text and "0.00 GB" in caplog.text
     for x, y in zip(held, [x.numpy() for x, _ in streamed.train_fn().take(2)], strict=True):
         np.testing.assert_array_equal(x, y)  # the same batches, decoded at every step
-    for cache in ("memory", str(tmp_path / "cache") + "/"):
-        with pytest.raises(DataError, match=rf"--cache={re.escape(cache)} for .*--cache=auto"):
-            create_data(data_config(config.replace(cache=cache)))
+    with pytest.raises(DataError, match=r"--cache=memory for .*--cache=auto"):
+        create_data(data_config(config.replace(cache="memory")))
+    (tmp_path / "cache").mkdir()  # a file cache holds nothing in memory: not refused
+    create_data(data_config(config.replace(cache=str(tmp_path / "cache") + "/"))).train_fn()
     monkeypatch.setattr(preprocessing, "available_memory", lambda: 2 * peak)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="absl"):

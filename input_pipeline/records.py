@@ -1,0 +1,75 @@
+"""Examples read by index from disk inside a `tf.data` pipeline: ArrayRecord files.
+
+Two sources use it: a TFDS set prepared as ArrayRecord (`tfds_source`, through
+`tfds.data_source`) and the decoded-image cache that a file `--cache` writes
+(`preprocessing`): one record per image, its uint8 pixels, so a training step
+reads its batch's records instead of decoding JPEGs, and nothing is held in
+memory. TF has no op for ArrayRecord: `reader` calls the Python reader from the
+pipeline (`tf.numpy_function`), which measured as fast as reading image files
+(BUILD_NOTES "Data at scale").
+"""
+
+import atexit
+import gc
+import os
+
+import tensorflow as tf
+
+# One record per chunk, uncompressed: a read touches its record alone, and pixels
+# (or JPEG bytes) gain little from compression.
+WRITE_OPTIONS = "group_size:1,uncompressed"
+
+# A training iterator whose pipeline calls Python, still alive when the interpreter
+# exits because a reference cycle holds it (as in a script of one's own), deadlocks
+# the exit; a collection while everything still runs frees it first.
+atexit.register(gc.collect)
+
+
+def reader(lookup):
+    """A tf function `read(index)` -> the scalar string `lookup(int(index))` gives."""
+
+    def fetch(index):
+        return lookup(int(index))
+
+    def read(index):
+        return tf.ensure_shape(tf.numpy_function(fetch, [index], tf.string, stateful=False), [])
+
+    return read
+
+
+def write(arrays, path, progress):
+    """Writes each numpy array of `arrays` (in order) as one record at `path`.
+
+    Written to a temporary file renamed at the end, so a run killed while writing
+    leaves no file at `path` (the next run writes it again), and two runs writing
+    the same cache do not mix their records.
+    """
+    from array_record.python import array_record_module  # TFDS' dependency, on Linux
+
+    partial = f"{path}.partial-{os.getpid()}"
+    writer = array_record_module.ArrayRecordWriter(partial, WRITE_OPTIONS)
+    try:
+        for count, array in enumerate(arrays, 1):
+            writer.write(array.tobytes())
+            progress.update(count)
+    finally:
+        writer.close()
+    os.replace(partial, path)
+
+
+def open_records(path, expected):
+    """A random-access source of `path`'s records (`source[i]` -> bytes).
+
+    Raises:
+      ValueError: the file cannot be read as ArrayRecord, or holds a number of
+        records other than `expected`.
+    """
+    from array_record.python import array_record_data_source
+
+    try:
+        source = array_record_data_source.ArrayRecordDataSource([path])
+    except RuntimeError as e:  # truncated or not ArrayRecord: its footer cannot be read
+        raise ValueError(f"unreadable ({e or 'no footer'})") from None
+    if len(source) != expected:
+        raise ValueError(f"{len(source)} records, {expected} expected")
+    return source
