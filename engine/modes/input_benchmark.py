@@ -8,6 +8,8 @@ for the same model, batch and image size:
                   from its file (a TFDS ArrayRecord set: its record), decoded,
                   resized, cropped, flipped and normalised: the streaming path
                   (`--cache=`)
+  pipeline+disk   the same from a decoded cache on disk (`--cache=DIR`, written
+                  first into a temporary folder; `--nodisk_cache` skips it)
   pipeline+cache  the same from memory, when `--cache=auto` holds the images there
   train step      images/s of the training loop on one batch repeated (no input cost)
   end to end      images/s of the training loop fed by the default pipeline
@@ -33,6 +35,7 @@ flags.DEFINE_integer("image_size", 32, "Input height and width.")
 flags.DEFINE_integer("batch_size", 64, "Batch size.")
 flags.DEFINE_string("precision", "fp32", "auto, fp32, mixed or mixed_bf16.")
 flags.DEFINE_bool("xla", False, "Compile the training step with XLA.")
+flags.DEFINE_bool("disk_cache", True, "Also time --cache=DIR (writes the decoded images).")
 flags.DEFINE_integer("pipeline_batches", 60, "Batches timed for each pipeline figure.")
 flags.DEFINE_integer("train_steps", 40, "Steps timed for each training figure.")
 FLAGS = flags.FLAGS
@@ -122,8 +125,6 @@ def main(argv):
         except ConfigError as e:
             _fail(str(e))
         from engine import machine
-        from engine.data import data_config
-        from input_pipeline import create_data
 
         config = machine.resolve(config, root)  # --precision=auto, as main.py would
 
@@ -132,31 +133,50 @@ def main(argv):
             write_ship_tree(root, FLAGS.num_images)
             took = time.perf_counter() - start
             print(f"wrote {FLAGS.num_images} 210x140 JPEGs in {took:.1f} s")
-        uncached = create_data(data_config(config).replace(cache=""))
-        data = create_data(data_config(config))
-        batch = config.batch_size
-        decode = pipeline_images_per_second(uncached.train_fn(), FLAGS.pipeline_batches, batch)
-        cached = None
-        if data.cache == "memory":
-            # Untimed: one epoch and a bit, so any warm-up is over.
-            warmup = data.train_size // batch + 2
-            train = data.train_fn()
-            cached = pipeline_images_per_second(train, FLAGS.pipeline_batches, batch, warmup)
-        one_batch = lambda ctx: data.train_fn(ctx).take(1).cache().repeat()
-        step = train_images_per_second(config, data, one_batch, FLAGS.train_steps)
-        end_to_end = train_images_per_second(config, data, data.train_fn, FLAGS.train_steps)
+        figures = _measure(config, root)
 
-    _report(config, decode, cached, step, end_to_end)
+    _report(config, *figures)
 
 
-def _report(config, decode, cached, step, end_to_end):
-    """Prints the figures; `cached` is None where --cache=auto streams the set."""
+def _measure(config, root):
+    """(streamed, disk cache or None, memory or None, train step, end to end) images/s."""
+    from engine.data import data_config
+    from input_pipeline import create_data
+
+    batch = config.batch_size
+    uncached = create_data(data_config(config).replace(cache=""))
+    decode = pipeline_images_per_second(uncached.train_fn(), FLAGS.pipeline_batches, batch)
+    on_disk = None
+    if FLAGS.disk_cache:
+        folder = os.path.join(root, "decoded-cache")
+        os.makedirs(folder)
+        start = time.perf_counter()
+        train = create_data(data_config(config).replace(cache=folder + "/")).train_fn()
+        print(f"wrote the decoded cache on disk in {time.perf_counter() - start:.1f} s")
+        on_disk = pipeline_images_per_second(train, FLAGS.pipeline_batches, batch)
+    data = create_data(data_config(config))
+    cached = None
+    if data.cache == "memory":
+        # Untimed: one epoch and a bit, so any warm-up is over.
+        warmup = data.train_size // batch + 2
+        train = data.train_fn()
+        cached = pipeline_images_per_second(train, FLAGS.pipeline_batches, batch, warmup)
+    one_batch = lambda ctx: data.train_fn(ctx).take(1).cache().repeat()
+    step = train_images_per_second(config, data, one_batch, FLAGS.train_steps)
+    end_to_end = train_images_per_second(config, data, data.train_fn, FLAGS.train_steps)
+    return decode, on_disk, cached, step, end_to_end
+
+
+def _report(config, decode, on_disk, cached, step, end_to_end):
+    """Prints the figures; `on_disk` and `cached` are None where not measured."""
     print(
         f"model {config.model}, image_size {config.image_size}, batch {config.batch_size}, "
         f"precision {config.precision}{' + XLA' if config.xla else ''}, "
         f"{os.cpu_count()} CPU cores"
     )
     print(f"pipeline (streamed from the files):  {decode:9.1f} images/s")
+    if on_disk is not None:
+        print(f"pipeline (decoded cache on disk):    {on_disk:9.1f} images/s")
     if cached is not None:
         print(f"pipeline (memory cache):              {cached:9.1f} images/s")
     else:
@@ -164,6 +184,8 @@ def _report(config, decode, cached, step, end_to_end):
     print(f"train step alone (one batch):         {step:9.1f} images/s")
     print(f"end to end (--cache=auto):            {end_to_end:9.1f} images/s")
     ratio = f"{decode / step:.1f}x streamed"
+    if on_disk is not None:
+        ratio += f", {on_disk / step:.1f}x from the disk cache"
     if cached is not None:
         ratio += f", {cached / step:.1f}x cached"
     print(f"ratio pipeline / train step: {ratio}")
