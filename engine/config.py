@@ -274,8 +274,9 @@ class Config:
     cache: str = option(
         "auto",
         "Decoded images: auto (in memory if they fit half the available memory, else "
-        "streamed), memory, a folder (files DIR/cache-*) or file-path prefix (PREFIX-*) read "
-        "back into memory, or empty: streamed from the files, decoded at every step.",
+        "streamed), memory, a folder (files DIR/cache-*) or file-path prefix (PREFIX-*): "
+        "decoded once into a cache on disk read by index, or empty: streamed from the "
+        "files, decoded at every step.",
     )
     # Not in a benchmark: its workers never turn on TF's op determinism.
     deterministic: bool = option(

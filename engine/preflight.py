@@ -36,6 +36,11 @@ def _check_cache(config):
         raise ConfigError(
             f"--cache={config.cache}: {_not_a_folder(parent)}, or use --cache=memory or --cache="
         )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"--cache={config.cache}: cannot write in {parent}; give a folder you can write "
+            "to, or use --cache="
+        )
 
 
 def _check_output_files(config):

@@ -1,7 +1,8 @@
 """Sharding, batching and the index-based training stream shared by every data set.
 
 Training is index-based so that a checkpoint of the training iterator stays
-tiny: the examples live in memory OUTSIDE the iterator (tensors captured by the
+tiny: what the examples are made from (decoded images, or file paths and record
+indices read at every step) lives OUTSIDE the iterator (tensors captured by the
 map function), and the iterator itself is only a position counter,
 
   range -> position p -> example index = index_shuffle(p mod n, (seed, epoch))

@@ -7,9 +7,10 @@ sources share this module:
   -> cache (uint8) -> [train: pick by shuffled index, random crop + flip] or
   [eval: centre crop] -> normalise to [-1, 1] -> batch -> prefetch.
 
-Training is index-based (`batching.train_batches`): the decoded uint8 images are
-held in memory outside the iterator, so a checkpoint of the train iterator does
-not contain them.
+Training is index-based (`batching.train_batches`): what the examples are made
+from (decoded uint8 images in memory, or paths, TFDS record indices or decoded-
+cache record indices, each read at every step) is held outside the iterator, so
+a checkpoint of the train iterator does not contain it.
 
 With `--augment` the cached size is `image_size * 9/8`, so training crops a
 random `image_size` window and eval crops the centre one: both see the same
@@ -217,14 +218,22 @@ def _record_cache(examples, config, key, read):
             lambda x: decode_and_resize(read(x), size), num_parallel_calls=AUTOTUNE
         )
         progress = Progress(f"writing the decoded cache {path}", n)
-        records.write(images.prefetch(AUTOTUNE).as_numpy_iterator(), path, progress)
+        try:
+            records.write(images.prefetch(AUTOTUNE).as_numpy_iterator(), path, progress)
+        except OSError as e:
+            raise DataError(
+                f"--cache={config.cache}: {e}; free some space or give another "
+                "folder, or use --cache= to decode at every step"
+            ) from None
     try:
         source = records.open_records(path, n)
     except ValueError as e:
         raise DataError(
             f"--cache={config.cache}: the cache file {path} is damaged ({e}); delete it to "
-            "rebuild it, or use --cache=memory"
+            "rebuild it, or use --cache= to decode at every step"
         ) from None
+    except OSError as e:
+        raise DataError(f"--cache={config.cache}: {e}") from None
     read_record = records.reader(lambda index: source[index])
 
     def decode(index):
@@ -306,7 +315,8 @@ def create_train_fn(examples, config, num_examples, cache_key, read=identity):
         """(tensors gathered by index, decode): what a training example is made from."""
         shard = batching.shard(examples, input_context)  # each pipeline reads only its files
         if config.cache == "memory":
-            return _decoded_arrays(shard, config, num_examples, read), identity
+            count = len(batching.shard_indices(num_examples, input_context))
+            return _decoded_arrays(shard, config, count, read), identity
         # Paths (or tfds' encoded bytes, or record indices) and labels only.
         held = batching.gather_all(shard, num_examples)
         if config.cache:
@@ -425,8 +435,8 @@ def _decode_all(paths, what):
 class Progress:
     """Logs `doing`: count of total, rate, ETA, at most every `every` seconds.
 
-    For the long start-up jobs: the image check, decoding into memory, reading
-    a TFDS set's labels.
+    For the long start-up jobs: the image check, decoding into memory, writing
+    the decoded cache on disk, reading a TFDS set's labels.
     """
 
     def __init__(self, doing, total, every=10.0):

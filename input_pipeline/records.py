@@ -11,7 +11,9 @@ pipeline (`tf.numpy_function`), which measured as fast as reading image files
 
 import atexit
 import gc
+import importlib
 import os
+import socket
 
 import tensorflow as tf
 
@@ -43,18 +45,37 @@ def write(arrays, path, progress):
     Written to a temporary file renamed at the end, so a run killed while writing
     leaves no file at `path` (the next run writes it again), and two runs writing
     the same cache do not mix their records.
-    """
-    from array_record.python import array_record_module  # TFDS' dependency, on Linux
 
-    partial = f"{path}.partial-{os.getpid()}"
-    writer = array_record_module.ArrayRecordWriter(partial, WRITE_OPTIONS)
+    Raises:
+      OSError: the file cannot be written (no room, no permission, no
+        array_record); the temporary file is removed.
+    """
+    array_record_module = _array_record("array_record_module")
+    partial = f"{path}.partial-{socket.gethostname()}-{os.getpid()}"
     try:
-        for count, array in enumerate(arrays, 1):
-            writer.write(array.tobytes())
-            progress.update(count)
-    finally:
-        writer.close()
-    os.replace(partial, path)
+        writer = array_record_module.ArrayRecordWriter(partial, WRITE_OPTIONS)
+        try:
+            for count, array in enumerate(arrays, 1):
+                writer.write(array.tobytes())
+                progress.update(count)
+        finally:
+            writer.close()
+        os.replace(partial, path)
+    except BaseException as e:  # a stop signal or an unreadable image too: no partial file left
+        if os.path.exists(partial):
+            os.remove(partial)
+        if isinstance(e, RuntimeError | OSError):  # the writer's: RuntimeError("write() failed")
+            reason = str(e).splitlines()[0] if str(e) else repr(e)
+            raise OSError(f"cannot write {path}: {reason}") from None
+        raise
+
+
+def _array_record(module):
+    """`array_record.python.<module>`: installed with TFDS on Linux; elsewhere by hand."""
+    try:
+        return importlib.import_module(f"array_record.python.{module}")
+    except ImportError:
+        raise OSError("the array_record package is missing: pip install array_record") from None
 
 
 def open_records(path, expected):
@@ -63,9 +84,9 @@ def open_records(path, expected):
     Raises:
       ValueError: the file cannot be read as ArrayRecord, or holds a number of
         records other than `expected`.
+      OSError: no array_record package.
     """
-    from array_record.python import array_record_data_source
-
+    array_record_data_source = _array_record("array_record_data_source")
     try:
         source = array_record_data_source.ArrayRecordDataSource([path])
     except RuntimeError as e:  # truncated or not ArrayRecord: its footer cannot be read

@@ -1,4 +1,4 @@
-"""`tfds:NAME`: a TensorFlow Datasets image classification set through `tfds.load`.
+"""`tfds:NAME`: a TensorFlow Datasets image classification set.
 
 Offline by default: an unprepared data set is a one-line error saying how to
 prepare it, checked on the builder before `tfds.load` could start a download.
@@ -24,7 +24,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from input_pipeline import records
-from input_pipeline.preprocessing import DataError, Progress, checked_images_dir, file_stamps
+from input_pipeline.preprocessing import DataError, Progress, checked_images_dir
 
 
 def _builder(name, data_dir):
@@ -115,29 +115,34 @@ def _remembered_labels(builder, split, read_labels):
     """
     try:
         files = builder.info.splits[split].file_instructions
-    except KeyError:  # no split files to key on (as under `tfds.testing.mock_data`)
+        stamps = [_stamp(f.filename) for f in files]
+    except (KeyError, OSError, tf.errors.OpError):  # nothing to key on (as under mock_data)
         return read_labels()
-    names = [f.filename for f in files]
-    key = (
-        builder.info.full_name,
-        [(f.filename, f.skip, f.take) for f in files],
-        file_stamps(names),
-    )
+    key = (builder.info.full_name, [(f.filename, f.skip, f.take) for f in files], stamps)
     digest = hashlib.sha1(repr(key).encode()).hexdigest()[:16]
     path = os.path.join(checked_images_dir(), f"labels-{digest}.npy")
     try:
         return np.load(path)
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):
         pass
     labels = read_labels()
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(f"{path}.tmp", "wb") as f:
+        with open(f"{path}.{os.getpid()}.tmp", "wb") as f:
             np.save(f, labels)
-        os.replace(f"{path}.tmp", path)
+        os.replace(f"{path}.{os.getpid()}.tmp", path)
     except OSError as e:
         logging.warning("cannot remember the labels in %s (%s)", path, e)
     return labels
+
+
+def _stamp(path):
+    """(size, modification time in ns) of a file; through tf.io.gfile for a remote one."""
+    if "://" in path:
+        stat = tf.io.gfile.stat(path)  # whole seconds for local files, hence os.stat there
+        return stat.length, stat.mtime_nsec
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns
 
 
 def _read_labels(source, label_key, what):
@@ -170,7 +175,8 @@ def load_split(name, split, image_key, config):
         raise DataError(f"--dataset=tfds:{name}: cannot read split {split!r}: {e}") from None
     ds = ds.map(lambda image, label: (image, tf.cast(label, tf.int32)))
     # One pass over the labels only (images stay encoded) for the class counts.
-    labels, progress = [], Progress(f"reading the labels of tfds:{name} {split}", len(ds))
+    total = max(int(ds.cardinality()), 0)  # negative when unknown
+    labels, progress = [], Progress(f"reading the labels of tfds:{name} {split}", total)
     for label in ds.map(lambda _, label: label).as_numpy_iterator():
         labels.append(label)
         progress.update(len(labels))

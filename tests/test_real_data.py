@@ -107,16 +107,19 @@ def test_tfds_array_record_set_streams_by_index_through_tfds_data_source(tmp_pat
             tfds, "data_source", lambda *a, **k: _CountingSource(real_source(*a, **k))
         ),
     ):
+        start = _CountingSource.reads
         data = create_data(data_config(config))
-        after_labels = _CountingSource.reads
-        streamed = _first_batches(data)
+        label_reads = _CountingSource.reads - start
+        start = _CountingSource.reads
+        streamed = _first_batches(data, 6)  # 48 examples, more than the 34 of an epoch
+        stream_reads = _CountingSource.reads - start
         images, labels = _eval_arrays(data)
-        memory = _first_batches(create_data(data_config(config.replace(cache="memory"))))
+        memory = _first_batches(create_data(data_config(config.replace(cache="memory"))), 6)
     assert (data.train_size, data.eval_size) == (sizes["train"], sizes["test"])
     assert data.class_names == tfds_sets.CLASSES
-    # Only indices are held: every batch reads its 8 records again.
-    assert after_labels == sizes["train"] + sizes["test"]
-    assert _CountingSource.reads >= after_labels + 3 * 8 + sizes["test"]
+    assert label_reads == sizes["train"] + sizes["test"]
+    # Only indices are held: every batch reads its 8 records again, past the first epoch too.
+    assert stream_reads >= 6 * 8
     for (images_s, labels_s), (images_m, labels_m) in zip(streamed, memory, strict=True):
         np.testing.assert_array_equal(_colour_class(images_s), labels_s)
         np.testing.assert_array_equal(images_s, images_m)
@@ -194,7 +197,7 @@ def test_a_script_holding_a_data_source_iterator_in_a_cycle_still_exits(tmp_path
 
     tfds_sets.prepare(tmp_path)
     # The iterator's pipeline calls Python; kept alive by a cycle until the
-    # interpreter exits, it would deadlock the exit without tfds_source's atexit.
+    # interpreter exits, it would deadlock the exit without records' atexit.
     script = f"""
 import sys
 sys.path.insert(0, {ROOT!r})
@@ -417,6 +420,33 @@ def test_a_damaged_training_cache_is_a_clear_error_and_a_missing_one_is_written(
     records.write_bytes(records.read_bytes()[: records.stat().st_size // 2])
     with pytest.raises(DataError, match=rf"the cache file {re.escape(str(records))} is damaged"):
         create_data(data_config(config)).train_fn()
+
+
+def test_a_failed_cache_write_is_one_line_and_leaves_no_file(tmp_path, monkeypatch):
+    from input_pipeline import records
+
+    root = make_folder_tree(tmp_path / "data", per_class=4)
+    (tmp_path / "cache").mkdir()
+    config = _real_config(f"folder:{root}", cache=str(tmp_path / "cache") + "/")
+    real = records._array_record("array_record_module")
+
+    class FullDisk:  # the real writer, failing as ArrayRecord does when the disk fills up
+        def __init__(self, path, options):
+            self.writer, self.count = real.ArrayRecordWriter(path, options), 0
+
+        def write(self, record):
+            self.count += 1
+            if self.count > 3:
+                raise RuntimeError("write() failed: No space left on device")
+            self.writer.write(record)
+
+        def close(self):
+            self.writer.close()
+
+    monkeypatch.setattr(records, "_array_record", lambda _: mock.Mock(ArrayRecordWriter=FullDisk))
+    with pytest.raises(DataError, match=r"cannot write .*: write\(\) failed: No space left"):
+        create_data(data_config(config)).train_fn()
+    assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_a_training_cache_without_room_on_disk_is_refused_before_writing(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ for the same model, batch and image size:
                   resized, cropped, flipped and normalised: the streaming path
                   (`--cache=`)
   pipeline+disk   the same from a decoded cache on disk (`--cache=DIR`, written
-                  first into a temporary folder; `--nodisk_cache` skips it)
+                  first into a temporary folder; on for the generated images)
   pipeline+cache  the same from memory, when `--cache=auto` holds the images there
   train step      images/s of the training loop on one batch repeated (no input cost)
   end to end      images/s of the training loop fed by the default pipeline
@@ -35,7 +35,12 @@ flags.DEFINE_integer("image_size", 32, "Input height and width.")
 flags.DEFINE_integer("batch_size", 64, "Batch size.")
 flags.DEFINE_string("precision", "fp32", "auto, fp32, mixed or mixed_bf16.")
 flags.DEFINE_bool("xla", False, "Compile the training step with XLA.")
-flags.DEFINE_bool("disk_cache", True, "Also time --cache=DIR (writes the decoded images).")
+flags.DEFINE_bool(
+    "disk_cache",
+    None,
+    "Also time --cache=DIR: writes the decoded training images into the temporary folder "
+    "(default: on for the generated images, off for --dataset).",
+)
 flags.DEFINE_integer("pipeline_batches", 60, "Batches timed for each pipeline figure.")
 flags.DEFINE_integer("train_steps", 40, "Steps timed for each training figure.")
 FLAGS = flags.FLAGS
@@ -133,7 +138,12 @@ def main(argv):
             write_ship_tree(root, FLAGS.num_images)
             took = time.perf_counter() - start
             print(f"wrote {FLAGS.num_images} 210x140 JPEGs in {took:.1f} s")
-        figures = _measure(config, root)
+        from input_pipeline import DataError
+
+        try:
+            figures = _measure(config, root)
+        except DataError as e:
+            _fail(str(e))
 
     _report(config, *figures)
 
@@ -147,7 +157,7 @@ def _measure(config, root):
     uncached = create_data(data_config(config).replace(cache=""))
     decode = pipeline_images_per_second(uncached.train_fn(), FLAGS.pipeline_batches, batch)
     on_disk = None
-    if FLAGS.disk_cache:
+    if FLAGS.disk_cache or (FLAGS.disk_cache is None and not FLAGS.dataset):
         folder = os.path.join(root, "decoded-cache")
         os.makedirs(folder)
         start = time.perf_counter()
