@@ -218,6 +218,16 @@ print(first_batch().shape)
     assert proc.returncode == 0 and "(8, 16, 16, 3)" in proc.stdout, proc.stderr[-2000:]
 
 
+def test_tfds_download_prepares_an_array_record_set(tmp_path):
+    import tfds_sets  # its builder generates the examples: nothing is fetched
+
+    config = _real_config(f"tfds:{tfds_sets.NAME}", data_dir=str(tmp_path), download=True)
+    data = create_data(data_config(config))
+    assert data.train_size == sum(tfds_sets.COUNTS["train"])
+    assert list(tmp_path.glob(f"{tfds_sets.NAME}/*/*train.array_record*"))
+    assert not list(tmp_path.glob(f"{tfds_sets.NAME}/*/*.tfrecord*"))
+
+
 def test_tfds_tfrecord_set_is_read_by_tfds_load_into_the_same_batches(tmp_path, caplog):
     import tfds_sets
 
