@@ -88,9 +88,19 @@ def file_examples(paths, labels):
 def file_stamps(paths):
     """(size, mtime in ns) of each file, for a cache key: content rewritten in place changes it.
 
-    One `stat` per file (a symlink's target), taken once at start-up.
+    One `stat` per file (a symlink's target), taken once at start-up; through
+    `tf.io.gfile` for a remote (`scheme://`) file, as its `stat` of a local file
+    keeps whole seconds only.
     """
-    return [(st.st_size, st.st_mtime_ns) for st in map(os.stat, paths)]
+    return [_stamp(path) for path in paths]
+
+
+def _stamp(path):
+    if "://" in path:
+        stat = tf.io.gfile.stat(path)
+        return stat.length, stat.mtime_nsec
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns
 
 
 def identity(x):
@@ -375,27 +385,20 @@ def find_undecodable(paths, what="images"):
 
     A pass before training, so a corrupt or truncated file is named up front
     instead of failing (or hanging a parallel map) mid-run. Its result is
-    remembered (`_checked_record`): a resume or another run over the same files,
+    remembered (`remembered`): a resume or another run over the same files,
     unchanged in size and modification time, does not decode them again.
     """
     paths = list(paths)
     if not paths:
         return []
-    record = _checked_record(paths)
-    try:
-        with open(record) as f:
-            return json.load(f)["undecodable"]
-    except (OSError, ValueError, KeyError):
-        pass
-    bad = _decode_all(paths, what)
-    try:
-        os.makedirs(os.path.dirname(record), exist_ok=True)
-        with open(f"{record}.tmp", "w") as f:
-            json.dump({"images": len(paths), "undecodable": bad}, f)
-        os.replace(f"{record}.tmp", record)
-    except OSError as e:
-        logging.warning("cannot remember the image check in %s (%s)", record, e)
-    return bad
+    key = [(os.path.abspath(p), *stamp) for p, stamp in zip(paths, file_stamps(paths), strict=True)]
+    check = remembered(
+        "checked",
+        key,
+        lambda: {"images": len(paths), "undecodable": _decode_all(paths, what)},
+        "the image check",
+    )
+    return check["undecodable"]
 
 
 def undecodable_now(paths, what="images"):
@@ -404,16 +407,36 @@ def undecodable_now(paths, what="images"):
 
 
 def checked_images_dir():
-    """Where image checks are remembered: $XDG_CACHE_HOME (or ~/.cache)/mixed-precision-engine."""
+    """Where checks and labels are kept: $XDG_CACHE_HOME (or ~/.cache)/mixed-precision-engine."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(root, "mixed-precision-engine")
 
 
-def _checked_record(paths):
-    """The record file of a check of `paths`, named by their names, sizes and times."""
-    key = [(os.path.abspath(p), *stamp) for p, stamp in zip(paths, file_stamps(paths), strict=True)]
+def remembered(kind, key, compute, what):
+    """`compute()` (JSON-serialisable), remembered across runs under `key`.
+
+    Kept in `checked_images_dir()/<kind>-<hash of key>.json`: a later call with
+    the same key (the files' names, sizes and times) reads it back instead of
+    computing it again. A file that cannot be read is computed again; one that
+    cannot be written is a warning naming `what`.
+    """
     digest = hashlib.sha1(repr(key).encode()).hexdigest()[:16]
-    return os.path.join(checked_images_dir(), f"checked-{digest}.json")
+    path = os.path.join(checked_images_dir(), f"{kind}-{digest}.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        pass
+    value = compute()
+    partial = f"{path}.{os.getpid()}.tmp"  # two runs at once each write their own
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(partial, "w") as f:
+            json.dump(value, f)
+        os.replace(partial, path)
+    except OSError as e:
+        logging.warning("cannot remember %s in %s (%s)", what, path, e)
+    return value
 
 
 def _decode_all(paths, what):

@@ -15,16 +15,12 @@ has no random access: `tfds.load` reads it and its encoded images are held in
 memory.
 """
 
-import hashlib
-import os
-
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from absl import logging
 
 from input_pipeline import records
-from input_pipeline.preprocessing import DataError, Progress, checked_images_dir
+from input_pipeline.preprocessing import DataError, Progress, file_stamps, remembered
 
 
 def _builder(name, data_dir):
@@ -115,34 +111,12 @@ def _remembered_labels(builder, split, read_labels):
     """
     try:
         files = builder.info.splits[split].file_instructions
-        stamps = [_stamp(f.filename) for f in files]
+        stamps = file_stamps([f.filename for f in files])
     except (KeyError, OSError, tf.errors.OpError):  # nothing to key on (as under mock_data)
         return read_labels()
     key = (builder.info.full_name, [(f.filename, f.skip, f.take) for f in files], stamps)
-    digest = hashlib.sha1(repr(key).encode()).hexdigest()[:16]
-    path = os.path.join(checked_images_dir(), f"labels-{digest}.npy")
-    try:
-        return np.load(path)
-    except (OSError, ValueError, EOFError):
-        pass
-    labels = read_labels()
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(f"{path}.{os.getpid()}.tmp", "wb") as f:
-            np.save(f, labels)
-        os.replace(f"{path}.{os.getpid()}.tmp", path)
-    except OSError as e:
-        logging.warning("cannot remember the labels in %s (%s)", path, e)
-    return labels
-
-
-def _stamp(path):
-    """(size, modification time in ns) of a file; through tf.io.gfile for a remote one."""
-    if "://" in path:
-        stat = tf.io.gfile.stat(path)  # whole seconds for local files, hence os.stat there
-        return stat.length, stat.mtime_nsec
-    stat = os.stat(path)
-    return stat.st_size, stat.st_mtime_ns
+    labels = remembered("labels", key, lambda: read_labels().tolist(), "the labels")
+    return np.asarray(labels, np.int32)
 
 
 def _read_labels(source, label_key, what):
