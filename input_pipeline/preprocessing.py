@@ -254,11 +254,12 @@ def _record_cache(examples, config, key, read):
 
 def _check_room(cache, path, needed):
     """Raises `DataError` when the disk holding `path` has less than `needed` bytes free."""
-    free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    folder = os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(folder).free
     if free < needed:
         raise DataError(
             f"--cache={cache}: the decoded images need {needed / 1e9:.2f} GB and "
-            f"{os.path.dirname(os.path.abspath(path))} has {free / 1e9:.2f} GB free; free some "
+            f"{folder} has {free / 1e9:.2f} GB free; free some "
             "space, give --cache another folder, or use --cache= to decode at every step"
         )
 

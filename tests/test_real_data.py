@@ -89,6 +89,14 @@ class _CountingSource:
         return self.source[index]
 
 
+def _counting_data_source():
+    """Patches `tfds.data_source` so that every record read goes through `_CountingSource`."""
+    import tensorflow_datasets as tfds
+
+    real = tfds.data_source
+    return mock.patch.object(tfds, "data_source", lambda *a, **k: _CountingSource(real(*a, **k)))
+
+
 def _first_batches(data, n=3):
     batches = iter(data.train_fn())
     return [tuple(t.numpy() for t in next(batches)) for _ in range(n)]
@@ -99,13 +107,10 @@ def test_tfds_array_record_set_streams_by_index_through_tfds_data_source(tmp_pat
     import tfds_sets
 
     sizes = tfds_sets.prepare(tmp_path)
-    real_source = tfds.data_source
     config = _real_config(f"tfds:{tfds_sets.NAME}", data_dir=str(tmp_path), cache="")
     with (
         mock.patch.object(tfds, "load", side_effect=AssertionError("tfds.load")),
-        mock.patch.object(
-            tfds, "data_source", lambda *a, **k: _CountingSource(real_source(*a, **k))
-        ),
+        _counting_data_source(),
     ):
         start = _CountingSource.reads
         data = create_data(data_config(config))
@@ -129,16 +134,12 @@ def test_tfds_array_record_set_streams_by_index_through_tfds_data_source(tmp_pat
 
 
 def test_tfds_data_source_labels_are_read_once_until_the_set_is_rebuilt(tmp_path):
-    import tensorflow_datasets as tfds
     import tfds_sets
 
     sizes = tfds_sets.prepare(tmp_path)
-    real_source = tfds.data_source
     config = _real_config(f"tfds:{tfds_sets.NAME}", data_dir=str(tmp_path), cache="")
     reads = []
-    with mock.patch.object(
-        tfds, "data_source", lambda *a, **k: _CountingSource(real_source(*a, **k))
-    ):
+    with _counting_data_source():
         for rebuild in (False, False, True):
             if rebuild:  # the files written again: new modification times
                 shutil.rmtree(tmp_path / tfds_sets.NAME)
@@ -173,16 +174,12 @@ def test_start_up_jobs_log_count_rate_and_eta(tmp_path, monkeypatch, caplog):
 
 
 def test_tfds_data_source_each_input_pipeline_reads_only_its_shard(tmp_path):
-    import tensorflow_datasets as tfds
     import tfds_sets
 
     tfds_sets.prepare(tmp_path)
-    real_source = tfds.data_source
     config = _real_config(f"tfds:{tfds_sets.NAME}", data_dir=str(tmp_path), cache="")
     read = {}
-    with mock.patch.object(
-        tfds, "data_source", lambda *a, **k: _CountingSource(real_source(*a, **k))
-    ):
+    with _counting_data_source():
         data = create_data(data_config(config))
         for i in range(2):
             _CountingSource.indices = []
