@@ -43,6 +43,7 @@ FAMILY_DEFAULTS = {
         "weight_decay": 0.05,
         "warmup_steps": 60,
         "clip_norm": 1.0,
+        "beta_2": 0.99,
     },
 }
 
@@ -215,6 +216,9 @@ class Config:
     )
     warmup_steps: int = option(50, "Linear warm-up steps for --lr_schedule=cosine.")
     weight_decay: float = option(0.0, "Decoupled weight decay (0 = none).")
+    beta_2: float = option(
+        0.999, "Adam's and AdamW's decay of the squared-gradient average (Keras' beta_2)."
+    )
     model_dir: str = option("", "Where summaries go; default runs/<timestamp>-<precision>[-xla].")
     steps_per_loop: int = option(50, "Steps per tf.function call (no host sync inside a loop).")
     loss_scale: str = option(
@@ -567,6 +571,8 @@ def _check_rates(config):
                 f"--{name} must be a finite number >= 0 (0 turns it off; float32: at most "
                 f"3.4e38), got {getattr(config, name)}"
             )
+    if not 0 <= config.beta_2 < 1:
+        raise ConfigError(f"--beta_2 must be >= 0 and below 1, got {config.beta_2}")
     for name in ("label_smoothing", "stochastic_depth"):
         if not 0 <= getattr(config, name) < 1:
             raise ConfigError(f"--{name} must be >= 0 and below 1, got {getattr(config, name)}")

@@ -30,12 +30,14 @@ def create_optimizer(config, total_steps):
     if config.optimizer == "momentum":
         return keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=wd)
     if config.optimizer == "adamw":
-        optimizer = keras.optimizers.AdamW(lr, weight_decay=config.weight_decay or 1e-4)
+        optimizer = keras.optimizers.AdamW(
+            lr, beta_2=config.beta_2, weight_decay=config.weight_decay or 1e-4
+        )
         # Decay the kernels only, as is usual: not biases, norms' scales and
         # offsets, or position embeddings.
         optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "embedding"])
         return optimizer
-    return keras.optimizers.Adam(lr, weight_decay=wd)
+    return keras.optimizers.Adam(lr, beta_2=config.beta_2, weight_decay=wd)
 
 
 def current_learning_rate(optimizer):

@@ -36,6 +36,7 @@ def _main(*args, timeout=120):
             "got inf",
         ),
         ("--weight_decay=nan", "--weight_decay must be a finite number >= 0"),
+        ("--beta_2=1", "--beta_2 must be >= 0 and below 1, got 1.0"),
         ("--learning_rate=inf", "--learning_rate must be a positive finite number (float32"),
         ("--clip_norm=-1", "--clip_norm must be a finite number >= 0"),
         ("--inject_nonfinite=99999999999999999999", "--inject_nonfinite='99999999999999999999'"),

@@ -182,6 +182,16 @@ def test_adamw_decays_kernels_not_biases_norms_or_position_embeddings():
     assert not any(p.endswith(("bias", "gamma", "beta", "embedding")) for p in moved), moved
 
 
+def test_adam_and_adamw_take_beta_2_from_the_config():
+    from engine import optimizers
+    from engine.config import Config
+
+    for name in ("adam", "adamw"):
+        optimizer = optimizers.create_optimizer(Config(optimizer=name, beta_2=0.9), 10)
+        assert optimizer.beta_2 == 0.9, name
+    assert optimizers.create_optimizer(Config(optimizer="adam"), 10).beta_2 == 0.999
+
+
 def test_counted_flops_include_every_token_and_the_attention_products():
     from engine.modes.benchmark import count_train_flops_per_example
 
