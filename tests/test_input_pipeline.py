@@ -1,6 +1,7 @@
 """The embedded data: deterministic, balanced, learnable shapes; static training batches."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 from conftest import tiny_config
 
@@ -40,6 +41,21 @@ def test_shapes_foreground_covers_part_of_the_image():
     for image in images:
         spread = image.mean(-1)
         assert spread.max() - spread.min() > 0.3  # a shape stands out from the background
+
+
+def test_a_generated_set_beyond_the_memory_budget_is_refused_before_it_is_made(monkeypatch):
+    from input_pipeline import preprocessing
+
+    config = tiny_config(train_examples=50)  # 50 * 16 * 16 * 3 float32 pixels
+    peak = preprocessing.LOAD_PEAK * 50 * 16 * 16 * 3 * 4
+    monkeypatch.setattr(preprocessing, "available_memory", lambda: int(2 * peak) - 2)
+    for name in ("shapes", "synthetic"):
+        with pytest.raises(
+            preprocessing.DataError, match=f"--dataset={name}: 50 generated .*16 px"
+        ):
+            create_data(data_config(config.replace(dataset=name)))
+    monkeypatch.setattr(preprocessing, "available_memory", lambda: int(2 * peak))
+    assert create_data(data_config(config)).train_size == 50
 
 
 def test_training_batches_have_a_static_shape_and_eval_keeps_every_example():
