@@ -179,14 +179,17 @@ def create_file_data(config, class_names, train, evals, what):
       preprocessing.DataError: an empty split, or an undecodable image without
         `--skip_bad_images`.
     """
-    train_paths, train_labels, skipped_train = _decodable(
+    train_paths, train_labels, skipped_train, train_stamps = _decodable(
         config, class_names, "train", *train, what
     )
-    eval_paths, eval_labels, skipped_eval = _decodable(config, class_names, "eval", *evals, what)
+    eval_paths, eval_labels, skipped_eval, eval_stamps = _decodable(
+        config, class_names, "eval", *evals, what
+    )
     skipped = skipped_train + skipped_eval
     cache = preprocessing.choose_cache(config, len(train_paths) + len(eval_paths), what)
     config = config.replace(cache=cache)
-    train_key, eval_key = _files_key(train_paths, train_labels), _files_key(eval_paths, eval_labels)
+    train_key = _files_key(train_paths, train_labels, train_stamps)
+    eval_key = _files_key(eval_paths, eval_labels, eval_stamps)
 
     train_fn = preprocessing.create_train_fn(
         preprocessing.file_examples(train_paths, train_labels),
@@ -214,7 +217,8 @@ def create_file_data(config, class_names, train, evals, what):
 
 
 def _decodable(config, class_names, split, paths, labels, what):
-    """(paths, labels, how many were dropped) of `split` without its undecodable images.
+    """(paths, labels, how many were dropped, file stamps) of `split` without its undecodable
+    images; the files are stat'ed once, for both the remembered check and the cache key.
 
     Raises:
       preprocessing.DataError: the split is empty, or becomes empty (or, for
@@ -229,8 +233,10 @@ def _decodable(config, class_names, split, paths, labels, what):
         )
         raise preprocessing.DataError(f"{what}: the {split} split has no images; {advice}")
     before = preprocessing.class_counts(labels, len(class_names))
+    stamps = preprocessing.file_stamps(paths)
+    stamp_of = dict(zip(paths, stamps, strict=True))
     paths, labels, skipped = preprocessing.drop_undecodable(
-        paths, labels, config.skip_bad_images, f"{what} {split}"
+        paths, labels, config.skip_bad_images, f"{what} {split}", stamps
     )
     if not paths:
         raise preprocessing.DataError(f"{what}: every {split} image was undecodable")
@@ -243,10 +249,10 @@ def _decodable(config, class_names, split, paths, labels, what):
                     f"{what}: class {name} has no training image left: all its images "
                     "were undecodable; fix or replace them, or remove the class"
                 )
-    return paths, labels, skipped
+    return paths, labels, skipped, [stamp_of[p] for p in paths]
 
 
-def _files_key(paths, labels):
+def _files_key(paths, labels, stamps):
     """The file cache key of a split: what the cache file name's hash covers.
 
     Absolute names, so the same files named from another folder (a replayed
@@ -254,7 +260,7 @@ def _files_key(paths, labels):
     overwritten under the same name is not served from a cache written before.
     """
     names = [os.path.abspath(p) for p in paths]
-    return (names, labels.tolist(), preprocessing.file_stamps(paths))
+    return (names, labels.tolist(), stamps)
 
 
 def _tfds_data(config, name):

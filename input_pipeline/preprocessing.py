@@ -381,18 +381,20 @@ def create_eval_dataset(examples, config, batch_size, cache_key, input_context=N
     return ds.prefetch(AUTOTUNE)
 
 
-def find_undecodable(paths, what="images"):
+def find_undecodable(paths, what="images", stamps=None):
     """Decodes every file once; returns the paths that cannot be decoded, in order.
 
     A pass before training, so a corrupt or truncated file is named up front
     instead of failing (or hanging a parallel map) mid-run. Its result is
     remembered (`remembered`): a resume or another run over the same files,
-    unchanged in size and modification time, does not decode them again.
+    unchanged in size and modification time (`stamps`: their `file_stamps`, if
+    the caller took them already), does not decode them again.
     """
     paths = list(paths)
     if not paths:
         return []
-    key = [(os.path.abspath(p), *stamp) for p, stamp in zip(paths, file_stamps(paths), strict=True)]
+    stamps = file_stamps(paths) if stamps is None else stamps
+    key = [(os.path.abspath(p), *stamp) for p, stamp in zip(paths, stamps, strict=True)]
     check = remembered(
         "checked",
         key,
@@ -489,13 +491,15 @@ class Progress:
         return time.monotonic() - self.start
 
 
-def drop_undecodable(paths, labels, skip_bad_images, what):
+def drop_undecodable(paths, labels, skip_bad_images, what, stamps=None):
     """Checks every image of a split; returns (paths, labels, skipped count).
+
+    `stamps`: the files' `file_stamps`, if the caller took them already.
 
     Raises:
       DataError: an image cannot be decoded and `skip_bad_images` is off.
     """
-    bad = find_undecodable(paths, what)
+    bad = find_undecodable(paths, what, stamps)
     if not bad:
         return list(paths), np.asarray(labels, np.int32), 0
     if not skip_bad_images:

@@ -755,6 +755,18 @@ def test_the_image_check_is_remembered_until_a_file_changes(tmp_path, monkeypatc
     assert len(decoded) == 3
 
 
+def test_each_image_file_is_stamped_once_at_start_up(tmp_path, monkeypatch):
+    # The remembered check and the cache key both need the files' sizes and times:
+    # one stat per file serves both (on a remote store each stat is a request).
+    root = make_folder_tree(tmp_path, per_class=6)
+    stamped, stamp = [], preprocessing.file_stamps
+    monkeypatch.setattr(
+        preprocessing, "file_stamps", lambda paths: stamped.extend(paths) or stamp(paths)
+    )
+    create_data(data_config(_real_config(f"folder:{root}", cache="")))
+    assert len(stamped) == 18 and len(set(stamped)) == 18, stamped
+
+
 def test_cache_auto_streams_what_does_not_fit_and_memory_is_refused(tmp_path, monkeypatch, caplog):
     root = make_folder_tree(tmp_path, per_class=6)  # 18 images of 18 px (16 + a crop margin)
     config = _real_config(f"folder:{root}", cache="auto", deterministic=True)
@@ -787,7 +799,7 @@ def test_an_image_that_breaks_mid_run_is_named_and_the_checkpoints_stay(tmp_path
     # The file breaks after the start-up check passed it (as if between check and read).
     bad = tmp_path / "data" / "train" / "red" / "img0_0.jpg"
     corrupt(str(bad))
-    monkeypatch.setattr(preprocessing, "find_undecodable", lambda paths, what="": [])
+    monkeypatch.setattr(preprocessing, "find_undecodable", lambda paths, what="", stamps=None: [])
     with pytest.raises(DataError, match=f"image {bad} can no longer be read or decoded"):
         train.train_and_evaluate(config, run)
     assert os.path.exists(os.path.join(run, "checkpoints", "ckpt-2.index"))  # the first run's
