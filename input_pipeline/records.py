@@ -10,6 +10,7 @@ pipeline (`tf.numpy_function`), which measured as fast as reading image files
 """
 
 import atexit
+import functools
 import gc
 import importlib
 import os
@@ -21,14 +22,10 @@ import tensorflow as tf
 # (or JPEG bytes) gain little from compression.
 WRITE_OPTIONS = "group_size:1,uncompressed"
 
-# A training iterator whose pipeline calls Python, still alive when the interpreter
-# exits because a reference cycle holds it (as in a script of one's own), deadlocks
-# the exit; a collection while everything still runs frees it first.
-atexit.register(gc.collect)
-
 
 def reader(lookup):
     """A tf function `read(index)` -> the scalar string `lookup(int(index))` gives."""
+    _collect_at_exit()
 
     def fetch(index):
         return lookup(int(index))
@@ -37,6 +34,15 @@ def reader(lookup):
         return tf.ensure_shape(tf.numpy_function(fetch, [index], tf.string, stateful=False), [])
 
     return read
+
+
+@functools.cache
+def _collect_at_exit():
+    # A training iterator whose pipeline calls Python, still alive when the
+    # interpreter exits because a reference cycle holds it (as in a script of
+    # one's own), deadlocks the exit; a collection while everything still runs
+    # frees it first. Registered once, by the first pipeline that calls Python.
+    atexit.register(gc.collect)
 
 
 def write(arrays, path, progress):
