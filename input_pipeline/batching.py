@@ -17,12 +17,18 @@ of the ~100 MB a cache and a shuffle buffer of images took
 (tests/test_pipeline_checkpoint.py pins it).
 """
 
+import os
+
 import numpy as np
 import tensorflow as tf
 
 AUTOTUNE = tf.data.AUTOTUNE
 _PAD_SEED = 498247692  # what index_shuffle prepends to a [2] seed
-_POSITIONS = 2**63 - 1  # endless in practice: 450,000 years of 10,000 batches of 64 a second
+_POSITIONS = 2**63 - 1
+# Training input: one parallel call per core decodes and augments, and two batches
+# wait ready for the step (see `train_batches`).
+_PARALLEL_CALLS = os.cpu_count() or 1
+_PREFETCH_BATCHES = 2  # endless in practice: 450,000 years of 10,000 batches of 64 a second
 
 
 def shard(ds, input_context):
@@ -128,13 +134,19 @@ def train_batches(
     if batched:  # a gather per batch is cheap: no parallel calls, no in-flight batches
         ds = ds.batch(per_replica, drop_remainder=True).map(at)
     else:
-        ds = ds.map(at, num_parallel_calls=AUTOTUNE).batch(per_replica, drop_remainder=True)
+        ds = ds.map(at, num_parallel_calls=_PARALLEL_CALLS)
+        ds = ds.batch(per_replica, drop_remainder=True)
     options = tf.data.Options()
     options.deterministic = deterministic
+    # Fixed parallelism and prefetch, no autotuning: destroying an iterator waits
+    # for its autotuning thread's current pass, which took 3 to 40 s at the end
+    # of a run on a busy 2-core machine (the process could not end). The fixed
+    # values streamed as fast (engine.modes.input_benchmark, BUILD_NOTES "Data").
+    options.autotune.enabled = False
     # Not `experimental_symbolic_checkpoint`: it would also drop the few batches
     # in flight from the checkpoint, but it cut the end-to-end throughput of the
     # real-image pipeline by ~10% (engine.modes.input_benchmark, 2 CPU cores).
-    return ds.prefetch(AUTOTUNE).with_options(options)
+    return ds.prefetch(_PREFETCH_BATCHES).with_options(options)
 
 
 def gather_train_batches(tensors, batch_size, seed, input_context, deterministic, finish=None):
