@@ -15,6 +15,7 @@ import datetime
 import os
 from collections.abc import Callable
 
+from engine.files import one_line
 from input_pipeline.paths import absolute_path
 
 MODES = ("train", "predict", "compare", "benchmark")
@@ -53,7 +54,14 @@ FAMILY_DEFAULTS = {
 
 
 class ConfigError(ValueError):
-    """A user mistake in the configuration; main.py prints it as one line."""
+    """A user mistake in the configuration; main.py prints it as one line.
+
+    One line by construction: the message's lines are folded into one
+    (`engine.files.one_line`), whatever text it quotes.
+    """
+
+    def __init__(self, message):
+        super().__init__(one_line(message))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

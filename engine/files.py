@@ -16,6 +16,17 @@ def written_whole(path, newline=None):
     os.replace(partial, path)
 
 
+def one_line(message):
+    """`message` on one line: each line stripped, blank ones dropped, the rest joined by "; ".
+
+    A user error is printed as one line, yet its message may quote a library's
+    (TFDS', TensorFlow's), which can hold newlines; `str.splitlines` also splits
+    at carriage returns and the other breaks a terminal shows as a new line.
+    """
+    lines = (line.strip() for line in str(message).splitlines())
+    return "; ".join(line for line in lines if line)
+
+
 def first_line(error):
     message = getattr(error, "message", None) or str(error)
     return message.strip().splitlines()[0] if message.strip() else type(error).__name__
