@@ -600,6 +600,16 @@ DATA = [
         "class red has no training image left",
         setup=lambda p: _corrupt_images(p, "red/*"),
     ),
+    # The image breaks after the start-up check passed it: the driver's check passes it.
+    late(
+        "an_image_broken_after_the_check",
+        "--dataset=folder:{tmp}/data --model_dir={tmp}/new",
+        "image {tmp}/data/train/red/img0_0.jpg can no longer be read or decoded (it passed the "
+        "check at start-up)",
+        setup=_corrupt_one,
+        patch=("passed_at_start_up", ""),
+        creates="{tmp}/new",
+    ),
     # Root lists any folder whatever its mode: the driver makes listing this one
     # fail with EACCES, as it fails for a user without read permission.
     late(
