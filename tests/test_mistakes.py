@@ -833,6 +833,11 @@ CHECKPOINTS = [
         (*RESUME, "--strategy=mirrored", "--eval_batch_size=15"),
         "--eval_batch_size (15) must be a multiple of the 2 replica(s)",
     ),
+    late(
+        "inject_into_no_variable",
+        (*RESUME, "--inject_nonfinite=3@nosuchvar"),
+        "--inject_nonfinite: no trainable variable's path contains 'nosuchvar'",
+    ),
 ]
 
 STARTING_WEIGHTS = [
