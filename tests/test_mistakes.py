@@ -872,6 +872,13 @@ STARTING_WEIGHTS = [
         "--init_from={run} was trained with --image_size=16, not --image_size=24",
         creates="{tmp}/new",
     ),
+    late(
+        "init_from_damaged_run",
+        (*FINISHED, "--init_from={run}", "--model_dir={tmp}/new"),
+        "--init_from={run}: cannot restore {run}/checkpoints/ckpt-4 (",
+        setup=_truncate("run/checkpoints/ckpt-*.data-*"),
+        creates="{tmp}/new",
+    ),
 ]
 
 PREDICTIONS = [
