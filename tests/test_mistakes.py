@@ -935,6 +935,12 @@ PREDICTIONS = [
         setup=_remove("run/checkpoints/ckpt-*", "run/checkpoints/checkpoint"),
     ),
     late(
+        "predict_with_a_checkpoint_that_does_not_fit",
+        (*PREDICT, "--dataset=ships:{ships}", "--model=vit_test", "--image_size=16"),
+        "checkpoint {run}/checkpoints/ckpt-4 does not fit --model=vit_test --image_size=16",
+        setup=_remove("run/checkpoints/config.json"),
+    ),
+    late(
         "predict_with_damaged_checkpoints",
         PREDICT,
         "no checkpoint in {run}/checkpoints can be read (ckpt-4: ...)",
