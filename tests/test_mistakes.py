@@ -713,7 +713,7 @@ CACHES = [
         "damaged_decoded_cache",
         (*RESUME, "--cache={cache}/"),
         "--cache={cache}/: the cache file {cache}/cache-....array_record is damaged (unreadable "
-        "...); delete it to rebuild it, or use --cache= to decode at every step",
+        "(no footer)); delete it to rebuild it, or use --cache= to decode at every step",
         setup=_truncate("cache/*.array_record"),
     ),
     late(
