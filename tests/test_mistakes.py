@@ -708,6 +708,53 @@ DATA = [
     ),
 ]
 
+# The local TFDS set of tests/tfds_sets.py, prepared as ArrayRecord (read through
+# tfds.data_source) and as TFRecord (read through tfds.load): one reader each.
+TFDS = [
+    *(
+        late(
+            f"tfds_split_{what}{suffix}",
+            f"--dataset=tfds:colour_shapes --data_dir={{{data_dir}}} --train_split={split}",
+            f"--dataset=tfds:colour_shapes: --train_split={split} cannot be read ({reason}); see "
+            "https://www.tensorflow.org/datasets/splits for how to write one, e.g. train[:90%]",
+        )
+        for suffix, data_dir in (("", "tfds"), ("_tfrecord", "tfds_tfrecord"))
+        for what, split, reason in (
+            (
+                "past_100_percent",
+                "train[:200%]",
+                "When unit=%, percent slice boundaries should be in [-100, 100]. Got: ...",
+            ),
+            ("malformed", "train[abc]", "Unrecognized split format: 'train[abc]'."),
+        )
+    ),
+    late(
+        "tfds_unknown_eval_split",
+        "--dataset=tfds:colour_shapes --data_dir={tfds} --eval_split=nosuch",
+        "--dataset=tfds:colour_shapes: --eval_split=nosuch cannot be read (Unknown split "
+        "'nosuch'. Should be one of ['train', 'test'].); see https://www.tensorflow.org/datasets/",
+    ),
+    late(
+        "tfds_empty_train_split",
+        "--dataset=tfds:colour_shapes --data_dir={tfds_tfrecord} --train_split=train[:0]",
+        "--dataset=tfds:colour_shapes: --train_split=train[:0] selects no example; choose a split "
+        "or a slice that holds some",
+    ),
+    late(
+        "tfds_unknown_name",
+        "--dataset=tfds:no_such_set --data_dir={tmp}",
+        "--dataset=tfds:no_such_set: TFDS has no data set called 'no_such_set'; see "
+        "https://www.tensorflow.org/datasets/catalog for the names",
+    ),
+    # Known to TFDS without a download: its information is in TFDS' code.
+    late(
+        "tfds_not_image_classification",
+        "--dataset=tfds:imdb_reviews --data_dir={tmp}",
+        "--dataset=tfds:imdb_reviews is not an image classification data set (its supervised "
+        "keys are ('text', 'label')); choose one with (image, label) pairs",
+    ),
+]
+
 CACHES = [
     late(
         "damaged_decoded_cache",
@@ -974,6 +1021,7 @@ MISTAKES = (
     + OUT_OF_SCOPE
     + START_UP_PATHS
     + DATA
+    + TFDS
     + CACHES
     + CHECKPOINTS
     + STARTING_WEIGHTS
