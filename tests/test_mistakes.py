@@ -514,7 +514,47 @@ OUT_OF_SCOPE = [
     flag(
         "profile_in_a_benchmark",
         "--mode=benchmark --profile_steps=2,4",
-        "--profile_steps traces training steps; use it with --mode=train, not --mode=benchmark",
+        "--profile_steps traces training steps; use it with --mode=train or --mode=compare, not "
+        "--mode=benchmark (e.g. on the configuration a benchmark shows as slow)",
+    ),
+    flag(
+        "profile_in_predict",
+        "--mode=predict --predict_csv=t.csv --profile_steps=2,4",
+        "--profile_steps traces training steps; use it with --mode=train or --mode=compare, not "
+        "--mode=predict",
+    ),
+    flag(
+        "init_weights_in_predict",
+        "--mode=predict --predict_csv=t.csv --init_weights=w.h5",
+        "--init_weights sets the weights a training run starts from; --mode=predict restores the "
+        "weights of --model_dir's checkpoints: use it with --mode=train or --mode=compare, or "
+        "drop it",
+    ),
+    flag(
+        "init_from_in_predict",
+        "--mode=predict --predict_csv=t.csv --init_from=other",
+        "--init_from sets the weights a training run starts from; --mode=predict restores the "
+        "weights of --model_dir's checkpoints: use it with --mode=train or --mode=compare",
+    ),
+    flag(
+        "pretrained_in_a_benchmark",
+        "--mode=benchmark --model=resnet50 --pretrained=imagenet",
+        "--pretrained sets the weights a training run starts from; --mode=benchmark times the "
+        "training step whatever weights it starts from: use it with --mode=train or "
+        "--mode=compare, or drop it",
+    ),
+    flag(
+        "freeze_steps_in_a_benchmark",
+        "--mode=benchmark --freeze_steps=5",
+        "--freeze_steps trains only the head for a training run's first steps; --mode=benchmark "
+        "times the step that trains every layer: use it with --mode=train or --mode=compare, or "
+        "drop it",
+    ),
+    flag(
+        "freeze_steps_in_predict",
+        "--mode=predict --predict_csv=t.csv --freeze_steps=5",
+        "--freeze_steps trains only the head for a training run's first steps; --mode=predict "
+        "trains nothing: use it with --mode=train or --mode=compare, or drop it",
     ),
 ]
 
