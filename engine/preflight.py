@@ -18,9 +18,9 @@ def check(config):
     """Refuses, in one line, a path of `config` the run could not write.
 
     Raises:
-      ConfigError: the folder of a file --cache, --benchmark_json or
-        --predictions_csv is missing or a file, --export_dir cannot be made, or
-        --init_weights / --init_from name nothing.
+      ConfigError: --cache names a remote path; the folder of a file --cache,
+        --benchmark_json or --predictions_csv is missing or a file, --export_dir
+        cannot be made, or --init_weights / --init_from name nothing.
     """
     _check_cache(config)
     _check_output_files(config)
@@ -31,6 +31,13 @@ def check(config):
 def _check_cache(config):
     if config.cache in ("", "auto", "memory"):
         return
+    scheme, remote, _ = config.cache.partition("://")
+    if remote:  # as a local path it would name a folder `gs:` in the working directory
+        raise ConfigError(
+            f"--cache={config.cache}: a decoded cache must be on a local disk ({scheme}:// is "
+            "remote; each step reads its images from it by index): give a local folder, e.g. "
+            "--cache=/tmp/cache/, or use --cache=memory, or --cache= to decode at every step"
+        )
     parent = os.path.dirname(os.path.abspath(cache_prefix(config.cache)))
     if not os.path.isdir(parent):
         raise ConfigError(

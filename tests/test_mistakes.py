@@ -571,6 +571,13 @@ START_UP_PATHS = [
         "--cache=/no/such/dir/c: folder /no/such/dir does not exist",
     ),
     flag(
+        "remote_cache",
+        "--cache=gs://bucket/dir",
+        "--cache=gs://bucket/dir: a decoded cache must be on a local disk (gs:// is remote; each "
+        "step reads its images from it by index): give a local folder, e.g. --cache=/tmp/cache/, "
+        "or use --cache=memory, or --cache= to decode at every step",
+    ),
+    flag(
         "benchmark_json_in_a_missing_folder",
         "--benchmark_json=/nonexistent/x.json",
         "folder /nonexistent does not exist; create it",
