@@ -614,6 +614,19 @@ START_UP_PATHS = [
         )
         for suffix in ("", "/", "/sub")  # a trailing separator must not hide the link
     ),
+    # Unwritable for root too: /proc takes no new file, though os.access says it does.
+    flag(
+        "unwritable_export_dir",
+        "--export_dir=/proc/export",
+        "--export_dir=/proc/export: cannot write in /proc (No such file or directory); give a "
+        "folder you can write to",
+    ),
+    flag(
+        "unwritable_cache_folder",
+        "--cache=/proc/",
+        "--cache=/proc/: cannot write in /proc (No such file or directory); give a folder you can "
+        "write to, or use --cache=",
+    ),
     flag(
         "missing_init_weights_file",
         "--init_weights={tmp}/missing.h5",

@@ -3,6 +3,9 @@
 Each refusal as the user meets it (one line, exit 2) is in tests/test_mistakes.py.
 """
 
+import tempfile
+from unittest import mock
+
 import pytest
 from conftest import tiny_config
 
@@ -15,6 +18,27 @@ def test_export_dir_is_checked_where_an_export_is_written():
     with pytest.raises(ConfigError, match="is a file, so the folder cannot be made"):
         preflight.check(Config(export_dir=under_a_file))
     preflight.check(Config(mode="benchmark", export_dir=under_a_file))  # writes no export
+
+
+@pytest.mark.parametrize(
+    "export_dir, written_in",
+    [("new/export", "."), ("existing", "existing"), ("existing/export", "existing")],
+)
+def test_the_export_dir_is_tried_by_writing_and_nothing_is_left(tmp_path, export_dir, written_in):
+    # os.access would say yes to root: the check writes a file where the export would go.
+    (tmp_path / "existing").mkdir()
+    tried = []
+    real = tempfile.NamedTemporaryFile
+
+    def recorded(*args, dir=None, **kwargs):
+        tried.append(dir)
+        return real(*args, dir=dir, **kwargs)
+
+    before = sorted(tmp_path.rglob("*"))
+    with mock.patch.object(tempfile, "NamedTemporaryFile", recorded):
+        preflight.check(Config(export_dir=str(tmp_path / export_dir)))
+    assert tried == [str(tmp_path / written_in)]  # the nearest folder that exists
+    assert sorted(tmp_path.rglob("*")) == before  # no export folder made, no test file left
 
 
 def test_output_files_in_an_existing_folder_pass(tmp_path):
