@@ -1,10 +1,14 @@
-"""Runs the mistakes of tests/test_mistakes.py that need TensorFlow, in one process.
+"""Runs the mistakes of tests/test_mistakes.py through main.py's own path, many per process.
 
-`python tests/mistakes_driver.py` reads batches of jobs from stdin, one JSON
-list per line, and answers each with one JSON line on stdout: for a `main`
-job, its exit status, what it wrote to stdout and stderr, and the traceback of
-any exception that escaped main.py. A `tfds` job prepares the local TFDS set of
-tests/tfds_sets.py (nothing is downloaded).
+`python tests/mistakes_driver.py [--tensorflow]` reads batches of jobs from
+stdin, one JSON list per line, and answers each with one JSON line on stdout:
+for a `main` job, its exit status, what it wrote to stdout and stderr, the
+traceback of any exception that escaped main.py, and whether TensorFlow was
+loaded once it ended. With `--tensorflow` (the mistakes found after it loads)
+TensorFlow is loaded first, once; without, a job that loads it is reported so:
+main.py promises to refuse a bad flag or path before it loads. A `tfds` job
+prepares the local TFDS set of tests/tfds_sets.py (nothing is downloaded); a
+`weights` job writes a model's Keras weights file.
 
 Why this is main.py's path as a user meets it: each job's flags are parsed by
 main.py's own parser (`main._parse_flags`, as `app.run` calls it) and handed to
@@ -13,13 +17,14 @@ working directory. What `app.run` adds around them (absl's log handler, which
 is installed here too, and debugger flags) decides no error and prints none.
 The exit status is `SystemExit`'s code, as the process's would be; stderr is
 captured at file descriptor 2, so TensorFlow's C++ log and Python's are in it
-as the user would see them. What differs from a fresh process is what
-TensorFlow keeps per process: it is loaded once, with two logical CPU devices
-(set before its runtime starts) so that `--strategy=mirrored` has two
-replicas, as `--num_cpu_devices=2` gives them in a fresh process. Each job gets
-fresh flags and its own folder. A few jobs name a `patch` (`PATCHES`): a
-condition that cannot be made honestly on this machine (a full disk, a
-read-only folder as root, no network) is simulated at the call that meets it.
+as the user would see them. What differs from a fresh process is what a
+process keeps: modules stay loaded, and TensorFlow is loaded once, with two
+logical CPU devices (set before its runtime starts) so that
+`--strategy=mirrored` has two replicas, as `--num_cpu_devices=2` gives them in
+a fresh process. Each job gets fresh flags and its own folder. A few jobs name
+a `patch` (`PATCHES`): a condition that cannot be made honestly on this
+machine (a full disk, a read-only folder as root, no network) is simulated at
+the call that meets it.
 """
 
 import contextlib
@@ -36,18 +41,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import tensorflow as tf  # noqa: E402
-
-# Before anything starts the runtime: afterwards the devices cannot change.
-tf.config.set_logical_device_configuration(
-    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2
-)
-
 from absl import logging as absl_logging  # noqa: E402
 
-import main  # noqa: E402
+import main  # noqa: E402  (TensorFlow-free, as main.py loads it before a flag is checked)
 
 absl_logging.use_absl_handler()  # as app.run does: absl's log lines on stderr
+
+
+def start_tensorflow():
+    """Loads TensorFlow with two logical CPU devices, before anything starts its runtime."""
+    import tensorflow as tf
+
+    tf.config.set_logical_device_configuration(
+        tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2
+    )
 
 
 @contextlib.contextmanager
@@ -163,6 +170,19 @@ def no_network(_):
     return _replaced(keras.utils, "get_file", fetch)
 
 
+def no_room_for_exports(folder):
+    """Saving a SavedModel under `folder` fails as on a full disk."""
+    import tensorflow as tf
+
+    def save(obj, export_dir, *args, **kwargs):
+        if _inside(export_dir, folder):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, export_dir, *args, **kwargs)
+
+    real = tf.saved_model.save
+    return _replaced(tf.saved_model, "save", save)
+
+
 PATCHES = {
     "full_disk": full_disk,
     "failing_cache_writer": failing_cache_writer,
@@ -171,6 +191,7 @@ PATCHES = {
     "unlistable": unlistable,
     "passed_at_start_up": passed_at_start_up,
     "no_network": no_network,
+    "no_room_for_exports": no_room_for_exports,
 }
 
 
@@ -226,6 +247,7 @@ def run_main(job):
         except BaseException:  # what a user would see as a traceback
             result["traceback"] = traceback.format_exc()
     result.update(text, seconds=round(time.perf_counter() - start, 2))
+    result["tensorflow"] = "tensorflow" in sys.modules
     return result
 
 
@@ -237,12 +259,23 @@ def prepare_tfds(job):
     return text
 
 
+def save_weights(job):
+    """Writes a Keras weights file of `job["model"]` (3 classes, 16 px) at `job["path"]`."""
+    from models import create_model
+
+    with _captured() as text:
+        create_model(job["model"], 3, 16).save_weights(job["path"])
+    return text
+
+
 def main_loop():
+    if "--tensorflow" in sys.argv:
+        start_tensorflow()
     # Answers go to the original stdout; each job's own output is captured.
     answers = os.fdopen(os.dup(1), "w")
     for line in sys.stdin:
         jobs = json.loads(line)
-        kinds = {"main": run_main, "tfds": prepare_tfds}
+        kinds = {"main": run_main, "tfds": prepare_tfds, "weights": save_weights}
         answers.write(json.dumps([kinds[job["kind"]](job) for job in jobs]) + "\n")
         answers.flush()
 

@@ -6,15 +6,18 @@ user would: exit status 2, exactly one line starting `error:` on stderr, no
 `Traceback` in the output, and every file of the entry's folder (an existing
 --model_dir among them, a copy of one finished run) byte-identical afterwards.
 
-Cheap by design: the mistakes found before TensorFlow loads (flag values,
-start-up checks of paths) run as `python main.py` processes, two at a time,
-~0.25 s each; those found after it loads (data, checkpoints, replicas) run in
-ONE driver process, tests/mistakes_driver.py, which loads TensorFlow once,
-trains the finished run, then calls main.py's own path for each (its
-docstring says why that is the path a user meets).
+Cheap by design: each mistake runs main.py's own parser and `main` in a
+driver process, tests/mistakes_driver.py (its docstring says why that is the
+path a user meets), two drivers at once on the two cores. One runs the
+mistakes refused before TensorFlow loads (flag values, start-up checks of
+paths), ~80 in about a second, and proves it never loaded TensorFlow; the
+other loads TensorFlow once, trains the finished run, then runs the mistakes
+found after it loads (data, caches, checkpoints, replicas). The input
+benchmark's mistakes, a command of its own, run as its processes.
 
-`COVERED_ELSEWHERE` maps the places that raise a user error and are not in
-the table to the end-to-end test that covers each (or to why none can).
+`RAISE_SITES` maps every place that raises a user error to the entries that
+reach it, or to the end-to-end test that covers it elsewhere, or says why the
+command line cannot reach it; a test keeps that map complete.
 """
 
 import ast
@@ -138,7 +141,8 @@ class Mistake:
     (a copy of the finished run in it, also the --model_dir unless `args` name
     another or `model_dir` is False), `{cache}` (a copy of the finished run's
     decoded cache), `{ships}` (the shared ships tree), `{tfds}` and
-    `{tfds_tfrecord}` (a local TFDS set, as ArrayRecord and TFRecord) filled in.
+    `{tfds_tfrecord}` (a local TFDS set, as ArrayRecord and TFRecord) and
+    `{weights}` (a Keras weights file of small_resnet) filled in.
     """
 
     id: str
@@ -680,6 +684,12 @@ DATA = [
         patch=("unlistable", "{tmp}/data/train/red/locked"),
     ),
     late(
+        "missing_train_split_folder",
+        "--dataset=folder:{tmp}/photos",
+        "--dataset=folder:{tmp}/photos: {tmp}/photos/train is not a folder; expected "
+        "{tmp}/photos/train/<class>/*.jpg (see --train_split)",
+    ),
+    late(
         "no_class_folders",
         "--dataset=folder:{tmp}/data",
         "{tmp}/data/train has no class folders",
@@ -967,6 +977,13 @@ STARTING_WEIGHTS = [
         creates="{tmp}/new",
     ),
     late(
+        "init_weights_of_another_model",
+        (*FINISHED, "--init_weights={weights}", "--model_dir={tmp}/new"),
+        "--init_weights={weights}: {weights} does not fit the model: ...; use a file saved from "
+        "--model's layers",
+        creates="{tmp}/new",
+    ),
+    late(
         "init_from_an_empty_folder",
         (*FINISHED, "--init_from={tmp}/empty", "--model_dir={tmp}/new"),
         "--init_from={tmp}/empty holds no run",
@@ -1004,6 +1021,12 @@ PREDICTIONS = [
         "predict_over_its_input",
         (*PREDICT, "--predictions_csv={ships}/test.csv"),
         "--predictions_csv={ships}/test.csv is the input --predict_csv",
+    ),
+    late(
+        "predict_into_the_checkpoints",
+        (*PREDICT, "--predictions_csv={run}/checkpoints/ckpt-4.index"),
+        "--predictions_csv={run}/checkpoints/ckpt-4.index is inside the checkpoint folder "
+        "{run}/checkpoints; writing there could destroy the trained model",
     ),
     late(
         "predict_over_a_file_of_the_run",
@@ -1066,11 +1089,35 @@ PREDICTIONS = [
     ),
 ]
 
+# The export is written after training: a mistake found there keeps the checkpoints.
+EXPORTS = [
+    # No disk is filled: the driver's tf.saved_model.save fails there as on a full disk.
+    late(
+        "compare_export_without_room",
+        "--mode=compare --compare=fp32 --model=tiny --image_size=16 --batch_size=8 "
+        "--steps_per_loop=2 --train_steps=2 --train_examples=64 --eval_examples=32 "
+        "--model_dir={tmp}/runs --export_dir={tmp}/runs/exp",
+        "fp32: the SavedModel could not be written to {tmp}/runs/exp/fp32: [Errno 28] No space "
+        "left on device; the last step's checkpoint is saved: fix the folder, then rerun the "
+        "same command to export it",
+        patch=("no_room_for_exports", "{tmp}/runs/exp"),
+        creates="{tmp}/runs",
+    ),
+]
+
 OTHER_COMMANDS = [
     flag(
         "input_benchmark_with_too_few_images",
         "--num_images=3",
         "--num_images must be at least 10, got 3",
+        model_dir=False,
+        command=("-m", "engine.modes.input_benchmark"),
+    ),
+    # Found after TensorFlow loads, in a process of its own: its flags are not main.py's.
+    flag(
+        "input_benchmark_without_its_data",
+        "--dataset=folder:{tmp}/photos",
+        "--dataset=folder:{tmp}/photos: {tmp}/photos/train is not a folder",
         model_dir=False,
         command=("-m", "engine.modes.input_benchmark"),
     ),
@@ -1086,6 +1133,7 @@ MISTAKES = (
     + CHECKPOINTS
     + STARTING_WEIGHTS
     + PREDICTIONS
+    + EXPORTS
     + OTHER_COMMANDS
 )
 
@@ -1166,14 +1214,14 @@ def _run_process(prepared):
 class _Driver:
     """tests/mistakes_driver.py: sends it batches of jobs, reads one answer line per batch."""
 
-    def __init__(self, log_path):
+    def __init__(self, log_path, *args):
         import queue
         import threading
 
         self.log_path = log_path
         self.log = open(log_path, "w")  # noqa: SIM115 (closed in close())
         self.proc = subprocess.Popen(
-            [sys.executable, DRIVER],
+            [sys.executable, DRIVER, *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.log,
@@ -1229,6 +1277,7 @@ def _selected(request):
 def _make_shared(root, driver, mistakes):
     """The finished run (trained by the driver), the ships tree and TFDS sets entries share."""
     shared = dict(ships=root / "ships", tfds=root / "tfds", tfds_tfrecord=root / "tfds_tfrecord")
+    shared["weights"] = root / "small_resnet.weights.h5"
     make_ships_tree(shared["ships"])
     finished = types.SimpleNamespace(run=root / "finished", cache=root / "finished_cache")
     finished.cache.mkdir()
@@ -1241,10 +1290,28 @@ def _make_shared(root, driver, mistakes):
             dict(kind="tfds", dir=str(shared["tfds"]), format="array_record"),
             dict(kind="tfds", dir=str(shared["tfds_tfrecord"]), format="tfrecord"),
         ]
+    if any("{weights}" in " ".join(m.args) for m in mistakes):
+        jobs.append(dict(kind="weights", model="small_resnet", path=str(shared["weights"])))
     driver.send(jobs)
     trained = driver.receive(timeout=300)[0]
     assert trained["status"] == 0, trained["stderr"][-3000:] + str(trained["traceback"])
     return shared, finished
+
+
+def _run_all(prepared, drivers):
+    """{mistake id: result}: each mistake run where it belongs, the three kinds at once."""
+    late = [p for p in prepared if p.mistake.tf]
+    early = [p for p in prepared if not p.mistake.tf and p.mistake.command == (MAIN,)]
+    others = [p for p in prepared if not p.mistake.tf and p.mistake.command != (MAIN,)]
+    drivers["tensorflow"].send([p.job for p in late])
+    drivers["early"].send([p.job for p in early])
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # other commands, beside the drivers
+        ran = pool.map(_run_process, others)
+        results = {p.mistake.id: result for p, result in zip(others, ran, strict=True)}
+    for batch, driver in ((early, drivers["early"]), (late, drivers["tensorflow"])):
+        answers = driver.receive(timeout=900)
+        results.update(zip((p.mistake.id for p in batch), answers, strict=True))
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -1252,24 +1319,20 @@ def outcomes(tmp_path_factory, request):
     """{mistake id: (Prepared, result, the folder's files after)}, and "shared": (before, after)."""
     root = tmp_path_factory.mktemp("mistakes")
     mistakes = _selected(request)
-    driver = _Driver(root / "driver.log")
+    # One driver loads TensorFlow; the other runs the mistakes refused before it loads.
+    drivers = {
+        "tensorflow": _Driver(root / "driver.log", "--tensorflow"),
+        "early": _Driver(root / "early.log"),
+    }
     try:
-        shared, finished = _make_shared(root, driver, mistakes)
+        shared, finished = _make_shared(root, drivers["tensorflow"], mistakes)
         untouched = {**shared, "finished": finished.run, "finished_cache": finished.cache}
         shared_before = {name: _digest(path) for name, path in untouched.items()}
         prepared = [_prepare(m, root / "entries" / m.id, shared, finished) for m in mistakes]
-        late_ones = [p for p in prepared if p.mistake.tf]
-        driver.send([p.job for p in late_ones])
-        # Two at a time, beside the driver: the machine has two cores.
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            early = [p for p in prepared if not p.mistake.tf]
-            results = dict(
-                zip((p.mistake.id for p in early), pool.map(_run_process, early), strict=True)
-            )
-        answers = driver.receive(timeout=900)
-        results.update(zip((p.mistake.id for p in late_ones), answers, strict=True))
+        results = _run_all(prepared, drivers)
     finally:
-        driver.close()
+        for driver in drivers.values():
+            driver.close()
     found = {p.mistake.id: (p, results[p.mistake.id], _digest(p.folder)) for p in prepared}
     found["shared"] = (shared_before, {name: _digest(path) for name, path in untouched.items()})
     return found
@@ -1296,6 +1359,8 @@ def test_a_mistake_is_one_error_line_exit_2_and_loses_nothing(mistake, outcomes)
     errors = [line for line in result["stderr"].splitlines() if line.startswith("error:")]
     assert result["status"] == 2 and len(errors) == 1, (result["status"], output[-3000:])
     assert errors[0].startswith("error: ") and _says(prepared.says, errors[0]), errors[0]
+    if not mistake.tf and mistake.command == (MAIN,):
+        assert not result["tensorflow"], "refused only after TensorFlow loaded"
     created = os.path.relpath(prepared.creates, prepared.folder) if prepared.creates else ""
     assert _without(after, created) == prepared.before
 
@@ -1304,3 +1369,236 @@ def test_the_shared_data_and_the_finished_run_are_left_as_they_were(outcomes):
     before, after = outcomes["shared"]
     assert before["finished"] and before["ships"]  # something to compare
     assert after == before
+
+
+# --- every place that raises a user error ----------------------------------------
+
+# Every place in main.py, engine/, input_pipeline/ and models/ that raises a user
+# error (or prints one: `_fail`), as "file:function#n", its n-th in that function
+# in source order, with the entries of the table that reach it, or the test that
+# proves it end to end elsewhere, or why the command line cannot reach it.
+RAISE_SITES = {
+    "main.py:_parse_flags#1": ("unknown_flag", "missing_flagfile", "unknown_precision"),
+    "main.py:main#1": ("stray_arguments",),
+    "main.py:main#2": ("zero_batch", "remote_cache", "unwritable_export_dir"),
+    "main.py:main#3": ("corrupt_image", "fresh_over_checkpoints", "compare_export_without_room"),
+    "main.py:main#4": "not a mistake (exit 3): tests/test_compare.py::"
+    "test_compare_goes_on_after_a_divergence_and_exits_3",
+    "main.py:main#5": "not a mistake (exit 128 + signal): tests/test_resume.py::"
+    "test_a_stop_signal_during_start_up_is_one_line_and_the_run_still_resumes",
+    "engine/actions/divergence.py:__call__#1": "not a mistake (exit 3): tests/test_resume.py::"
+    "test_forced_divergence_exits_3_and_keeps_the_last_good_checkpoint",
+    "engine/modes/compare.py:compare#2": "not a mistake (exit 3): tests/test_compare.py::"
+    "test_compare_goes_on_after_a_divergence_and_exits_3",
+    "engine/actions/preemption.py:handler#1": "not a mistake (exit 128 + SIGTERM): "
+    "tests/test_resume.py::test_a_stop_signal_during_start_up_is_one_line_and_the_run_still_resumes",
+    "engine/actions/checkpointing.py:_repair_index#1": ("index_cannot_be_rewritten",),
+    "engine/actions/checkpointing.py:prepare_model_dir#1": ("fresh_over_checkpoints",),
+    "engine/actions/checkpointing.py:prepare_model_dir#2": ("fresh_overwrite_read_only",),
+    "engine/actions/checkpointing.py:prepare_model_dir#3": ("model_dir_a_file",),
+    "engine/actions/checkpointing.py:check_writable#1": ("read_only_model_dir",),
+    "engine/actions/checkpointing.py:check_classes#1": ("other_classes_on_resume",),
+    "engine/actions/checkpointing.py:check_compatible#1": ("resume_with_another_batch",),
+    "engine/actions/checkpointing.py:_load_json#1": ("unreadable_config_json",),
+    "engine/actions/checkpointing.py:restore_latest#1": ("checkpoints_of_another_model",),
+    "engine/actions/checkpointing.py:restore_latest#2": ("no_checkpoint_restorable",),
+    "engine/actions/export.py:export_saved_model#1": "elsewhere: tests/test_export.py::"
+    "test_an_export_that_cannot_be_written_is_one_error_line_and_a_rerun_exports "
+    "(--mode=train; --mode=compare: compare_export_without_room)",
+    "engine/config.py:refuse_out_of_scope#1": tuple(m.id for m in OUT_OF_SCOPE[2:]),
+    "engine/config.py:_check_dataset#1": ("unknown_dataset",),
+    "engine/config.py:_check_dataset#2": ("dataset_without_a_path",),
+    "engine/config.py:_check_counts#1": ("seed_past_32_bits", "negative_warmup"),
+    "engine/config.py:_check_counts#2": ("no_epochs_or_steps",),
+    "engine/config.py:_check_counts#3": ("image_size_below_8",),
+    "engine/config.py:_check_patch_size#1": ("patch_size_on_a_resnet",),
+    "engine/config.py:_check_patch_size#2": ("patch_size_not_dividing",),
+    "engine/config.py:_check_benchmark_and_profile#1": ("zero_benchmark_repeats",),
+    "engine/config.py:_check_benchmark_and_profile#2": ("benchmark_steps_across_loops",),
+    "engine/config.py:_check_rates#1": ("learning_rate_past_float32", "infinite_learning_rate"),
+    "engine/config.py:_check_rates#2": ("infinite_clip_norm", "nan_weight_decay"),
+    "engine/config.py:_check_rates#3": ("beta_2_of_1",),
+    "engine/config.py:_check_rates#4": ("label_smoothing_of_1",),
+    "engine/config.py:_check_rates#5": ("stochastic_depth_on_a_resnet",),
+    "engine/config.py:_check_loss_scale#1": ("negative_loss_scale",),
+    "engine/config.py:_check_loss_scale#2": ("max_scale_past_float32", "min_scale_above_initial"),
+    "engine/config.py:_check_real_data#1": ("eval_fraction_of_1",),
+    "engine/config.py:_check_real_data#2": ("empty_train_split",),
+    "engine/config.py:_check_real_data#3": ("predict_without_a_csv",),
+    "engine/config.py:_check_real_data#4": ("predict_without_model_dir",),
+    "engine/config.py:_check_checkpointing#1": ("negative_checkpoint_every", "negative_skip_limit"),
+    "engine/config.py:_check_checkpointing#2": ("overwrite_without_fresh",),
+    "engine/config.py:_check_distribution#1": ("batch_not_split_by_micro_batches",),
+    "engine/config.py:_check_tensorboard#1": ("negative_summary_every",),
+    "engine/config.py:check_local_path#1": ("remote_benchmark_json", "remote_predictions_csv"),
+    "engine/config.py:_check_initialization#1": ("two_starting_weights",),
+    "engine/config.py:_check_initialization#2": ("pretrained_small_resnet",),
+    # main.py's flags with choices are enums: absl refuses a bad one first (unknown_model).
+    "engine/config.py:_check_choice#1": "elsewhere: tests/test_input_benchmark.py::"
+    "test_pipeline_benchmark_refuses_a_bad_flag_in_one_line_before_writing_images",
+    "engine/config.py:_check_positive_int#1": ("zero_batch", "huge_image_size", "zero_cpu_devices"),
+    "engine/config.py:parse_compare#1": ("unknown_compare_entry",),
+    "engine/config.py:parse_compare#2": ("compare_entry_twice",),
+    "engine/config.py:parse_inject_nonfinite#1": ("inject_step_past_int64",),
+    "engine/config.py:parse_profile_steps#1": ("profile_steps_backwards",),
+    "engine/distribute.py:_configure_cpu_devices#1": "unreachable: main.py sets its devices "
+    "before TensorFlow's runtime starts (tests/test_distribute.py runs --num_cpu_devices=1 and "
+    "2 in fresh processes); a script that started TensorFlow first meets it",
+    "engine/distribute.py:create_strategy#1": "unreachable: --strategy is an enum flag, "
+    "refused by absl first (unknown_strategy)",
+    "engine/distribute.py:check_tf_config#1": "elsewhere: tests/test_distribute.py::"
+    "test_multi_worker_without_a_cluster_is_one_line",
+    "engine/distribute.py:check_tf_config#2": "elsewhere: tests/test_distribute.py::"
+    "test_multi_worker_without_a_cluster_is_one_line",
+    "engine/extras/inject.py:check_matches#1": ("inject_into_no_variable",),
+    "engine/initialization.py:_load_file#1": (
+        "init_weights_not_a_weights_file",
+        "init_weights_of_another_model",
+    ),
+    "engine/initialization.py:pretrained_file#1": "unreachable: --pretrained is refused for "
+    "any --model but resnet50 first (pretrained_small_resnet), and resnet50 has its weights",
+    "engine/initialization.py:pretrained_file#2": ("pretrained_without_network",),
+    "engine/initialization.py:_source_config#1": ("init_from_an_empty_folder",),
+    "engine/initialization.py:_copy_from_run#1": ("init_from_another_size",),
+    "engine/initialization.py:_copy_from_run#2": ("init_from_damaged_run",),
+    "engine/modes/benchmark.py:_write_json#1": "in-process only: tests/test_benchmark.py::"
+    "test_a_json_file_that_cannot_be_written_keeps_the_table (the folder, checked at start-up, "
+    "must vanish while the benchmark's TensorFlow workers run: ~10 s each end to end)",
+    "engine/modes/compare.py:compare#1": ("compare_export_without_room",),
+    "engine/modes/input_benchmark.py:main#1": ("input_benchmark_with_too_few_images",),
+    "engine/modes/input_benchmark.py:main#2": "elsewhere: tests/test_input_benchmark.py::"
+    "test_pipeline_benchmark_refuses_a_bad_flag_in_one_line_before_writing_images",
+    "engine/modes/input_benchmark.py:main#3": ("input_benchmark_without_its_data",),
+    "engine/modes/predict.py:output_path#1": ("default_predictions_csv_a_folder",),
+    "engine/modes/predict.py:output_path#2": ("predict_over_its_input",),
+    "engine/modes/predict.py:output_path#3": ("predict_into_the_checkpoints",),
+    "engine/modes/predict.py:output_path#4": ("predict_over_a_file_of_the_run",),
+    "engine/modes/predict.py:with_run_settings#1": ("predict_with_another_model",),
+    "engine/modes/predict.py:with_run_settings#2": ("predict_from_a_folder_data_set",),
+    "engine/modes/predict.py:check_trained_on_ships#1": ("predict_with_a_run_of_shapes",),
+    "engine/modes/predict.py:restore_model#1": ("predict_without_checkpoints",),
+    "engine/modes/predict.py:restore_model#2": ("predict_with_a_checkpoint_that_does_not_fit",),
+    "engine/modes/predict.py:restore_model#3": ("predict_with_damaged_checkpoints",),
+    "engine/modes/predict.py:predict#1": ("predict_with_no_decodable_image",),
+    "engine/preflight.py:_check_cache#1": ("remote_cache",),
+    "engine/preflight.py:_check_cache#2": (
+        "cache_in_a_missing_folder",
+        "cache_prefix_in_a_missing_folder",
+    ),
+    "engine/preflight.py:_check_cache#3": ("unwritable_cache_folder",),
+    "engine/preflight.py:_check_output_files#1": ("predictions_csv_a_folder",),
+    "engine/preflight.py:_check_output_files#2": (
+        "benchmark_json_in_a_missing_folder",
+        "benchmark_json_under_a_file",
+    ),
+    "engine/preflight.py:_check_export_dir#1": ("export_dir_a_file",),
+    "engine/preflight.py:_check_export_dir#2": (
+        "export_dir_linking_to_nothing",
+        "export_dir_linking_to_nothing_slash",
+        "export_dir_linking_to_nothing_slashsub",
+    ),
+    "engine/preflight.py:_check_export_dir#3": ("export_dir_under_a_file",),
+    "engine/preflight.py:_check_export_dir#4": ("unwritable_export_dir",),
+    "engine/preflight.py:_check_initial_weights#1": ("missing_init_weights_file",),
+    "engine/preflight.py:_check_initial_weights#2": ("missing_init_from_folder",),
+    "engine/run.py:run#1": ("no_checkpoint_restorable", "checkpoints_of_another_model"),
+    "engine/run.py:run#2": ("compare_export_without_room",),
+    "engine/run.py:run#3": ("corrupt_image", "fresh_over_checkpoints"),
+    "engine/train.py:check_batch_sizes#1": ("batch_not_divisible_by_replicas",),
+    "engine/train.py:check_batch_sizes#2": ("eval_batch_not_divisible_by_replicas",),
+    "engine/train.py:_images_named_if_they_fail#1": ("an_image_broken_after_the_check",),
+    "input_pipeline/datasets.py:_check_generated_size#1": ("generated_set_over_the_budget",),
+    "input_pipeline/datasets.py:_decodable#1": ("hold_out_without_images",),
+    "input_pipeline/datasets.py:_decodable#2": ("every_image_undecodable",),
+    "input_pipeline/datasets.py:_decodable#3": ("a_class_left_without_images",),
+    "input_pipeline/datasets.py:_tfds_data#1": "unreachable with a set that records its "
+    "splits: tfds_source._check_split refuses an empty one first (tfds_empty_train_split)",
+    "input_pipeline/folder.py:_unreadable#1": ("unreadable_class_subfolder",),
+    "input_pipeline/folder.py:list_split#1": ("no_class_folders",),
+    "input_pipeline/folder.py:list_split#2": ("eval_class_not_in_train",),
+    "input_pipeline/folder.py:list_split#3": ("class_folder_without_images",),
+    "input_pipeline/folder.py:_eval_dir#1": ("missing_eval_split_folder",),
+    "input_pipeline/folder.py:load#1": ("missing_train_split_folder",),
+    "input_pipeline/preprocessing.py:choose_cache#1": ("cache_memory_over_the_budget",),
+    "input_pipeline/preprocessing.py:_cache#1": ("locked_eval_cache",),
+    "input_pipeline/preprocessing.py:_record_cache#1": ("failed_cache_write",),
+    "input_pipeline/preprocessing.py:_record_cache#2": ("damaged_decoded_cache",),
+    "input_pipeline/preprocessing.py:_record_cache#3": ("cache_reader_missing",),
+    "input_pipeline/preprocessing.py:_check_room#1": ("no_disk_room_for_the_cache",),
+    "input_pipeline/preprocessing.py:_damage_is_an_error#1": ("damaged_eval_cache",),
+    "input_pipeline/preprocessing.py:drop_undecodable#1": ("corrupt_image",),
+    "input_pipeline/ships.py:_read_rows#1": ("ships_csv_missing", "predict_csv_a_folder"),
+    "input_pipeline/ships.py:_read_rows#2": "elsewhere: tests/test_predict.py::"
+    "test_a_csv_that_is_not_utf8_is_a_clear_error",
+    "input_pipeline/ships.py:_read_rows#3": ("ships_csv_without_category",),
+    "input_pipeline/ships.py:resolve_image#1": "elsewhere: tests/test_predict.py::"
+    "test_main_bad_ships_csv_is_one_line_and_writes_nothing",
+    "input_pipeline/ships.py:resolve_image#2": ("ships_image_missing",),
+    "input_pipeline/ships.py:read_labelled#1": ("ships_unknown_category",),
+    "input_pipeline/ships.py:read_labelled#2": ("ships_image_twice",),
+    "input_pipeline/ships.py:read_labelled#3": ("ships_csv_without_rows",),
+    "input_pipeline/ships.py:read_unlabelled#1": ("predict_csv_without_rows",),
+    "input_pipeline/ships.py:load#1": ("ships_without_images_folder",),
+    "input_pipeline/tfds_source.py:_builder#1": ("tfds_unknown_name",),
+    "input_pipeline/tfds_source.py:_image_and_label_keys#1": ("tfds_not_image_classification",),
+    "input_pipeline/tfds_source.py:open_builder#1": "elsewhere: tests/test_predict.py::"
+    "test_main_unprepared_tfds_is_one_line",
+    "input_pipeline/tfds_source.py:_check_split#1": tuple(
+        m.id for m in TFDS if m.id.startswith(("tfds_split_", "tfds_unknown_eval"))
+    ),
+    "input_pipeline/tfds_source.py:_check_split#2": ("tfds_empty_train_split",),
+    # The readers' own refusal of a split, in the same words as _check_split's:
+    "input_pipeline/tfds_source.py:open_source#1": "unreachable with a set that records its "
+    "splits (_check_split refuses first: tfds_split_past_100_percent); a set without them",
+    "input_pipeline/tfds_source.py:load_split#1": "unreachable with a set that records its "
+    "splits (_check_split refuses first: tfds_split_malformed_tfrecord); a set without them",
+    "models/weights.py:load_weights_file#1": ("init_weights_not_a_weights_file",),
+    "models/weights.py:_assign#1": ("init_weights_of_another_model",),
+}
+# What raising or printing a user error looks like: these errors, or `_fail(...)`.
+USER_ERRORS = {
+    *ONE_LINE_TYPES,
+    *SHOWN_THROUGH,
+    "_split_error",  # tfds_source: builds the DataError it raises
+}
+
+
+def _raise_sites():
+    """{"file:function#n"} of every `raise <user error>(...)` and `_fail(...)` in the project."""
+    paths = [os.path.join(ROOT, "main.py")]
+    for package in ("engine", "input_pipeline", "models"):
+        paths += glob.glob(os.path.join(ROOT, package, "**", "*.py"), recursive=True)
+    sites = set()
+    for path in sorted(paths):
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        _collect(tree, os.path.relpath(path, ROOT), "<module>", sites, {})
+    return sites
+
+
+def _collect(node, where, function, sites, counts):
+    for child in ast.iter_child_nodes(node):
+        inside = child.name if isinstance(child, ast.FunctionDef) else function
+        call = child.exc if isinstance(child, ast.Raise) else child
+        name = ast.unparse(call.func).split(".")[-1] if isinstance(call, ast.Call) else ""
+        raised = isinstance(child, ast.Raise) and name in USER_ERRORS
+        if raised or (isinstance(child, ast.Call) and name == "_fail"):
+            counts[inside] = counts.get(inside, 0) + 1
+            sites.add(f"{where}:{inside}#{counts[inside]}")
+        _collect(child, where, inside, sites, counts)
+
+
+def test_every_place_that_raises_a_user_error_is_in_the_table_or_covered_elsewhere():
+    assert _raise_sites() == set(RAISE_SITES)
+    ids = {m.id for m in MISTAKES}
+    for site, covered in RAISE_SITES.items():
+        if isinstance(covered, tuple):
+            assert covered and set(covered) <= ids, (site, set(covered) - ids)
+            continue
+        for test_file, test in re.findall(r"(tests/\w+\.py)::(\w+)", covered):
+            with open(os.path.join(ROOT, test_file)) as f:
+                assert f"def {test}(" in f.read(), (site, test)
+        # Only these may stand in for an entry of the table, each saying why.
+        assert covered.startswith(
+            ("elsewhere: tests/", "unreachable", "not a mistake", "in-process only")
+        ), site
