@@ -14,6 +14,7 @@ from absl import app, flags, logging
 
 from engine import config as config_lib
 from engine import preflight
+from engine.files import one_line
 
 _DEFINE = {
     bool: flags.DEFINE_bool,
@@ -63,7 +64,8 @@ def _parse_flags(argv):
 
 
 def _fail(message, status=2):
-    print(f"error: {message}", file=sys.stderr)
+    """Prints `error: MESSAGE` as one line, whatever `message` holds, and exits with `status`."""
+    print(f"error: {one_line(message)}", file=sys.stderr)
     sys.exit(status)
 
 

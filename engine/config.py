@@ -15,6 +15,7 @@ import datetime
 import os
 from collections.abc import Callable
 
+from engine.files import one_line
 from input_pipeline.paths import absolute_path
 
 MODES = ("train", "predict", "compare", "benchmark")
@@ -53,7 +54,14 @@ FAMILY_DEFAULTS = {
 
 
 class ConfigError(ValueError):
-    """A user mistake in the configuration; main.py prints it as one line."""
+    """A user mistake in the configuration; main.py prints it as one line.
+
+    One line by construction: the message's lines are folded into one
+    (`engine.files.one_line`), whatever text it quotes.
+    """
+
+    def __init__(self, message):
+        super().__init__(one_line(message))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -90,9 +98,27 @@ def _applies_only(applies_to, why_not_here):
 
 def _traces_training(given, config):
     return (
-        f"{', '.join(given)} traces training steps; use it with --mode=train, not "
-        f"--mode={config.mode} (e.g. on the configuration a benchmark shows as slow)"
+        f"{', '.join(given)} traces training steps; use it with --mode=train or --mode=compare, "
+        f"not --mode={config.mode} (e.g. on the configuration a benchmark shows as slow)"
     )
+
+
+def _acts_on_training(does, instead):
+    """A refusal: "--a DOES; INSTEAD[mode]: use it with --mode=train or --mode=compare, or drop it".
+
+    `does` holds `{s}`, the verb's ending for one option; `instead` says, per
+    mode outside the scope, what that mode does in its place.
+    """
+
+    def refusal(given, config):
+        one = len(given) == 1
+        them = "it" if one else "them"
+        return (
+            f"{', '.join(given)} {does.format(s='s' if one else '')}; {instead[config.mode]}: "
+            f"use {them} with --mode=train or --mode=compare, or drop {them}"
+        )
+
+    return refusal
 
 
 def _not_in_benchmark(given, config):
@@ -140,14 +166,38 @@ COUNTED_CLASSES = Scope(
         lambda c: f"--dataset={c.dataset} draws its classes uniformly",
     ),
 )
-TRAINING_RUNS = Scope("mode", ("train", "compare"), _traces_training)
+# The modes that train: --mode=compare trains each of its configurations.
+TRAINING_MODES = ("train", "compare")
+PROFILED_RUNS = Scope("mode", TRAINING_MODES, _traces_training)
+STARTING_WEIGHTS = Scope(
+    "mode",
+    TRAINING_MODES,
+    _acts_on_training(
+        "set{s} the weights a training run starts from",
+        {
+            "predict": "--mode=predict restores the weights of --model_dir's checkpoints",
+            "benchmark": "--mode=benchmark times the training step whatever weights it starts from",
+        },
+    ),
+)
+HEAD_FIRST = Scope(
+    "mode",
+    TRAINING_MODES,
+    _acts_on_training(
+        "train{s} only the head for a training run's first steps",
+        {
+            "predict": "--mode=predict trains nothing",
+            "benchmark": "--mode=benchmark times the step that trains every layer",
+        },
+    ),
+)
 # `--mode=benchmark` times one device's plain training step for each --compare
 # configuration against Keras `fit`, which has none of these options; ignored,
 # they would leave a table that measured something else than asked.
 NOT_BENCHMARK = Scope("mode", ("train", "predict", "compare"), _not_in_benchmark)
 # The scopes every Config enforces, in this order. FLOAT16_ONLY is enforced for
 # the command line's own training run only (`Config.check_loss_scale_flags`).
-SCOPES = (TRAINING_RUNS, NAMED_SPLITS, COUNTED_CLASSES, NOT_BENCHMARK)
+SCOPES = (PROFILED_RUNS, STARTING_WEIGHTS, HEAD_FIRST, NAMED_SPLITS, COUNTED_CLASSES, NOT_BENCHMARK)
 
 
 def option(default, help_text, *, choices=(), scopes=(), resume=False):
@@ -312,7 +362,7 @@ class Config:
         "",
         "START,END: write a TensorBoard profile trace of training steps START to END, both "
         "included (steps numbered as shown, from 1).",
-        scopes=[TRAINING_RUNS],
+        scopes=[PROFILED_RUNS],
     )
     # --- TensorBoard and diagnostics (issue 6) ---
     summary_every: int = option(
@@ -380,26 +430,26 @@ class Config:
         "",
         "Start every layer but the head from this Keras weights file (.h5 as Keras "
         "Applications publishes them, or .weights.h5), matched by layer name.",
-        scopes=[TRAINING_RUNS],
+        scopes=[STARTING_WEIGHTS],
     )
     pretrained: str = option(
         "none",
         "Start from Keras Applications' weights (imagenet: --model=resnet50), downloaded "
         "once into Keras' cache (~/.keras/models).",
         choices=PRETRAINED,
-        scopes=[TRAINING_RUNS],
+        scopes=[STARTING_WEIGHTS],
     )
     init_from: str = option(
         "",
         "Start the model from the latest checkpoint of this run folder (its head too when "
         "the classes agree); optimizer, step and loss scale start fresh.",
-        scopes=[TRAINING_RUNS],
+        scopes=[STARTING_WEIGHTS],
     )
     freeze_steps: int = option(
         0,
         "Train only the head for this many steps (every other layer frozen, its BatchNorm "
         "in inference mode), then every layer (0 = off).",
-        scopes=[TRAINING_RUNS],
+        scopes=[HEAD_FIRST],
     )
     preprocessing: str = option(
         "auto",

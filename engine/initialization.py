@@ -153,7 +153,9 @@ def _copy_from_run(config, model, num_classes, pixel_range):
     try:
         status = tf.train.Checkpoint(model=source).restore(latest).expect_partial()
         status.assert_existing_objects_matched()
-    except (AssertionError, ValueError, tf.errors.OpError) as e:
+    # A truncated file fails wherever its reader runs out of bytes (IndexError,
+    # DataLossError...), as in `checkpointing.restore_latest`: any error counts.
+    except Exception as e:
         raise ConfigError(
             f"--init_from={run_dir}: cannot restore {latest} ({first_line(e)}); "
             "name a run of the same --model"

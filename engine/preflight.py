@@ -11,6 +11,7 @@ This module imports no TensorFlow.
 import os
 
 from engine.config import ConfigError
+from engine.files import write_error
 from input_pipeline.paths import cache_prefix
 
 
@@ -18,9 +19,10 @@ def check(config):
     """Refuses, in one line, a path of `config` the run could not write.
 
     Raises:
-      ConfigError: the folder of a file --cache, --benchmark_json or
-        --predictions_csv is missing or a file, --export_dir cannot be made, or
-        --init_weights / --init_from name nothing.
+      ConfigError: --cache names a remote path; the folder of a file --cache,
+        --benchmark_json or --predictions_csv is missing or a file, a file cannot
+        be written where --cache or --export_dir would write (tried by writing
+        one, then removed), or --init_weights / --init_from name nothing.
     """
     _check_cache(config)
     _check_output_files(config)
@@ -31,15 +33,23 @@ def check(config):
 def _check_cache(config):
     if config.cache in ("", "auto", "memory"):
         return
+    scheme, remote, _ = config.cache.partition("://")
+    if remote:  # as a local path it would name a folder `gs:` in the working directory
+        raise ConfigError(
+            f"--cache={config.cache}: a decoded cache must be on a local disk ({scheme}:// is "
+            "remote; each step reads its images from it by index): give a local folder, e.g. "
+            "--cache=/tmp/cache/, or use --cache=memory, or --cache= to decode at every step"
+        )
     parent = os.path.dirname(os.path.abspath(cache_prefix(config.cache)))
     if not os.path.isdir(parent):
         raise ConfigError(
             f"--cache={config.cache}: {_not_a_folder(parent)}, or use --cache=memory or --cache="
         )
-    if not os.access(parent, os.W_OK | os.X_OK):
+    reason = write_error(parent)
+    if reason:
         raise ConfigError(
-            f"--cache={config.cache}: cannot write in {parent}; give a folder you can write "
-            "to, or use --cache="
+            f"--cache={config.cache}: cannot write in {parent} ({reason}); give a folder you can "
+            "write to, or use --cache="
         )
 
 
@@ -64,7 +74,8 @@ def _check_export_dir(config):
         raise ConfigError(f"--export_dir={export_dir} is a file; give a folder path")
     # The export is written after training: a folder that cannot be made must
     # stop the run now, not then. `lexists`: a link to nothing is where the walk
-    # stops (abspath drops a trailing `/` that would follow it).
+    # stops (abspath drops a trailing `/` that would follow it). Nothing is
+    # created on the way: the export makes its folders itself.
     existing = os.path.abspath(export_dir)
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
@@ -78,9 +89,13 @@ def _check_export_dir(config):
             f"--export_dir={export_dir}: {existing} is a file, so the folder cannot be made; "
             "give another path"
         )
-    if not os.access(existing, os.W_OK | os.X_OK):
+    # Written at the end of training: a file is created (and removed) here now,
+    # where the export would make its folder, or write in place (it exists).
+    reason = write_error(existing)
+    if reason:
         raise ConfigError(
-            f"--export_dir={export_dir}: {existing} is not writable; give another path"
+            f"--export_dir={export_dir}: cannot write in {existing} ({reason}); give a folder "
+            "you can write to"
         )
 
 

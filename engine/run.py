@@ -7,6 +7,7 @@ from engine import preflight, train
 from engine.actions import checkpointing, export
 from engine.actions.divergence import TrainingDiverged
 from engine.actions.preemption import Terminated, terminate_as_interrupt
+from engine.files import one_line
 from engine.modes import compare, predict
 from input_pipeline.preprocessing import DataError
 
@@ -14,7 +15,14 @@ __all__ = ["Terminated", "TrainingDiverged", "UserError", "run", "terminate_as_i
 
 
 class UserError(Exception):
-    """A problem the user can fix (data, directory); reported as one line."""
+    """A problem the user can fix (data, directory); reported as one line.
+
+    One line by construction (`engine.files.one_line`): it carries the text of
+    the errors `run` turns into it, a library's among them.
+    """
+
+    def __init__(self, message):
+        super().__init__(one_line(message))
 
 
 def run(config, model_dir=None):

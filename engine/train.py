@@ -303,7 +303,10 @@ def _restore(config, run):
     def new_iterator():
         return iter(strategy.distribute_datasets_from_function(train_fn))
 
-    run.iterator = new_iterator()
+    # Making it decodes every image into memory (or a file cache): one that broke
+    # since the start-up check is named here too, not only mid-run.
+    with _images_named_if_they_fail(run.data):
+        run.iterator = new_iterator()
     run.recalibrate = batch_norm_stats.create_recalibration(
         config, strategy, run.state.model, run.data
     )

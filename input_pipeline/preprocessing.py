@@ -38,7 +38,16 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
 class DataError(ValueError):
-    """The data cannot be used as given; the message names the file and the fix."""
+    """The data cannot be used as given; the message names the file and the fix.
+
+    One line by construction, as the engine's user errors (`engine.files.one_line`,
+    which the pipeline does not import): messages quote TFDS' and TensorFlow's
+    text, which may hold newlines.
+    """
+
+    def __init__(self, message):
+        lines = (line.strip() for line in str(message).splitlines())
+        super().__init__("; ".join(line for line in lines if line))
 
 
 def source_size(image_size, augment):

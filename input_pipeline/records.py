@@ -96,7 +96,7 @@ def open_records(path, expected):
     try:
         source = array_record_data_source.ArrayRecordDataSource([path])
     except RuntimeError as e:  # truncated or not ArrayRecord: its footer cannot be read
-        raise ValueError(f"unreadable ({e or 'no footer'})") from None
+        raise ValueError(f"unreadable ({str(e) or 'no footer'})") from None  # often empty
     if len(source) != expected:
         raise ValueError(f"{len(source)} records, {expected} expected")
     return source

@@ -15,12 +15,16 @@ has no random access: `tfds.load` reads it and its encoded images are held in
 memory.
 """
 
+import re
+
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from input_pipeline import records
 from input_pipeline.preprocessing import DataError, Progress, file_stamps, remembered
+
+SPLITS_GUIDE = "https://www.tensorflow.org/datasets/splits"
 
 
 def _builder(name, data_dir):
@@ -71,6 +75,51 @@ def open_builder(name, config):
     return builder, keys, tuple(builder.info.features[keys[1]].names)
 
 
+def _split_flag(split, config):
+    """The flag that named `split`, as an error message names it."""
+    if split == config.train_split:
+        return f"--train_split={split}"
+    if config.eval_split:
+        return f"--eval_split={split}"
+    return f"the default eval split {split!r} (set --eval_split)"
+
+
+def _split_error(name, split, config, error):
+    """The one-line DataError for a split TFDS cannot read.
+
+    TFDS' message is a general line ("Error parsing split ... See format at:
+    URL") and then the reason, on a line of its own: the reason alone is kept,
+    without the link, which the message gives once.
+    """
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = re.sub(r"\s*See format at:? \S+$", "", lines[-1]) if lines else type(error).__name__
+    return DataError(
+        f"--dataset=tfds:{name}: {_split_flag(split, config)} cannot be read ({reason}); "
+        f"see {SPLITS_GUIDE} for how to write one, e.g. train[:90%]"
+    )
+
+
+def _check_split(name, split, config, builder):
+    """Refuses, in one line, a split TFDS cannot parse or one that selects no example.
+
+    Checked on the prepared set's split information, before a reader opens it
+    (their own errors for an empty split name no split: "Paths sequence can not
+    be of 0 length").
+    """
+    if not builder.info.splits:  # none recorded (as under tfds.testing.mock_data): the reader's
+        return
+    try:
+        examples = builder.info.splits[split].num_examples
+    except (ValueError, KeyError) as e:
+        raise _split_error(name, split, config, e) from None
+    if not examples:
+        raise DataError(
+            f"--dataset=tfds:{name}: {_split_flag(split, config)} selects no example; "
+            "choose a split or a slice that holds some, e.g. train[:90%]"
+        )
+
+
 def random_access(builder):
     """Whether the prepared set can be read by index (`tfds.data_source`): ArrayRecord files."""
     return builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
@@ -83,6 +132,7 @@ def open_source(name, split, keys, config, builder):
     from disk (a Python call into the ArrayRecord reader inside the pipeline).
     """
     image_key, label_key = keys
+    _check_split(name, split, config, builder)
     try:
         source = tfds.data_source(
             name,
@@ -91,8 +141,8 @@ def open_source(name, split, keys, config, builder):
             download=False,
             decoders={image_key: tfds.decode.SkipDecoding()},
         )
-    except (ValueError, KeyError) as e:  # an unknown split string
-        raise DataError(f"--dataset=tfds:{name}: cannot read split {split!r}: {e}") from None
+    except (ValueError, KeyError) as e:  # a split the check could not see (no split info)
+        raise _split_error(name, split, config, e) from None
     labels = _remembered_labels(
         builder, split, lambda: _read_labels(source, label_key, f"tfds:{name} {split}")
     )
@@ -135,6 +185,7 @@ def load_split(name, split, image_key, config):
     Through `tfds.load`, for sets without random access: the encoded images are
     held in memory by the pipelines.
     """
+    _check_split(name, split, config, _builder(name, config.data_dir))
     try:
         ds = tfds.load(
             name,
@@ -145,8 +196,8 @@ def load_split(name, split, image_key, config):
             shuffle_files=False,
             decoders={image_key: tfds.decode.SkipDecoding()},
         )
-    except (ValueError, KeyError) as e:  # an unknown split string
-        raise DataError(f"--dataset=tfds:{name}: cannot read split {split!r}: {e}") from None
+    except (ValueError, KeyError) as e:  # a split the check could not see (no split info)
+        raise _split_error(name, split, config, e) from None
     ds = ds.map(lambda image, label: (image, tf.cast(label, tf.int32)))
     # One pass over the labels only (images stay encoded) for the class counts.
     total = max(int(ds.cardinality()), 0)  # negative when unknown

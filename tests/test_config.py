@@ -89,16 +89,31 @@ def test_an_option_applies_where_its_scope_covers_the_settings():
     assert config_lib.applies("seed", {})
 
 
-def test_profile_steps_are_refused_outside_training_runs():
-    Config(mode="compare", profile_steps="2,4")
-    with pytest.raises(ConfigError, match=r"^--profile_steps traces training steps; .*=predict"):
-        Config(
-            mode="predict",
-            dataset="ships:x",
-            predict_csv="t.csv",
-            model_dir="r",
-            profile_steps="2,4",
-        )
+@pytest.mark.parametrize(
+    "name, value, reason",
+    [
+        (
+            "profile_steps",
+            "2,4",
+            "traces training steps; use it with --mode=train or --mode=compare",
+        ),
+        ("init_weights", "w.h5", "sets the weights a training run starts from; --mode=predict "),
+        ("pretrained", "imagenet", "sets the weights a training run starts from; --mode=predict "),
+        ("init_from", "run", "sets the weights a training run starts from; --mode=predict "),
+        ("freeze_steps", 5, "trains only the head for a training run's first steps; --mode=pre"),
+    ],
+)
+def test_training_options_are_refused_outside_training_runs_each_with_its_reason(
+    name, value, reason
+):
+    # Declared once, with its scope: train and compare accept it, predict refuses it.
+    given = {name: value, "model": "resnet50"}
+    for mode in ("train", "compare"):
+        Config(mode=mode, **given)
+    with pytest.raises(ConfigError) as e:
+        Config(mode="predict", dataset="ships:x", predict_csv="t.csv", model_dir="r", **given)
+    assert str(e.value).startswith(f"--{name} {reason}")
+    assert "--mode=train or --mode=compare" in str(e.value)
 
 
 def test_validation_touches_no_disk(monkeypatch, tmp_path):

@@ -72,7 +72,7 @@ def create_train_step(
         clip_norm,
         loss_fn=create_loss_fn(class_weights, label_smoothing),
         apply_gradients=fused_update.apply_gradients if fused_optimizer else None,
-        scaled_gradients_hook=create_hook(inject) if inject else None,
+        scaled_gradients_hook=create_hook(inject, model.trainable_variables) if inject else None,
         observers=[diagnostics.float16_range_fractions] if precision_diagnostics else [],
         micro_batches=(
             create_micro_batches(grad_accum_steps, model.trainable_variables)

@@ -21,12 +21,7 @@ def inject_nonfinite(grads, variables, step, spec):
       ConfigError: no variable's path contains the substring.
     """
     ranges, substring = spec
-    names = [getattr(v, "path", v.name) for v in variables]
-    if not any(substring in n for n in names):
-        raise ConfigError(
-            f"--inject_nonfinite: no trainable variable's path contains {substring!r}; "
-            f"some paths: {', '.join(names[:4])}"
-        )
+    names = check_matches(spec, variables)
     step = tf.cast(step, tf.int64)
     hit = tf.constant(False)
     for start, stop in ranges:
@@ -40,6 +35,23 @@ def inject_nonfinite(grads, variables, step, spec):
     ]
 
 
-def create_hook(spec):
-    """A `TrainStep(scaled_gradients_hook=)` injecting nan as `spec` says."""
+def check_matches(spec, variables):
+    """The variables' paths; ConfigError if none contains the substring `spec` names."""
+    substring = spec[1]
+    names = [getattr(v, "path", v.name) for v in variables]
+    if not any(substring in n for n in names):
+        raise ConfigError(
+            f"--inject_nonfinite: no trainable variable's path contains {substring!r}; "
+            f"some paths: {', '.join(names[:4])}"
+        )
+    return names
+
+
+def create_hook(spec, variables):
+    """A `TrainStep(scaled_gradients_hook=)` injecting nan as `spec` says.
+
+    Checked against `variables` (the trainable ones) now: found at the first
+    step's trace, the mistake would come after the run has started writing.
+    """
+    check_matches(spec, variables)
     return lambda grads, variables, number: inject_nonfinite(grads, variables, number, spec)

@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from engine import files, train
+from engine import files, machine, train
 from engine.actions import checkpointing
 from engine.config import ConfigError, check_local_path, same_file
 from engine.data import data_config
@@ -198,6 +198,9 @@ def predict(config, model_dir):
     # A model of another data set would predict meaningless labels, or fail to
     # restore with a message about shapes instead of the data set.
     config = with_run_settings(config, model_dir)
+    # A run without config.json (an older one) records no precision: --precision=auto
+    # is decided as a training run would decide it (weights are float32 in any case).
+    config = machine.resolve(config, model_dir)
     root = config.dataset.split(":", 1)[1]
     names, paths = ships.read_unlabelled(config.predict_csv, root)
     kept, _, skipped = preprocessing.drop_undecodable(
