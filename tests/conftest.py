@@ -129,17 +129,26 @@ def tiny_config(**overrides):
     return Config(**base)
 
 
+_MIRRORED_RESULTS = {}
+
+
 def mirrored_check(*args):
-    """Runs `tests/mirrored_checks.py ARGS` in its own process (two logical CPU devices
-    must be set up before TensorFlow starts); returns the JSON line it prints last."""
+    """What `tests/mirrored_checks.py` found for check `args` (e.g. "skip_agreement", "1").
+
+    Two logical CPU devices must be set up before TensorFlow starts, so the
+    checks run in a process of their own: all of them in one, started by the
+    first call of the session.
+    """
     import json
 
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "mirrored_checks.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    if not _MIRRORED_RESULTS:
+        proc = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "tests", "mirrored_checks.py")],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=ROOT,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        _MIRRORED_RESULTS.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return _MIRRORED_RESULTS[" ".join(args)]

@@ -1,6 +1,10 @@
-"""Run in a fresh process by tests/test_distribute.py: two logical CPUs need a new runtime.
+"""The checks with two replicas on two logical CPUs, run together in one fresh process.
 
-`python tests/mirrored_checks.py CHECK` prints one JSON line with what the test asserts on.
+Logical CPU devices can only be set up before TensorFlow starts its runtime, so
+the tests cannot make them in their own process; starting one process per check
+cost ~7 s each. `python tests/mirrored_checks.py` runs every check of `CHECKS`
+and prints one JSON line, {"CHECK ARGS": what the test asserts on};
+`conftest.mirrored_check(CHECK, *ARGS)` starts it once per test session.
 """
 
 import json
@@ -20,6 +24,10 @@ from engine.loss_scale import DynamicLossScale
 from models import create_model
 
 BATCH = 8  # global; 4 per replica
+# One strategy for every check, made before any op starts the runtime: two strategies
+# in one process would number their collective operations alike, and TensorFlow
+# matches a collective by its number.
+STRATEGY = distribute.create_strategy("mirrored", 2)
 
 
 def _batches(seed, poison=None):
@@ -42,7 +50,7 @@ def _dense_model(policy):
     return keras.Model(inputs, keras.layers.Dense(3, dtype="float32")(x))
 
 
-def _run(strategy, model_fn, policy, halves, steps=1):
+def _run(strategy, model_fn, policy, halves, steps=1, jit_compile=False):
     with strategy.scope():
         model = model_fn(policy)
         optimizer = keras.optimizers.SGD(0.5)
@@ -52,7 +60,7 @@ def _run(strategy, model_fn, policy, halves, steps=1):
         stats = loop.LoopStats()
     before = [v.numpy().copy() for v in model.variables]
     step = create_train_step(model, optimizer, scale, BATCH)
-    train_loop = loop.create_train_loop(strategy, step, state, stats, jit_compile=False)
+    train_loop = loop.create_train_loop(strategy, step, state, stats, jit_compile=jit_compile)
     # One input pipeline, two replicas: consecutive elements go to replica 0, then 1.
     per_replica = tf.data.Dataset.from_tensor_slices(
         tuple(tf.stack(t) for t in zip(*halves, strict=True))
@@ -68,36 +76,36 @@ def _replica_values(variable):
     return [np.asarray(c) for c in components]
 
 
-def skip_agreement(poison, model_name="tiny"):
-    strategy = distribute.create_strategy("mirrored", 2)
+def skip_agreement(poison, model_name="tiny", xla="noxla"):
+    strategy = STRATEGY
     _, _, halves = _batches(0, poison=poison)
     state, model, before = _run(
-        strategy, lambda p: create_model(model_name, 3, 16, p), "mixed_float16", halves
+        strategy,
+        lambda p: create_model(model_name, 3, 16, p, fused_batch_norm=xla != "xla"),
+        "mixed_float16",
+        halves,
+        jit_compile=xla == "xla",
     )
-    identical = all(
-        all(np.array_equal(r, reps[0]) for r in reps)
-        for reps in (_replica_values(v) for v in model.variables + state.optimizer.variables)
-    )
-    unchanged = all(
-        np.array_equal(_replica_values(v)[0], b)
-        for v, b in zip(model.variables, before, strict=True)
-    )
-    print(
-        json.dumps(
-            {
-                "replicas": strategy.num_replicas_in_sync,
-                "skipped": int(state.skipped_steps.numpy()),
-                "scale": float(state.loss_scale.value.numpy()),
-                "iterations": int(state.optimizer.iterations.numpy()),
-                "identical_across_replicas": identical,
-                "unchanged": unchanged,
-            }
-        )
-    )
+    replicas = [_replica_values(v) for v in model.variables + state.optimizer.variables]
+    return {
+        "replicas": strategy.num_replicas_in_sync,
+        # Each variable's copies, one per replica: what "identical" compared.
+        "copies_compared": sorted({len(copies) for copies in replicas}),
+        "skipped": int(state.skipped_steps.numpy()),
+        "scale": float(state.loss_scale.value.numpy()),
+        "iterations": int(state.optimizer.iterations.numpy()),
+        "identical_across_replicas": all(
+            all(np.array_equal(c, copies[0]) for c in copies) for copies in replicas
+        ),
+        "unchanged": all(
+            np.array_equal(_replica_values(v)[0], b)
+            for v, b in zip(model.variables, before, strict=True)
+        ),
+    }
 
 
 def matches_single_device():
-    mirrored = distribute.create_strategy("mirrored", 2)  # before any op starts the runtime
+    mirrored = STRATEGY
     images, labels, halves = _batches(1)
     _, model, _ = _run(mirrored, _dense_model, "float32", halves)
     mirrored_weights = [_replica_values(v) for v in model.variables]
@@ -115,12 +123,12 @@ def matches_single_device():
             strict=True,
         )
     )
-    print(json.dumps({"max_diff": max_diff, "replica_spread": spread, "changed": changed}))
+    return {"max_diff": max_diff, "replica_spread": spread, "changed": changed}
 
 
 def keras_loss_scale_optimizer(poison):
     """Keras' own LossScaleOptimizer, same situation: replica `poison`'s gradients are nan."""
-    strategy = distribute.create_strategy("mirrored", 2)
+    strategy = STRATEGY
     with strategy.scope():
         var = keras.Variable(np.ones(2, np.float32))
         optimizer = keras.optimizers.LossScaleOptimizer(
@@ -137,21 +145,17 @@ def keras_loss_scale_optimizer(poison):
         strategy.run(lambda g: optimizer.apply([g], [var]), args=(grads,))
 
     step(strategy.experimental_distribute_values_from_function(gradients))
-    print(
-        json.dumps(
-            {
-                "weights": [_replica_values(var)[i].tolist() for i in range(2)],
-                "scale": [float(s) for s in _replica_values(optimizer.dynamic_scale)],
-            }
-        )
-    )
+    return {
+        "weights": [_replica_values(var)[i].tolist() for i in range(2)],
+        "scale": [float(s) for s in _replica_values(optimizer.dynamic_scale)],
+    }
 
 
 def bn_recalibration(xla):
     """Precise BatchNorm statistics with two replicas, each on its own half-batches."""
     from engine.actions.batch_norm_stats import Recalibration
 
-    strategy = distribute.create_strategy("mirrored", 2)
+    strategy = STRATEGY
     # Four per-replica batches, each with its own offset: replica 0 gets the
     # first and third, replica 1 the second and fourth (one input pipeline).
     images = tf.stack([tf.random.stateless_uniform([4, 16, 16, 3], [i, 0]) + i for i in range(4)])
@@ -175,23 +179,36 @@ def bn_recalibration(xla):
         float(np.max(np.abs(reps[0] - e) / np.abs(e)))
         for reps, e in zip(got, expected, strict=True)
     )
-    print(
-        json.dumps(
-            {
-                "replicas": strategy.num_replicas_in_sync,
-                "identical_across_replicas": identical,
-                "max_relative_error": error,
-            }
-        )
-    )
+    return {
+        "replicas": strategy.num_replicas_in_sync,
+        "identical_across_replicas": identical,
+        "max_relative_error": error,
+    }
+
+
+# Every check the tests read: (function, its arguments as the command line gives them).
+CHECKS = [
+    (skip_agreement, ("0", "tiny", "noxla")),
+    (skip_agreement, ("1", "tiny", "noxla")),
+    (skip_agreement, ("0", "tiny", "xla")),
+    (skip_agreement, ("1", "tiny", "xla")),
+    (skip_agreement, ("1", "vit_test")),
+    (keras_loss_scale_optimizer, ("0",)),
+    (keras_loss_scale_optimizer, ("1",)),
+    (matches_single_device, ()),
+    (bn_recalibration, ("noxla",)),
+    (bn_recalibration, ("xla",)),
+]
+
+
+def run_all():
+    """{"CHECK ARGS": result} for every check of `CHECKS`, in this one process."""
+    results = {}
+    for check, args in CHECKS:
+        typed = [int(a) if a.isdigit() else a for a in args]
+        results[" ".join((check.__name__, *args))] = check(*typed)
+    return results
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "bn_recalibration":
-        bn_recalibration(sys.argv[2])
-    elif sys.argv[1] == "skip_agreement":
-        skip_agreement(int(sys.argv[2]), *sys.argv[3:])
-    elif sys.argv[1] == "keras_loss_scale_optimizer":
-        keras_loss_scale_optimizer(int(sys.argv[2]))
-    else:
-        matches_single_device()
+    print(json.dumps(run_all()))

@@ -27,12 +27,14 @@ TINY = [
 ]
 
 
+@pytest.mark.parametrize("xla", ["noxla", "xla"])
 @pytest.mark.parametrize("poisoned", [0, 1])
-def test_one_replica_nonfinite_both_replicas_skip_and_back_off_once(poisoned):
+def test_one_replica_nonfinite_both_replicas_skip_and_back_off_once(poisoned, xla):
     # Replica 1 matters too: Keras' LossScaleOptimizer decides on replica 0's own
     # gradients and applies nan there (measured, see BUILD_NOTES.md).
-    result = mirrored_check("skip_agreement", str(poisoned))
+    result = mirrored_check("skip_agreement", str(poisoned), "tiny", xla)
     assert result["replicas"] == 2
+    assert result["copies_compared"] == [2]  # every variable: both replicas' copies
     assert result["skipped"] == 1
     assert result["scale"] == 2.0**14  # 2^15 halved once, not once per replica
     assert result["iterations"] == 0
