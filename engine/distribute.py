@@ -21,6 +21,7 @@ import tensorflow as tf
 from absl import logging
 
 from engine.config import STRATEGIES, ConfigError
+from engine.files import first_line
 
 
 def _configure_cpu_devices(num_cpu_devices):
@@ -59,7 +60,13 @@ def create_strategy(name, num_cpu_devices=1):
         return tf.distribute.MirroredStrategy(devices)
     if name == "multi_worker":
         check_tf_config()
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        try:
+            return tf.distribute.MultiWorkerMirroredStrategy()
+        except tf.errors.UnknownError as e:  # gRPC could not bind this task's address
+            raise ConfigError(
+                f"--strategy=multi_worker: this worker cannot start its server ({first_line(e)}); "
+                "the address TF_CONFIG gives it must be a free port on this machine"
+            ) from None
     raise ConfigError(f"--strategy={name!r} is not one of: {', '.join(STRATEGIES)}")
 
 

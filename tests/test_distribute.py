@@ -130,25 +130,38 @@ def _free_ports(n):
     return ports
 
 
+# A port found free can be taken by another process before a worker binds it;
+# the worker then fails to start its server (`bind` reports the address in use).
+_PORT_TAKEN = re.compile(r"address already in use|Could not start gRPC server", re.I)
+
+
+def _cluster(num_workers, args, attempts=3):
+    """Runs `main.py` as every worker of a local cluster; returns (return codes, stderr).
+
+    A start that lost a port to another process is retried on new ports.
+    """
+    for _ in range(attempts):
+        cluster = {"worker": [f"localhost:{p}" for p in _free_ports(num_workers)]}
+        procs = []
+        for index in range(num_workers):
+            task = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+            procs.append(_main(args, env=dict(os.environ, TF_CONFIG=json.dumps(task))))
+        logs = []
+        try:
+            for proc in procs:
+                logs.append(proc.communicate(timeout=300)[1])
+        finally:
+            for proc in procs:
+                proc.kill()
+        if not any(_PORT_TAKEN.search(log) for log in logs):
+            break
+    return [proc.returncode for proc in procs], logs
+
+
 def _two_workers(args):
     """Runs `main.py` as both workers of a local cluster; returns their stderr, chief first."""
-    cluster = {"worker": [f"localhost:{p}" for p in _free_ports(2)]}
-    procs = []
-    for index in range(2):
-        env = dict(
-            os.environ,
-            TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
-        )
-        procs.append(_main(["--strategy=multi_worker", *args], env=env))
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=300)[1])
-    finally:
-        for proc in procs:
-            proc.kill()
-    for proc, log in zip(procs, logs, strict=True):
-        assert proc.returncode == 0, "\n".join(log[-3000:] for log in logs)
+    codes, logs = _cluster(2, ["--strategy=multi_worker", *args])
+    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
     return logs
 
 
@@ -206,14 +219,28 @@ def test_two_workers_write_one_file_cache_on_their_first_run(tmp_path):
 def test_a_one_worker_cluster_trains(tmp_path):
     # One worker means one replica, but MultiWorkerMirroredStrategy still mirrors
     # its variables: the update must go through the strategy, as with several.
-    cluster = {"worker": [f"localhost:{_free_ports(1)[0]}"]}
-    env = dict(
-        os.environ,
-        TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}}),
-    )
     args = [*TINY, "--strategy=multi_worker", "--optimizer=adamw", "--weight_decay=0.01"]
-    stderr = _train([*args, "--train_steps=6", f"--model_dir={tmp_path}"], env=env)
+    codes, (stderr,) = _cluster(1, [*args, "--train_steps=6", f"--model_dir={tmp_path}"])
+    assert codes == [0], stderr[-3000:]
     assert "done: 6 steps (0 skipped)" in stderr
+
+
+def test_a_worker_whose_port_is_taken_is_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cluster = {"worker": [f"localhost:{taken.getsockname()[1]}"]}
+        task = {"cluster": cluster, "task": {"type": "worker", "index": 0}}
+        env = dict(os.environ, TF_CONFIG=json.dumps(task))
+        proc = _main([*TINY, "--strategy=multi_worker", f"--model_dir={tmp_path}"], env=env)
+        _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: --strategy=multi_worker: this worker cannot start its server (Could not start "
+        "gRPC server); the address TF_CONFIG gives it must be a free port on this machine"
+    ]
+    assert "Traceback" not in stderr and not os.listdir(tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -1446,6 +1446,8 @@ RAISE_SITES = {
     "2 in fresh processes); a script that started TensorFlow first meets it",
     "engine/distribute.py:create_strategy#1": "unreachable: --strategy is an enum flag, "
     "refused by absl first (unknown_strategy)",
+    "engine/distribute.py:create_strategy#2": "elsewhere: tests/test_distribute.py::"
+    "test_a_worker_whose_port_is_taken_is_one_line",
     "engine/distribute.py:check_tf_config#1": "elsewhere: tests/test_distribute.py::"
     "test_multi_worker_without_a_cluster_is_one_line",
     "engine/distribute.py:check_tf_config#2": "elsewhere: tests/test_distribute.py::"
