@@ -3,8 +3,9 @@
 import contextlib
 import json
 import os
+import pathlib
+import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -102,12 +103,6 @@ def test_the_flagfile_names_the_run_folder_absolutely(tmp_path, monkeypatch):
     assert f"--model_dir={tmp_path / 'relative' / 'run'}\n" in text, text
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # No proxy: the server is on localhost, whatever the environment says.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -121,7 +116,8 @@ def _get(url, body=None):
 
 @contextlib.contextmanager
 def _tensorboard(logdir, log_path):
-    port = _free_port()
+    # --port=0: the server binds a port the system picks and prints its address,
+    # so no other process can take the port between choosing and binding it.
     with open(log_path, "w") as log:
         server = subprocess.Popen(
             [
@@ -130,14 +126,14 @@ def _tensorboard(logdir, log_path):
                 "tensorboard.main",
                 f"--logdir={logdir}",
                 "--host=127.0.0.1",  # localhost only
-                f"--port={port}",
+                "--port=0",
                 "--load_fast=false",  # the Python data server; no Rust binary needed
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
         )
     try:
-        yield f"http://127.0.0.1:{port}", server
+        yield _address(server, log_path), server
     finally:
         server.terminate()
         try:
@@ -145,6 +141,17 @@ def _tensorboard(logdir, log_path):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def _address(server, log_path, timeout=120):
+    """The http://127.0.0.1:PORT address the server prints once it listens."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and server.poll() is None:
+        found = re.search(r"at (http://127\.0\.0\.1:\d+)/", pathlib.Path(log_path).read_text())
+        if found:
+            return found.group(1)
+        time.sleep(0.2)
+    pytest.fail(f"tensorboard did not start:\n{pathlib.Path(log_path).read_text()[-2000:]}")
 
 
 def _wait_for_run(base, server, run, log_path, timeout=120):
