@@ -151,4 +151,6 @@ def mirrored_check(*args):
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         _MIRRORED_RESULTS.update(json.loads(proc.stdout.strip().splitlines()[-1]))
-    return _MIRRORED_RESULTS[" ".join(args)]
+    result = _MIRRORED_RESULTS[" ".join(args)]
+    assert "error" not in result, result.get("error")
+    return result

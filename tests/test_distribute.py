@@ -78,46 +78,19 @@ def _train(args, env=None):
 
 
 @pytest.mark.parametrize("devices", [2, 1])
-def test_mixed_xla_trains_end_to_end_under_mirrored(tmp_path, devices):
+def test_mixed_xla_trains_end_to_end_under_mirrored(devices):
     # One replica too (MirroredStrategy on a one-GPU machine): its variables are
     # still mirrored, so its updates must not run inside the compiled step.
-    stderr = _train(
-        [
-            *TINY,
-            "--strategy=mirrored",
-            f"--num_cpu_devices={devices}",
-            "--precision=mixed",
-            "--xla",
-            "--train_steps=6",
-            f"--model_dir={tmp_path}",
-        ]
-    )
-    assert "Using MirroredStrategy with devices" in stderr
-    assert "done: 6 steps" in stderr
+    result = mirrored_check("trains_end_to_end", str(devices))
+    assert result == {"replicas": devices, "steps": 6, "finite_loss": True}
 
 
-def test_a_replica_left_without_eval_examples_counts_none(tmp_path):
+def test_a_replica_left_without_eval_examples_counts_none():
     # 3 eval images in batches of 8 over two replicas: one replica gets all three
     # and the other an empty batch, which a convolution used to reject.
-    root = make_folder_tree(tmp_path / "data", per_class=10)  # 30 images, 3 for eval
-    stderr = _train(
-        [
-            f"--dataset=folder:{root}",
-            "--eval_fraction=0.1",
-            "--precision=fp32",
-            "--model=small_resnet",
-            "--image_size=16",
-            "--batch_size=8",
-            "--eval_batch_size=8",
-            "--train_steps=2",
-            "--steps_per_loop=1",
-            "--strategy=mirrored",
-            "--num_cpu_devices=2",
-            f"--model_dir={tmp_path / 'run'}",
-        ]
-    )
-    accuracy = float(re.search(r"eval at step 2: loss \S+ accuracy (\S+)", stderr).group(1))
-    assert round(accuracy * 3, 3) in (0, 1, 2, 3)  # a share of the three images
+    result = mirrored_check("eval_with_an_empty_replica")
+    assert result["steps"] == 2
+    assert round(result["eval_accuracy"] * 3, 3) in (0, 1, 2, 3)  # a share of the three images
 
 
 def _free_ports(n):
