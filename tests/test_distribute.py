@@ -141,31 +141,11 @@ def _two_workers(args):
 _DONE = re.compile(r"done: (\d+) steps \((\d+) skipped\).*loss scale (\S+), weights (\w+)")
 
 
-def test_two_workers_end_identical_and_only_the_chief_writes(tmp_path):
-    model_dir = tmp_path / "run"
-    logs = _two_workers(
-        [
-            *TINY,
-            "--precision=mixed",
-            "--train_steps=6",
-            "--inject_nonfinite=2",
-            f"--model_dir={model_dir}",
-        ]
-    )
-    done = [_DONE.search(log) for log in logs]
-    assert all(done), logs[0][-2000:]
-    assert done[0].groups() == done[1].groups()  # same skips, scale and weights
-    assert done[0].group(1) == "6" and int(done[0].group(2)) >= 1  # the injected step was skipped
-    # Only the chief (worker 0) wrote summaries and checkpoints, into model_dir.
-    assert len(list(model_dir.glob("events.out.tfevents.*"))) == 1
-    assert list((model_dir / "checkpoints").glob("ckpt-6.index"))
-    temp = re.search(r"writing to temporary (\S+),", logs[1])
-    assert temp and not os.path.exists(temp.group(1))
-
-
-def test_two_workers_write_one_file_cache_on_their_first_run(tmp_path):
-    # Each worker caches its own shard. The run-start image batch used to
-    # decode and cache the whole set in every worker, all into one file name.
+@pytest.fixture(scope="module")
+def two_worker_runs(tmp_path_factory):
+    """Two workers train one run on image files twice: the first start writes the file
+    cache (and skips an injected step), the second reads it. {steps: (logs, ...)}."""
+    tmp_path = tmp_path_factory.mktemp("two_workers")
     root = make_folder_tree(tmp_path / "data", per_class=8)
     cache = tmp_path / "cache" / "images"
     cache.parent.mkdir()
@@ -178,15 +158,39 @@ def test_two_workers_write_one_file_cache_on_their_first_run(tmp_path):
         "--batch_size=8",
         "--eval_batch_size=8",
         "--steps_per_loop=1",
+        "--precision=mixed",
+        "--inject_nonfinite=2",
+        f"--model_dir={tmp_path / 'run'}",
     ]
-    for steps in (2, 4):  # the first run writes the cache, the second reads it
-        logs = _two_workers([*args, f"--train_steps={steps}", f"--model_dir={tmp_path / 'run'}"])
-        done = [_DONE.search(log) for log in logs]
-        assert all(done), logs[0][-2000:]
-        assert done[0].groups() == done[1].groups()
-        assert done[0].group(1) == str(steps)
-    written = sorted(p.name for p in cache.parent.iterdir())
-    assert not any(name.endswith(".lockfile") for name in written), written
+    logs, written = {}, {}
+    for steps in (2, 4):  # the first start writes the cache, the second reads it
+        logs[steps] = _two_workers([*args, f"--train_steps={steps}"])
+        written[steps] = {p.name: p.stat().st_mtime_ns for p in cache.parent.iterdir()}
+    return logs, tmp_path / "run", written
+
+
+def test_two_workers_end_identical_and_only_the_chief_writes(two_worker_runs):
+    logs, model_dir, _ = two_worker_runs
+    for steps, (chief, other) in logs.items():
+        done = [_DONE.search(log) for log in (chief, other)]
+        assert all(done), chief[-2000:]
+        assert done[0].groups() == done[1].groups()  # same skips, scale and weights
+        assert done[0].group(1) == str(steps) and int(done[0].group(2)) == 1  # step 2 skipped
+        temp = re.search(r"writing to temporary (\S+),", other)
+        assert temp and not os.path.exists(temp.group(1))
+    # Only the chief (worker 0) wrote summaries and checkpoints, into model_dir.
+    assert len(list(model_dir.glob("events.out.tfevents.*"))) == 2  # one per start
+    assert list((model_dir / "checkpoints").glob("ckpt-4.index"))
+
+
+def test_two_workers_write_one_file_cache_on_their_first_run(two_worker_runs):
+    # Each worker caches its own shard. The run-start image batch used to
+    # decode and cache the whole set in every worker, all into one file name.
+    _, _, written = two_worker_runs
+    names = sorted(written[2])
+    assert any(n.endswith(".array_record") for n in names), names  # the training images'
+    assert not any(name.endswith(".lockfile") for name in names), names
+    assert written[4] == written[2]  # the second start read them: nothing written again
 
 
 def test_a_one_worker_cluster_trains(tmp_path):
