@@ -15,7 +15,7 @@ import tensorflow as tf
 from conftest import ROOT, tiny_config
 
 from engine import loop, train
-from engine.config import ConfigError
+from engine.config import Config, ConfigError
 from engine.data import data_config
 from engine.modes import benchmark
 from input_pipeline import create_data
@@ -451,3 +451,25 @@ def test_a_negative_overhead_is_shown_as_below_the_noise():
     )
     positive = benchmark.format_table([dict(row, loss_scale_overhead=0.006)])
     assert positive.endswith("overhead (mixed +xla): 0.6% of step time")
+
+
+def test_an_mfu_above_100_percent_is_never_printed_as_a_result():
+    # A peak measured while another process ran is too low: a row's MFU then
+    # comes out above 100%, which the table must not show as a figure.
+    rows = [dict(_ROW, precision="fp32", examples_per_sec=1000.0, train_gflop_per_example=1.0)]
+    benchmark._add_derived(rows, {"float32": 500.0, "bfloat16": 900.0, "float16": 400.0})
+    assert rows[0]["mfu"] is None
+    assert "| peak disturbed |" in benchmark.format_table(rows)
+    rows = [dict(_ROW, precision="fp32", examples_per_sec=100.0, train_gflop_per_example=1.0)]
+    benchmark._add_derived(rows, {"float32": 500.0, "bfloat16": 900.0, "float16": 400.0})
+    assert rows[0]["mfu"] == pytest.approx(0.2)
+    assert "| 20.0% |" in benchmark.format_table(rows)
+
+
+def test_the_peak_is_the_best_of_before_and_after_the_rows(monkeypatch, tmp_path):
+    measured = iter([100.0, 300.0, 200.0, 250.0, 150.0, 50.0])  # fp32, bf16, fp16; twice
+    monkeypatch.setattr(benchmark, "measure_peak_gflops", lambda dtype: next(measured))
+    monkeypatch.setattr(benchmark, "_measure_configurations", lambda config, gpu: ([], [], 0))
+    config = Config(mode="benchmark", dataset="synthetic", compare="fp32")
+    result = benchmark.run_benchmark(config)
+    assert result["peak_gflops"] == {"float32": 250.0, "bfloat16": 300.0, "float16": 200.0}
