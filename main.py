@@ -13,7 +13,7 @@ import sys
 from absl import app, flags, logging
 
 from engine import config as config_lib
-from engine import preflight
+from engine import preflight, run_paths
 from engine.files import one_line
 
 _DEFINE = {
@@ -46,7 +46,7 @@ def config_from_flags():
     fields = dataclasses.fields(config_lib.Config)
     config = config_lib.Config(
         **{
-            field.name: config_lib.expand_home(field.name, FLAGS[field.name].value)
+            field.name: run_paths.expand_home(field.name, FLAGS[field.name].value)
             for field in fields
         }
     )
@@ -79,7 +79,7 @@ def main(argv):
     except config_lib.ConfigError as e:
         _fail(str(e))
     # Resolved once: a stop message must name the folder this run writes.
-    model_dir = config.model_dir or config_lib.default_model_dir(config)
+    model_dir = config.model_dir or run_paths.default_model_dir(config)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     # Imported here so that a bad flag is rejected before TensorFlow loads.
     from engine import run
@@ -100,7 +100,7 @@ def main(argv):
             f"stopped by {signum.name}"
             + (
                 "; checkpoints already written are kept: "
-                + config_lib.resume_hint(config, model_dir)
+                + run_paths.resume_hint(config, model_dir)
                 if resumable
                 else ""
             ),

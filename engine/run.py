@@ -3,7 +3,7 @@
 from absl import logging
 
 from engine import config as config_lib
-from engine import preflight, train
+from engine import preflight, run_paths, train
 from engine.actions import checkpointing, export
 from engine.actions.divergence import TrainingDiverged
 from engine.actions.preemption import Terminated, terminate_as_interrupt
@@ -33,7 +33,7 @@ def run(config, model_dir=None):
     `train.RunResult`)], one per `--compare` entry; benchmark: the results dict.
     The paths it will write are checked first (`engine.preflight.check`).
     """
-    model_dir = model_dir or config.model_dir or config_lib.default_model_dir(config)
+    model_dir = model_dir or config.model_dir or run_paths.default_model_dir(config)
     entry_points = {
         "train": _train,
         "predict": predict.predict,
@@ -49,7 +49,7 @@ def run(config, model_dir=None):
         # Raised after the last step was saved: a rerun trains nothing and exports
         # (a comparison's also trains the configurations after it).
         purpose = e.rerun if isinstance(e, compare.ExportFailed) else "export"
-        hint = config_lib.resume_hint(config, model_dir, purpose=purpose)
+        hint = run_paths.resume_hint(config, model_dir, purpose=purpose)
         raise UserError(
             f"{e}; the last step's checkpoint is saved: fix the folder, then {hint}"
         ) from e
@@ -62,7 +62,7 @@ def run(config, model_dir=None):
 def _train(config, model_dir):
     result = train.train_and_evaluate(config, model_dir)
     if result.stopped_by:
-        hint = config_lib.resume_hint(config, model_dir)
+        hint = run_paths.resume_hint(config, model_dir)
         logging.info("%s: stopped; %s", result.stopped_by, hint)
     return result
 

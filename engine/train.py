@@ -24,7 +24,7 @@ import tensorflow as tf
 from absl import logging
 
 from engine import config as config_lib
-from engine import distribute, initialization, loop, machine, optimizers
+from engine import distribute, initialization, loop, machine, optimizers, validation
 from engine.actions import (
     batch_norm_stats,
     checkpointing,
@@ -282,7 +282,7 @@ def _build_step(config, run):
         config.clip_norm,
         class_weights=run.data.class_weights,
         precision_diagnostics=config.precision_diagnostics,
-        inject=config_lib.parse_inject_nonfinite(config.inject_nonfinite),
+        inject=validation.parse_inject_nonfinite(config.inject_nonfinite),
         grad_accum_steps=config.grad_accum_steps,
         label_smoothing=config.label_smoothing,
     )

@@ -406,7 +406,7 @@ def test_config_json_records_the_data_sets_path_absolute(tmp_path, monkeypatch):
 
 
 def test_the_flagfile_never_replays_fresh_or_overwrite():
-    from engine.config import to_flagfile
+    from engine.run_paths import to_flagfile
 
     text = to_flagfile(tiny_config(fresh=True, overwrite=True))
     assert "fresh" not in text and "overwrite" not in text

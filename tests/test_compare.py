@@ -127,7 +127,7 @@ def test_the_table_says_which_steps_its_timings_cover():
 
 
 def test_only_the_float16_run_takes_the_loss_scale_flags(tmp_path, monkeypatch):
-    from engine.config import to_flagfile
+    from engine.run_paths import to_flagfile
 
     given = {}
 

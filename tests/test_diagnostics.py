@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from engine.config import Config, ConfigError, parse_compare, parse_inject_nonfinite
+from engine.config import Config, ConfigError
 from engine.extras import create_train_step, diagnostics
 from engine.extras.inject import inject_nonfinite
 from engine.loss_scale import NoOpLossScale
 from engine.precision import get_policy
+from engine.validation import parse_compare, parse_inject_nonfinite
 from models import create_model
 
 

@@ -9,8 +9,8 @@ import tensorflow as tf
 
 from engine import loop, train
 from engine.actions import divergence, preemption, profiling
-from engine.config import parse_inject_nonfinite as parse
 from engine.extras.inject import inject_nonfinite
+from engine.validation import parse_inject_nonfinite as parse
 
 
 class _FakeState:

@@ -202,7 +202,7 @@ def test_tensorboard_serves_the_runs_scalars_and_hparams(trained, tmp_path):
 
 
 def test_the_flagfile_writes_local_relative_paths_absolutely(tmp_path, monkeypatch):
-    from engine.config import to_flagfile
+    from engine.run_paths import to_flagfile
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "caches").mkdir()
@@ -228,7 +228,7 @@ def test_the_flagfile_writes_local_relative_paths_absolutely(tmp_path, monkeypat
     remote = tiny_config(dataset="ships:gs://b/ships", export_dir="gs://b/e", data_dir="~/tfds")
     lines = to_flagfile(remote).splitlines()
     assert "--dataset=ships:gs://b/ships" in lines and "--export_dir=gs://b/e" in lines
-    # The command line expands `~` (config.expand_home); a Config built in Python
+    # The command line expands `~` (run_paths.expand_home); a Config built in Python
     # keeps it, and TFDS, which does not expand it, reads ./~/tfds.
     assert f"--data_dir={tmp_path}/~/tfds" in lines
     assert "--cache=auto" in lines and "--dataset=shapes" in to_flagfile(tiny_config())

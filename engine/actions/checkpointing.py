@@ -28,16 +28,10 @@ import tensorflow as tf
 from absl import logging
 
 from engine import files
-from engine.config import (
-    RESUME_FIELDS,
-    ConfigError,
-    absolute_dataset,
-    applies,
-    dataset_path,
-    same_file,
-)
+from engine.config import RESUME_FIELDS, ConfigError, applies
 from engine.files import first_line
 from engine.loop import Action, steps_to_multiple
+from engine.run_paths import absolute_dataset, dataset_path, same_file
 
 CONFIG_FILE = "config.json"
 # The class names in label order: a `folder:` data set takes them from its folders,

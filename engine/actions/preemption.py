@@ -87,6 +87,6 @@ def stop_on_signals(signums=(signal.SIGTERM, signal.SIGINT)):
 
 
 def log_stop(request, step, checkpoint_path):
-    # How to resume is the command's to say (see `config.resume_hint`): a
+    # How to resume is the command's to say (see `run_paths.resume_hint`): a
     # --mode=compare run's folder is not the --model_dir to rerun with.
     logging.info("received %s: saved %s at step %d", request.signal_name, checkpoint_path, step)

@@ -3,8 +3,8 @@
 import tensorflow as tf
 from absl import logging
 
-from engine.config import parse_profile_steps
 from engine.loop import Action
+from engine.validation import parse_profile_steps
 
 
 class StepProfiler(Action):

@@ -13,7 +13,7 @@ from tensorboard.compat.proto import event_pb2
 from tensorboard.plugins.hparams import api as hp
 
 from engine import config as config_lib
-from engine import files, optimizers
+from engine import files, optimizers, run_paths
 from engine.actions import dashboard
 from engine.loop import Action, steps_to_multiple
 
@@ -197,7 +197,7 @@ def write_flagfile(config, model_dir):
     os.makedirs(model_dir, exist_ok=True)
     path = os.path.join(model_dir, FLAGFILE)
     with files.written_whole(path) as f:  # a re-run's stop signal keeps the old file
-        f.write(config_lib.to_flagfile(config))
+        f.write(run_paths.to_flagfile(config))
     return path
 
 

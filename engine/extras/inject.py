@@ -15,7 +15,7 @@ def inject_nonfinite(grads, variables, step, spec):
       grads: one gradient per variable.
       variables: the variables, matched by their `path` (Keras 3) against the substring.
       step: int64 scalar, the number this step will have once done (the first is 1).
-      spec: `config.parse_inject_nonfinite`'s result: (ranges, substring).
+      spec: `validation.parse_inject_nonfinite`'s result: (ranges, substring).
 
     Raises:
       ConfigError: no variable's path contains the substring.

@@ -29,7 +29,7 @@ import time
 from absl import logging
 
 from engine import config as config_lib
-from engine import files
+from engine import files, validation
 from engine.actions import preemption
 from engine.data import data_config
 
@@ -55,7 +55,7 @@ def benchmark_configurations(config):
     """
     if config.compare == config_lib.DEFAULT_COMPARE:
         return CONFIGURATIONS
-    return tuple(("engine", p, xla, False) for p, xla in config_lib.parse_compare(config.compare))
+    return tuple(("engine", p, xla, False) for p, xla in validation.parse_compare(config.compare))
 
 
 def _machine():

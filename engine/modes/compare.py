@@ -30,8 +30,7 @@ import os
 
 from absl import logging
 
-from engine import config as config_lib
-from engine import train
+from engine import run_paths, train, validation
 from engine.actions import divergence, export, preemption, summaries
 
 HEADER = (
@@ -148,7 +147,7 @@ def compare(config, model_dir):
             logging.info(
                 "%s: stopped; %s and train the rest",
                 result.stopped_by,
-                config_lib.resume_hint(config, model_dir),
+                run_paths.resume_hint(config, model_dir),
             )
             break
     _report(results, model_dir)
@@ -165,7 +164,7 @@ def compare(config, model_dir):
 
 def _configurations(config, model_dir):
     """(run name, its training `Config`) for each `--compare` entry."""
-    for precision, xla in config_lib.parse_compare(config.compare):
+    for precision, xla in validation.parse_compare(config.compare):
         name = run_name(precision, xla)
         run_config = config.replace(
             mode="train",

@@ -18,8 +18,10 @@ from absl import logging
 
 from engine import files, machine, train
 from engine.actions import checkpointing
-from engine.config import ConfigError, check_local_path, same_file
+from engine.config import ConfigError
 from engine.data import data_config
+from engine.run_paths import same_file
+from engine.validation import check_local_path
 from input_pipeline import preprocessing, ships
 
 
