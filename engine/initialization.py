@@ -23,7 +23,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from engine.actions import checkpointing
+from engine import checkpoints
 from engine.config import ConfigError
 from engine.files import first_line
 from models import create_model, weights
@@ -48,8 +48,8 @@ def resolve_preprocessing(config, model_dir):
     if config.preprocessing != "auto":
         return config
     choice = "scaled"
-    if checkpointing.has_checkpoints(model_dir) and not config.fresh:
-        saved = checkpointing.load_config(checkpointing.checkpoint_dir(model_dir)) or {}
+    saved = checkpoints.resumed_config(model_dir, config.fresh)
+    if saved is not None:
         choice = _concrete(saved.get("preprocessing"))
     elif config.init_from:
         choice = _concrete(_source_config(config.init_from).get("preprocessing"))
@@ -118,9 +118,9 @@ def pretrained_file(model_name, source):
 
 def _source_config(run_dir):
     """The config.json of the run `--init_from` names; ConfigError if it is not a run."""
-    directory = checkpointing.checkpoint_dir(run_dir)
-    saved = checkpointing.load_config(directory)
-    if saved is None or not checkpointing.list_checkpoints(directory):
+    directory = checkpoints.checkpoint_dir(run_dir)
+    saved = checkpoints.load_config(directory)
+    if saved is None or not checkpoints.list_checkpoints(directory):
         raise ConfigError(
             f"--init_from={run_dir} holds no run ({directory} has no checkpoint and "
             "config.json); name a --model_dir that --mode=train wrote"
@@ -138,8 +138,8 @@ def _copy_from_run(config, model, num_classes, pixel_range):
                 f"--init_from={run_dir} was trained with --{name}={saved.get(name)}, not "
                 f"--{name}={getattr(config, name)}; start from a run of the same model and size"
             )
-    directory = checkpointing.checkpoint_dir(run_dir)
-    classes = checkpointing.load_classes(directory)
+    directory = checkpoints.checkpoint_dir(run_dir)
+    classes = checkpoints.load_classes(directory)
     source_classes = len(classes) if classes else num_classes
     source = create_model(
         config.model,
@@ -149,12 +149,12 @@ def _copy_from_run(config, model, num_classes, pixel_range):
         pixel_range=pixel_range,
         patch_size=config.patch_size,
     )
-    latest = checkpointing.list_checkpoints(directory)[-1]
+    latest = checkpoints.list_checkpoints(directory)[-1]
     try:
         status = tf.train.Checkpoint(model=source).restore(latest).expect_partial()
         status.assert_existing_objects_matched()
     # A truncated file fails wherever its reader runs out of bytes (IndexError,
-    # DataLossError...), as in `checkpointing.restore_latest`: any error counts.
+    # DataLossError...), as in `checkpoints.restore_latest`: any error counts.
     except Exception as e:
         raise ConfigError(
             f"--init_from={run_dir}: cannot restore {latest} ({first_line(e)}); "

@@ -70,7 +70,7 @@ class LoopStats(tf.Module):
 
 
 def _step_runner(strategy, train_step, jit_compile):
-    """`run_step(images, labels, number) -> outputs`: the step under the strategy.
+    """`run_step(images, labels) -> outputs`: the step under the strategy.
 
     Without mirrored variables XLA compiles the whole step; with them (even one
     replica's worth), the part of each replica's step that holds no collective
@@ -80,14 +80,14 @@ def _step_runner(strategy, train_step, jit_compile):
     # converting it (and everything it calls) cuts tracing time.
     if not distribute.replicated(strategy) or not isinstance(train_step, TrainStep):
         step_fn = tf.function(train_step, jit_compile=jit_compile, autograph=False)
-        return lambda images, labels, number: strategy.run(step_fn, args=(images, labels, number))
+        return lambda images, labels: strategy.run(step_fn, args=(images, labels))
 
     compute = tf.function(train_step.compute, jit_compile=jit_compile, autograph=False)
     # `strategy.run` would otherwise autograph-convert the step and all it calls.
     replica_step = tf.autograph.experimental.do_not_convert(train_step.replica_step)
 
-    def run_step(images, labels, number):
-        out = strategy.run(replica_step, args=(images, labels, number, compute))
+    def run_step(images, labels):
+        out = strategy.run(replica_step, args=(images, labels, compute))
         train_step.cross_replica_update(strategy, out)
         return {k: v for k, v in out.items() if k not in ("grads", "saved_state")}
 
@@ -107,8 +107,7 @@ def create_train_loop(strategy, train_step, state, stats, jit_compile, monitor=N
 
     def one_step(iterator):
         images, labels = iterator.get_next()
-        # `number` is the global step once this step is done (the first is 1).
-        out = run_step(images, labels, state.step + 1)
+        out = run_step(images, labels)
         finite = first(out["finite"])
         state.step.assign_add(1)
         if monitor is not None:

@@ -8,7 +8,7 @@ replayed flags.txt on another machine, keeps what the run started with.
 
 from absl import logging
 
-from engine.actions import checkpointing
+from engine import checkpoints
 
 
 def choose(gpu_capabilities, onednn_bf16):
@@ -62,17 +62,16 @@ def resolve(config, model_dir):
     """
     if config.precision != "auto":
         return config.replace(xla=bool(config.xla))
-    if checkpointing.has_checkpoints(model_dir) and not config.fresh:
-        saved = checkpointing.load_config(checkpointing.checkpoint_dir(model_dir)) or {}
-        if saved.get("precision", "auto") != "auto":
-            xla = saved.get("xla", False) if config.xla is None else config.xla
-            logging.info(
-                "--precision=auto: %s%s, as the run in %s started",
-                saved["precision"],
-                " + XLA" if xla else "",
-                model_dir,
-            )
-            return config.replace(precision=saved["precision"], xla=bool(xla))
+    saved = checkpoints.resumed_config(model_dir, config.fresh) or {}
+    if saved.get("precision", "auto") != "auto":
+        xla = saved.get("xla", False) if config.xla is None else config.xla
+        logging.info(
+            "--precision=auto: %s%s, as the run in %s started",
+            saved["precision"],
+            " + XLA" if xla else "",
+            model_dir,
+        )
+        return config.replace(precision=saved["precision"], xla=bool(xla))
     precision, xla, reason = choose(*machine())
     if config.xla is not None:
         xla = config.xla

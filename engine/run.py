@@ -2,9 +2,9 @@
 
 from absl import logging
 
+from engine import checkpoints, preflight, run_paths, train
 from engine import config as config_lib
-from engine import preflight, run_paths, train
-from engine.actions import checkpointing, export
+from engine.actions import export
 from engine.actions.divergence import TrainingDiverged
 from engine.actions.preemption import Terminated, terminate_as_interrupt
 from engine.files import one_line
@@ -43,7 +43,7 @@ def run(config, model_dir=None):
     try:
         preflight.check(config)
         return entry_points[config.mode](config, model_dir)
-    except checkpointing.DamagedCheckpoints as e:
+    except checkpoints.DamagedCheckpoints as e:
         raise UserError(str(e)) from e
     except export.ExportError as e:
         # Raised after the last step was saved: a rerun trains nothing and exports

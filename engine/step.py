@@ -21,17 +21,18 @@ What a skipped step does to the counters (and is tested):
     learning-rate schedule (a function of it) and Adam's bias correction never
     move on a step that changed nothing.
 
-One replica runs stages 1-8 as one function (`TrainStep.__call__`, compiled
-whole by XLA). Several replicas run 1-6 in each replica (`replica_step`) and
-7-8 once, in cross-replica context (`cross_replica_update`): a `tf.cond` around
-the optimizer is not allowed inside a replica under strategies that synchronise
+One replica runs stages 1-8 in `TrainStep.__call__`, compiled whole by XLA:
+stages 1-4 of one batch are `TrainStep.gradients`, the rest read line by line.
+Several replicas run 1-6 in each replica (`replica_step`) and 7-8 once, in
+cross-replica context (`cross_replica_update`): a `tf.cond` around the
+optimizer is not allowed inside a replica under strategies that synchronise
 with `merge_call` (every strategy on a CPU).
 
-Optional machinery plugs in at construction (`create_train_step` wires it):
-a loss function (class weights), a hook on the scaled gradients (fault
-injection), observers of the unscaled gradients (float16 range diagnostics),
-micro-batches (gradient accumulation) and the optimizer's apply function
-(fused kernels). Off, each is absent from the step, not an `if` inside it.
+Optional machinery plugs in at construction (`engine.extras.create_train_step`
+wires it): a loss function (class weights), a hook on the scaled gradients
+(fault injection), observers of the unscaled gradients (float16 range
+diagnostics), micro-batches (gradient accumulation) and the optimizer's apply
+function (fused kernels). Off, each is absent from the step, not an `if` inside it.
 """
 
 import keras
@@ -56,17 +57,11 @@ def sum_over_replicas(grads):
     return ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
 
 
-def check_and_clip(grads, clip_norm=0.0):
-    """Stages 5-6: one finiteness flag, the global norm, clipping.
+def check_finite(grads):
+    """Stage 5: (finite, global norm, finite per tensor) of the summed unscaled gradients.
 
-    Args:
-      grads: unscaled float32 gradients, already summed over replicas.
-      clip_norm: clip to this global norm; 0 disables.
-
-    Returns:
-      (grads, finite, grad_norm, finite_per_variable): the (clipped) gradients,
-      a bool scalar, the float32 global norm before clipping, and a bool vector
-      with one entry per gradient, False where that gradient is not finite.
+    `finite` is one bool scalar for the whole step. Per tensor: False where its
+    sum of squares is not finite (an inf or a nan, or values beyond ~1e19).
     """
     # One pass over the gradients: half the sum of squares of each tensor (one
     # fused `L2Loss` kernel apiece), which the norm needs anyway. Any inf or nan
@@ -83,59 +78,24 @@ def check_and_clip(grads, clip_norm=0.0):
             tf.math.is_finite(tf.concat([tf.reshape(g, [-1]) for g in grads], 0))
         ),
     )
-    grad_norm = tf.sqrt(2.0 * total)
-    if clip_norm > 0:
-        # Clipping by an infinite norm gives nan (`tf.clip_by_global_norm` says
-        # so on purpose): a step whose norm overflows float32 is skipped instead.
-        finite = finite & tf.math.is_finite(grad_norm)
-        # Clip the true (unscaled) gradients: clipping scaled ones would make
-        # the threshold depend on the current loss scale.
-        grads, _ = tf.clip_by_global_norm(grads, clip_norm, use_norm=grad_norm)
-    # Per tensor: False where the sum of squares is not finite (an inf or a nan,
-    # or values beyond ~1e19), and all True when the step is applied.
-    finite_per_variable = tf.math.is_finite(half_squares) | finite
-    return grads, finite, grad_norm, finite_per_variable
+    return finite, tf.sqrt(2.0 * total), tf.math.is_finite(half_squares)
 
 
-def apply_or_skip(
-    optimizer, loss_scale, grads, variables, finite, on_skip=None, apply_gradients=None
-):
-    """Stages 7-8 for one replica: apply or skip the update, then update the scale."""
-    apply_gradients = apply_gradients or optimizer_apply
+def clip(grads, grad_norm, finite, clip_norm):
+    """Stage 6: `grads` clipped to global norm `clip_norm` (0: as they are); (grads, finite).
 
-    def skip_update():
-        if on_skip is not None:
-            on_skip()
-
-    tf.cond(finite, lambda: apply_gradients(optimizer, grads, variables), skip_update)
-    loss_scale.update(finite)
-
-
-def apply_scaled_gradients(
-    optimizer,
-    loss_scale,
-    scaled_grads,
-    variables,
-    clip_norm=0.0,
-    on_skip=None,
-    apply_gradients=None,
-):
-    """Stages 4-8 for one replica, from the scaled gradients.
-
-    `on_skip` runs on a skipped step (e.g. putting BatchNorm statistics back);
-    `apply_gradients` defaults to Keras' `optimizer.apply` (see `TrainStep`).
-
-    Returns:
-      (finite, grad_norm, finite_per_variable), as `check_and_clip`.
+    Clipped unscaled, so the threshold does not depend on the loss scale.
     """
-    grads = sum_over_replicas(loss_scale.unscale(scaled_grads))
-    grads, finite, grad_norm, finite_per_variable = check_and_clip(grads, clip_norm)
-    apply_or_skip(optimizer, loss_scale, grads, variables, finite, on_skip, apply_gradients)
-    return finite, grad_norm, finite_per_variable
+    if not clip_norm:
+        return grads, finite
+    # Clipping by an infinite norm gives nan (`tf.clip_by_global_norm` says so
+    # on purpose): a step whose norm overflows float32 is skipped instead.
+    finite = finite & tf.math.is_finite(grad_norm)
+    return tf.clip_by_global_norm(grads, clip_norm, use_norm=grad_norm)[0], finite
 
 
 class TrainStep:
-    """One training step: `step(images, labels, number)` on one replica.
+    """One training step: `step(images, labels)` on one replica.
 
     Args:
       model: a built Keras model producing float32 logits.
@@ -150,18 +110,18 @@ class TrainStep:
         replica; default Keras' `optimizer.apply` (the engine passes TF's fused
         kernels, `extras.fused_update`). Several replicas always use Keras'
         `optimizer.apply`, which sums over replicas (`cross_replica_update`).
-      scaled_gradients_hook: optional `(scaled_grads, variables, number) ->
-        scaled_grads`, between stages 3 and 4.
+      scaled_gradients_hook: optional `(scaled_grads, variables) -> scaled_grads`,
+        between stages 3 and 4 (fault injection reads the step number from the
+        run's step counter itself).
       observers: `(unscaled_grads, loss_scale) -> {name: tensor}` functions whose
         results join the step's outputs (measured before the scale updates).
-      micro_batches: optional `(gradients_fn, images, labels, number) ->
-        (grads, loss, correct)` that replaces one batch's stages 1-4.
+      micro_batches: optional `(gradients, images, labels) -> (grads, loss,
+        correct)` that runs stages 1-4 (`gradients`) once per micro-batch.
 
     Every call returns a dict with `loss` (this replica's share of the mean
     loss), `correct` (int32 count), `finite` (bool), `grad_norm` (unscaled,
     before clipping), `finite_per_variable` (bool per trainable variable) and
-    whatever the observers add. `number` is the step's number once done (the
-    first is 1); only the hook reads it.
+    whatever the observers add.
     """
 
     def __init__(
@@ -182,7 +142,7 @@ class TrainStep:
         self.clip_norm = clip_norm
         self.per_example_loss = loss_fn
         self.apply_gradients = apply_gradients or optimizer_apply
-        self.scaled_gradients_hook = scaled_gradients_hook
+        self.scaled_gradients_hook = scaled_gradients_hook or (lambda grads, variables: grads)
         self.observers = tuple(observers)
         self.micro_batches = micro_batches
         self.trainable = model.trainable_variables
@@ -190,35 +150,63 @@ class TrainStep:
         # skipped step must put them back (a nan batch would otherwise poison them).
         self.stateful = model.non_trainable_variables
 
-    def __call__(self, images, labels, number=None):
-        """Stages 1-8 on one replica."""
-        out = self.replica_step(images, labels, number)
-        grads, saved_state = out.pop("grads"), out.pop("saved_state")
-        apply_or_skip(
-            self.optimizer,
-            self.loss_scale,
-            grads,
-            self.trainable,
-            out["finite"],
-            on_skip=lambda: self._restore(saved_state),
-            apply_gradients=self.apply_gradients,
+    def __call__(self, images, labels):
+        """Stages 1-8 on one replica, in the order of the module docstring."""
+        saved_state = self._save_state()  # what the forward pass writes: put back on a skip
+        grads, loss, correct = self._compute_gradients(images, labels)  # 1-4, see `gradients`
+        out = self._observe(grads, loss, correct)  # this replica's unscaled gradients
+        grads = sum_over_replicas(grads)  # 4
+        finite, grad_norm, tensor_finite = check_finite(grads)  # 5
+        grads, finite = clip(grads, grad_norm, finite, self.clip_norm)  # 6
+        tf.cond(  # 7
+            finite,
+            lambda: self.apply_gradients(self.optimizer, grads, self.trainable),
+            lambda: self._restore(saved_state),
         )
-        return out
+        self.loss_scale.update(finite)  # 8
+        # Which gradients held an inf or a nan: all True when the step is applied.
+        return out | dict(
+            finite=finite, grad_norm=grad_norm, finite_per_variable=tensor_finite | finite
+        )
 
-    def replica_step(self, images, labels, number=None, compute=None):
-        """Stages 1-6 in one replica; the dict also holds `grads` and `saved_state`.
+    def gradients(self, images, labels):
+        """Stages 1-4 for one (micro-)batch: (unscaled float32 gradients, loss share, correct)."""
+        with tf.GradientTape() as tape:
+            logits = self.model(images, training=True)  # 1
+            per_example = self.per_example_loss(labels, logits)  # 1: float32
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch_size)
+            scaled_loss = self.loss_scale.scale(loss)  # 2
+        scaled_grads = tape.gradient(scaled_loss, self.trainable)  # 3
+        scaled_grads = self.scaled_gradients_hook(scaled_grads, self.trainable)
+        correct = tf.reduce_sum(
+            tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.int32)
+        )
+        return self.loss_scale.unscale(scaled_grads), loss, correct  # 4: float32, unscaled
 
-        `compute` replaces `self.compute`, e.g. with an XLA-compiled copy of it.
+    # --- several replicas: stages 1-6 in each replica, 7-8 once, across them ---
+
+    def compute(self, images, labels):
+        """Stages 1-4 in one replica, without the all-reduce (what XLA compiles there)."""
+        saved_state = self._save_state()
+        grads, loss, correct = self._compute_gradients(images, labels)
+        return self._observe(grads, loss, correct) | dict(grads=grads, saved_state=saved_state)
+
+    def replica_step(self, images, labels, compute=None):
+        """Stages 1-6 in one replica; `compute` replaces `self.compute` (an XLA-compiled copy).
+
+        The dict also holds `grads` (summed, clipped) and `saved_state` for stage 7.
         """
-        out = (compute or self.compute)(images, labels, number)
+        out = (compute or self.compute)(images, labels)  # 1-4
         self._average_state_over_replicas()
-        grads, finite, grad_norm, finite_per_variable = check_and_clip(
-            sum_over_replicas(out["grads"]), self.clip_norm
+        grads = sum_over_replicas(out["grads"])  # 4
+        finite, grad_norm, tensor_finite = check_finite(grads)  # 5
+        grads, finite = clip(grads, grad_norm, finite, self.clip_norm)  # 6
+        return out | dict(
+            grads=grads,
+            finite=finite,
+            grad_norm=grad_norm,
+            finite_per_variable=tensor_finite | finite,
         )
-        out.update(
-            grads=grads, finite=finite, grad_norm=grad_norm, finite_per_variable=finite_per_variable
-        )
-        return out
 
     def cross_replica_update(self, strategy, out):
         """Stages 7-8 for several replicas, in cross-replica context."""
@@ -236,39 +224,28 @@ class TrainStep:
                 [tf.where(first, g, tf.zeros_like(g)) for g in grads], self.trainable
             )
 
-        tf.cond(
+        tf.cond(  # 7
             finite,
             lambda: strategy.extended.call_for_each_replica(apply_update, (out["grads"],)),
             lambda: strategy.extended.call_for_each_replica(self._restore, (out["saved_state"],)),
         )
-        self.loss_scale.update(finite)
+        self.loss_scale.update(finite)  # 8
 
-    def compute(self, images, labels, number=None):
-        """Stages 1-4 without the all-reduce: this replica's unscaled float32 gradients."""
-        saved_state = [tf.identity(v.value) for v in self.stateful]
+    # --- helpers ---
+
+    def _compute_gradients(self, images, labels):
         if self.micro_batches is None:
-            grads, loss, correct = self.gradients(images, labels, number)
-        else:
-            grads, loss, correct = self.micro_batches(self.gradients, images, labels, number)
-        out = {"loss": loss, "correct": correct, "grads": grads, "saved_state": saved_state}
+            return self.gradients(images, labels)
+        return self.micro_batches(self.gradients, images, labels)
+
+    def _observe(self, grads, loss, correct):
+        out = {"loss": loss, "correct": correct}
         for observe in self.observers:
             out.update(observe(grads, self.loss_scale.value))
         return out
 
-    def gradients(self, images, labels, number=None):
-        """Stages 1-4 for one (micro-)batch: unscaled float32 gradients, loss share, correct."""
-        with tf.GradientTape() as tape:
-            logits = self.model(images, training=True)
-            per_example = self.per_example_loss(labels, logits)
-            loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch_size)
-            scaled_loss = self.loss_scale.scale(loss)
-        scaled_grads = tape.gradient(scaled_loss, self.trainable)
-        if self.scaled_gradients_hook is not None:
-            scaled_grads = self.scaled_gradients_hook(scaled_grads, self.trainable, number)
-        correct = tf.reduce_sum(
-            tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.int32)
-        )
-        return self.loss_scale.unscale(scaled_grads), loss, correct
+    def _save_state(self):
+        return [tf.identity(v.value) for v in self.stateful]
 
     def _average_state_over_replicas(self):
         # Keras 3 keeps BatchNorm moving statistics per replica (aggregation

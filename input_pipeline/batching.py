@@ -100,7 +100,7 @@ def positions():
     CPU a batch of 64 on this project's 2-core CPU, 1.8-3.2% of the small
     model's training throughput (BUILD_NOTES "Data"). Checkpoints written with
     `counter` restore everything but the input position (see
-    `engine.actions.checkpointing.restore_latest`).
+    `engine.checkpoints.restore_latest`).
     """
     return tf.data.Dataset.range(_POSITIONS)
 

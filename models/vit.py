@@ -98,7 +98,7 @@ class StochasticDepth(layers.Layer):
 
     The kept examples' branches are scaled by 1 / (1 - rate), so the expected sum
     is the inference-time one. The draws come from a Keras `SeedGenerator`, whose
-    state the engine checkpoints (`checkpointing.random_states`): a resumed run
+    state the engine checkpoints (`engine.checkpoints.random_states`): a resumed run
     draws the same masks.
     """
 

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from conftest import mirrored_check, tiny_config
 
-from engine import train
+from engine import train, train_run
 from engine.actions import batch_norm_stats
 from engine.actions.batch_norm_stats import Recalibration
 from engine.data import data_config
@@ -111,8 +111,8 @@ def test_recalibration_batches_cover_the_examples_capped_at_one_epoch(examples, 
 
 
 def test_off_is_a_no_op():
-    config = tiny_config(bn_recalibration_examples=0)
-    recalibrate = batch_norm_stats.create_recalibration(config, None, None, None)
+    recalibrate = batch_norm_stats.create_recalibration(None, None, None, 0, 16, False)
+    assert isinstance(recalibrate, batch_norm_stats.NoRecalibration)
     assert recalibrate(step=1) is False
 
 
@@ -136,7 +136,7 @@ def test_lagging_statistics_are_mended_in_eval_checkpoint_and_export(tmp_path, m
     # Issue 19's defect on generated data: a short, fast run (high learning rate)
     # with Keras Applications' momentum 0.99. Its ResNet50 takes minutes on two
     # cores; the small ResNet with the same momentum shows the same lag in seconds.
-    create_model_for = train.create_model_for
+    create_model_for = train_run.create_model_for
 
     def slow_momentum(config, num_classes, *args):
         model = create_model_for(config, num_classes, *args)
@@ -144,7 +144,7 @@ def test_lagging_statistics_are_mended_in_eval_checkpoint_and_export(tmp_path, m
             layer.momentum = 0.99
         return model
 
-    monkeypatch.setattr(train, "create_model_for", slow_momentum)
+    monkeypatch.setattr(train_run, "create_model_for", slow_momentum)
     runs = {}
     for examples in (0, 1024):
         config = tiny_config(

@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 from conftest import ROOT, tiny_config
 
-from engine import loop, train
+from engine import loop, train, train_run
 from engine.config import Config, ConfigError
 from engine.data import data_config
 from engine.modes import benchmark
@@ -42,7 +42,7 @@ def test_the_inner_loop_is_traced_once_over_many_loops(tmp_path):
     config = tiny_config(train_steps=12, steps_per_loop=3)
     data = create_data(data_config(config))
     strategy = tf.distribute.get_strategy()
-    state = train.build_state(config, data, strategy)
+    state = train_run.build_state(config, data, strategy)
     from engine.extras import create_train_step
 
     step = create_train_step(state.model, state.optimizer, state.loss_scale, config.batch_size)
@@ -384,14 +384,14 @@ def test_compare_chooses_the_configurations_to_benchmark(monkeypatch, capsys):
 
 def _fit_once(monkeypatch, **overrides):
     """Runs `_fit_interleaved` (four steps); returns (model, its initial trainable weights)."""
-    initial, create = [], train.create_model_for
+    initial, create = [], train_run.create_model_for
 
     def create_and_keep(config, num_classes):
         model = create(config, num_classes)
         initial.extend(w.numpy() for w in model.trainable_weights)
         return model
 
-    monkeypatch.setattr(train, "create_model_for", create_and_keep)
+    monkeypatch.setattr(train_run, "create_model_for", create_and_keep)
     config = tiny_config(steps_per_loop=2, train_steps=100, **overrides)
     _, _, model = benchmark._fit_interleaved(
         config, create_data(data_config(config)), 1, 2, lambda: None

@@ -12,8 +12,7 @@ import pytest
 import tensorflow as tf
 from conftest import read_scalars, tiny_config
 
-from engine import train
-from engine.actions import checkpointing
+from engine import checkpoints, train, train_run
 from engine.config import ConfigError
 from engine.data import data_config
 from input_pipeline import batching, create_data
@@ -22,7 +21,7 @@ from input_pipeline import batching, create_data
 def _state_and_iterator(config):
     strategy = tf.distribute.get_strategy()
     data = create_data(data_config(config))
-    state = train.build_state(config, data, strategy)
+    state = train_run.build_state(config, data, strategy)
     iterator = iter(strategy.distribute_datasets_from_function(data.train_fn))
     return state, iterator
 
@@ -30,8 +29,8 @@ def _state_and_iterator(config):
 def _resumable(config, model_dir):
     """A new run's state, its root checkpoint (iterator included) and a manager on model_dir."""
     state, iterator = _state_and_iterator(config)
-    checkpoint = checkpointing.create_checkpoint(state, iterator)
-    return state, checkpoint, checkpointing.create_manager(checkpoint, str(model_dir))
+    checkpoint = checkpoints.create_checkpoint(state, iterator)
+    return state, checkpoint, checkpoints.create_manager(checkpoint, str(model_dir))
 
 
 def test_loss_scale_and_counters_survive_a_save_restore_round_trip(tmp_path):
@@ -46,15 +45,15 @@ def test_loss_scale_and_counters_survive_a_save_restore_round_trip(tmp_path):
     state.optimizer.iterations.assign(8)
     state.optimizer.variables[-1].assign(tf.fill(state.optimizer.variables[-1].shape, 0.25))
     next(iterator)
-    manager = checkpointing.create_manager(
-        checkpointing.create_checkpoint(state, iterator), str(tmp_path)
+    manager = checkpoints.create_manager(
+        checkpoints.create_checkpoint(state, iterator), str(tmp_path)
     )
     path = manager.save(checkpoint_number=11)
     expected_batch = next(iterator)[0].numpy()
 
     fresh, fresh_checkpoint, fresh_manager = _resumable(config, tmp_path)
     assert float(fresh.loss_scale.value) == 2.0**15  # the default, before restoring
-    assert checkpointing.restore_latest(fresh_checkpoint, fresh_manager) == path
+    assert checkpoints.restore_latest(fresh_checkpoint, fresh_manager) == path
     assert float(fresh.loss_scale.value) == 1234.5
     assert int(fresh.loss_scale.good_steps) == 37
     assert int(fresh.step) == 11 and int(fresh.skipped_steps) == 3
@@ -136,7 +135,7 @@ def test_a_reading_worker_lists_checkpoints_without_parsing_a_garbage_index(tmp_
     # Another worker may read while the chief rewrites the index: it lists the files.
     _train(tmp_path, train_steps=4)
     (tmp_path / "checkpoints" / "checkpoint").write_bytes(b"\x00\xff garbage")
-    found = checkpointing.reader(str(tmp_path))
+    found = checkpoints.reader(str(tmp_path))
     assert [os.path.basename(p) for p in found.checkpoints] == ["ckpt-2", "ckpt-4"]
 
 
@@ -168,7 +167,7 @@ def test_a_stop_signal_during_restore_is_not_taken_for_damage(tmp_path, monkeypa
     def stopped(*args, **kwargs):
         raise preemption.Terminated()  # what SIGTERM raises outside the training loop
 
-    monkeypatch.setattr(checkpointing, "_restore", stopped)
+    monkeypatch.setattr(checkpoints, "_restore", stopped)
     # Not "ckpt-4 is damaged", a fall-back to ckpt-2, or advice to delete them.
     with pytest.raises(preemption.Terminated):
         _train(tmp_path, train_steps=6)
@@ -191,12 +190,12 @@ def test_a_run_without_splits_resumes_whatever_split_it_recorded(tmp_path):
     path = tmp_path / "shapes" / "checkpoints" / "config.json"
     path.write_text(path.read_text().replace('"eval_split": ""', '"eval_split": "val"'))
     assert '"eval_split": "val"' in path.read_text()
-    assert checkpointing.prepare_model_dir(tiny_config(), str(tmp_path / "shapes"))
+    assert checkpoints.prepare_model_dir(tiny_config(), str(tmp_path / "shapes"))
     # A folder: run still pins its splits.
     folder_config = tiny_config(dataset="folder:data")
     _fake_checkpoint(tmp_path / "folder", folder_config)
     with pytest.raises(ConfigError, match=r"^--eval_split=val does not match the checkpoints"):
-        checkpointing.prepare_model_dir(
+        checkpoints.prepare_model_dir(
             folder_config.replace(eval_split="val"), str(tmp_path / "folder")
         )
 
@@ -206,13 +205,13 @@ def test_no_readable_checkpoint_is_an_error_not_a_restart(tmp_path):
     for f in (tmp_path / "checkpoints").glob("ckpt-*.data-*"):
         f.unlink()
     with pytest.raises(
-        checkpointing.DamagedCheckpoints, match=r"no checkpoint in .* can be restored"
+        checkpoints.DamagedCheckpoints, match=r"no checkpoint in .* can be restored"
     ):
         _train(tmp_path, train_steps=4)
 
 
 def _fake_checkpoint(model_dir, config):
-    checkpointing.prepare_model_dir(config, str(model_dir))
+    checkpoints.prepare_model_dir(config, str(model_dir))
     (model_dir / "checkpoints" / "ckpt-5.index").write_bytes(b"")
 
 
@@ -220,7 +219,7 @@ def test_fresh_refuses_a_directory_with_checkpoints(tmp_path):
     config = tiny_config()
     _fake_checkpoint(tmp_path, config)
     with pytest.raises(ConfigError, match=r"--fresh: --model_dir=.* already holds checkpoints"):
-        checkpointing.prepare_model_dir(config.replace(fresh=True), str(tmp_path))
+        checkpoints.prepare_model_dir(config.replace(fresh=True), str(tmp_path))
     assert (tmp_path / "checkpoints" / "ckpt-5.index").exists()  # nothing was deleted
 
 
@@ -228,7 +227,7 @@ def test_fresh_with_overwrite_deletes_only_the_checkpoints(tmp_path):
     config = tiny_config()
     _fake_checkpoint(tmp_path, config)
     (tmp_path / "notes.txt").write_text("mine")
-    resume = checkpointing.prepare_model_dir(
+    resume = checkpoints.prepare_model_dir(
         config.replace(fresh=True, overwrite=True), str(tmp_path)
     )
     assert resume is False
@@ -238,10 +237,10 @@ def test_fresh_with_overwrite_deletes_only_the_checkpoints(tmp_path):
 
 def test_existing_checkpoints_mean_resume(tmp_path):
     config = tiny_config()
-    assert checkpointing.prepare_model_dir(config, str(tmp_path)) is False
+    assert checkpoints.prepare_model_dir(config, str(tmp_path)) is False
     (tmp_path / "checkpoints" / "ckpt-5.index").write_bytes(b"")
     # Steps, learning rate and XLA may change on resume.
-    assert checkpointing.prepare_model_dir(
+    assert checkpoints.prepare_model_dir(
         config.replace(train_steps=100, learning_rate=0.1, xla=True), str(tmp_path)
     )
 
@@ -261,13 +260,13 @@ def test_resuming_with_an_incompatible_flag_is_a_clear_error(tmp_path, change):
     ((name, value),) = change.items()
     old = getattr(tiny_config(), name)
     with pytest.raises(ConfigError) as e:
-        checkpointing.prepare_model_dir(tiny_config(**change), str(tmp_path))
+        checkpoints.prepare_model_dir(tiny_config(**change), str(tmp_path))
     assert str(e.value).startswith(f"--{name}={value} does not match the checkpoints in ")
     assert f"resume with --{name}={old}" in str(e.value)
 
 
 def test_config_json_is_written_next_to_the_checkpoints(tmp_path):
-    checkpointing.prepare_model_dir(tiny_config(seed=7), str(tmp_path))
+    checkpoints.prepare_model_dir(tiny_config(seed=7), str(tmp_path))
     assert '"seed": 7' in (tmp_path / "checkpoints" / "config.json").read_text()
     assert os.listdir(tmp_path / "checkpoints") == ["config.json"]
 
@@ -297,25 +296,25 @@ def test_a_folder_run_with_renamed_classes_is_refused_before_training(tmp_path):
 )
 def test_other_classes_on_resume_are_a_clear_error(tmp_path, classes, what):
     config = tiny_config()
-    checkpointing.prepare_model_dir(config, str(tmp_path), ("green", "grey", "red"))
+    checkpoints.prepare_model_dir(config, str(tmp_path), ("green", "grey", "red"))
     (tmp_path / "checkpoints" / "ckpt-5.index").write_bytes(b"")
-    assert checkpointing.prepare_model_dir(config, str(tmp_path), ("green", "grey", "red"))
+    assert checkpoints.prepare_model_dir(config, str(tmp_path), ("green", "grey", "red"))
     with pytest.raises(ConfigError) as e:
-        checkpointing.prepare_model_dir(config, str(tmp_path), classes)
+        checkpoints.prepare_model_dir(config, str(tmp_path), classes)
     assert f"({what}; theirs are in " in str(e.value)
     assert str(e.value).endswith(
         "restore the class folders as they were, or train in another --model_dir"
     )
     # A run from before classes.json was written is not checked.
     (tmp_path / "checkpoints" / "classes.json").unlink()
-    assert checkpointing.prepare_model_dir(config, str(tmp_path), classes)
+    assert checkpoints.prepare_model_dir(config, str(tmp_path), classes)
 
 
 def test_an_unreadable_config_json_is_a_clear_error(tmp_path):
     _fake_checkpoint(tmp_path, tiny_config())
     (tmp_path / "checkpoints" / "config.json").write_text('{"model": "tin')
     with pytest.raises(ConfigError, match=r"config.json is unreadable \(.*\); it records"):
-        checkpointing.prepare_model_dir(tiny_config(), str(tmp_path))
+        checkpoints.prepare_model_dir(tiny_config(), str(tmp_path))
     assert (tmp_path / "checkpoints" / "ckpt-5.index").exists()
 
 
@@ -323,7 +322,7 @@ def test_a_model_dir_that_is_a_file_is_a_clear_error(tmp_path):
     path = tmp_path / "afile"
     path.write_text("mine")
     with pytest.raises(ConfigError, match=r"--model_dir=.*afile: cannot create"):
-        checkpointing.prepare_model_dir(tiny_config(), str(path))
+        checkpoints.prepare_model_dir(tiny_config(), str(path))
     assert path.read_text() == "mine"
 
 
@@ -359,7 +358,7 @@ def test_fresh_overwrite_that_cannot_delete_is_a_clear_error(tmp_path):
     _fake_checkpoint(tmp_path, tiny_config())
     expected = r"--fresh --overwrite: cannot delete .*checkpoints \(.*\); some of its files"
     with _immutable(tmp_path / "checkpoints"), pytest.raises(ConfigError, match=expected):
-        checkpointing.prepare_model_dir(config, str(tmp_path))
+        checkpoints.prepare_model_dir(config, str(tmp_path))
     assert (tmp_path / "checkpoints" / "ckpt-5.index").exists()
 
 
@@ -386,10 +385,10 @@ def test_an_older_runs_relative_dataset_path_resumes_under_an_absolute_path_endi
     config_json.write_text(json.dumps({**json.loads(config_json.read_text()), "dataset": recorded}))
     directory = str(tmp_path / "checkpoints")
     if resumes:
-        checkpointing.check_compatible(tiny_config(dataset=dataset), directory)
+        checkpoints.check_compatible(tiny_config(dataset=dataset), directory)
     else:
         with pytest.raises(ConfigError, match=f"resume with --dataset={recorded}"):
-            checkpointing.check_compatible(tiny_config(dataset=dataset), directory)
+            checkpoints.check_compatible(tiny_config(dataset=dataset), directory)
 
 
 def test_config_json_records_the_data_sets_path_absolute(tmp_path, monkeypatch):
@@ -399,10 +398,10 @@ def test_config_json_records_the_data_sets_path_absolute(tmp_path, monkeypatch):
     directory = str(tmp_path / "run" / "checkpoints")
     saved = json.loads((tmp_path / "run" / "checkpoints" / "config.json").read_text())
     assert saved["dataset"] == f"folder:{tmp_path / 'data'}"
-    checkpointing.check_compatible(tiny_config(dataset="folder:data"), directory)
-    checkpointing.check_compatible(tiny_config(dataset=f"folder:{tmp_path}/data"), directory)
+    checkpoints.check_compatible(tiny_config(dataset="folder:data"), directory)
+    checkpoints.check_compatible(tiny_config(dataset=f"folder:{tmp_path}/data"), directory)
     with pytest.raises(ConfigError, match="does not match the checkpoints"):
-        checkpointing.check_compatible(tiny_config(dataset="folder:/elsewhere/data"), directory)
+        checkpoints.check_compatible(tiny_config(dataset="folder:/elsewhere/data"), directory)
 
 
 def test_the_flagfile_never_replays_fresh_or_overwrite():
@@ -419,10 +418,10 @@ def test_a_checkpoint_without_the_iterator_restores_the_rest(tmp_path, caplog):
     config = tiny_config()
     state, _ = _state_and_iterator(config)
     state.step.assign(9)
-    checkpointing.create_manager(checkpointing.create_checkpoint(state), str(tmp_path)).save(9)
+    checkpoints.create_manager(checkpoints.create_checkpoint(state), str(tmp_path)).save(9)
     fresh, checkpoint, manager = _resumable(config, tmp_path)
     with caplog.at_level(logging.WARNING):
-        assert checkpointing.restore_latest(checkpoint, manager).endswith("ckpt-9")
+        assert checkpoints.restore_latest(checkpoint, manager).endswith("ckpt-9")
     assert int(fresh.step) == 9
     for a, b in zip(state.model.weights, fresh.model.weights, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
@@ -441,12 +440,12 @@ def test_an_iterator_from_another_input_pipeline_restores_the_rest(tmp_path, cap
     state.step.assign(9)
     old_manager.save(9)
     fresh, checkpoint, manager = _resumable(config, tmp_path)
-    with pytest.raises(checkpointing.DamagedCheckpoints):
-        checkpointing.restore_latest(checkpoint, manager)  # no way to replace the iterator
+    with pytest.raises(checkpoints.DamagedCheckpoints):
+        checkpoints.restore_latest(checkpoint, manager)  # no way to replace the iterator
     fresh, checkpoint, manager = _resumable(config, tmp_path)
     replacement = _state_and_iterator(config)[1]
     with caplog.at_level(logging.WARNING):
-        path = checkpointing.restore_latest(checkpoint, manager, lambda: replacement)
+        path = checkpoints.restore_latest(checkpoint, manager, lambda: replacement)
     assert path.endswith("ckpt-9") and checkpoint.iterator is replacement
     assert int(fresh.step) == 9
     for a, b in zip(state.model.weights, fresh.model.weights, strict=True):
@@ -473,18 +472,18 @@ def test_a_damaged_iterator_falls_back_to_an_older_checkpoint(tmp_path):
         byte = f.read(1)
         f.seek(1000)
         f.write(bytes([byte[0] ^ 1]))
-    state_only = {n: getattr(state, n) for n in checkpointing.STATE_CHILDREN}
+    state_only = {n: getattr(state, n) for n in checkpoints.STATE_CHILDREN}
     tf.train.Checkpoint(**state_only).restore(newest).assert_existing_objects_matched()
     fresh, checkpoint, manager = _resumable(config, tmp_path)
-    path = checkpointing.restore_latest(checkpoint, manager, lambda: pytest.fail("replaced"))
+    path = checkpoints.restore_latest(checkpoint, manager, lambda: pytest.fail("replaced"))
     assert path.endswith("ckpt-4") and int(fresh.step) == 4
 
 
 def test_checkpoints_of_a_differently_built_run_are_not_called_damaged(tmp_path):
     _resumable(tiny_config(), tmp_path)[2].save(3)
     _, checkpoint, manager = _resumable(tiny_config(model="small_resnet"), tmp_path)
-    with pytest.raises(checkpointing.DamagedCheckpoints) as e:
-        checkpointing.restore_latest(checkpoint, manager)
+    with pytest.raises(checkpoints.DamagedCheckpoints) as e:
+        checkpoints.restore_latest(checkpoint, manager)
     assert "written by a differently built run" in str(e.value)
     assert "--fresh --overwrite" not in str(e.value)  # never advise deleting good files
 
@@ -510,7 +509,7 @@ def test_a_worker_that_cannot_restore_leaves_no_temporary_folder(tmp_path, monke
     temp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
     monkeypatch.setattr(distribute, "is_chief", lambda strategy: False)  # a non-chief worker
-    with pytest.raises(checkpointing.DamagedCheckpoints):
+    with pytest.raises(checkpoints.DamagedCheckpoints):
         _train(run, train_steps=4)
     assert list(temp.iterdir()) == []
 
@@ -531,5 +530,5 @@ def test_a_data_set_reached_through_a_symbolic_link_resumes(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path / "link")
     _fake_checkpoint(tmp_path / "run", tiny_config(dataset="folder:data"))
     directory = str(tmp_path / "run" / "checkpoints")
-    checkpointing.check_compatible(tiny_config(dataset=f"folder:{tmp_path}/link/data"), directory)
-    checkpointing.check_compatible(tiny_config(dataset=f"folder:{tmp_path}/real/data"), directory)
+    checkpoints.check_compatible(tiny_config(dataset=f"folder:{tmp_path}/link/data"), directory)
+    checkpoints.check_compatible(tiny_config(dataset=f"folder:{tmp_path}/real/data"), directory)

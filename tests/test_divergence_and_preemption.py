@@ -26,8 +26,8 @@ def _scripted_loop(finite_script, loss_script):
     finite_table = tf.constant(finite_script)
     loss_table = tf.constant(loss_script, tf.float32)
 
-    def step(images, labels, number):
-        del images, labels, number
+    def step(images, labels):
+        del images, labels
         i = state.step
         return {
             "loss": tf.gather(loss_table, i),

@@ -13,8 +13,8 @@ import tensorflow as tf
 from conftest import ROOT, tiny_config
 from image_trees import make_folder_tree
 
-from engine import train
-from engine.actions import checkpointing, export
+from engine import checkpoints, train
+from engine.actions import export
 from engine.data import data_config
 from engine.precision import get_policy
 from input_pipeline import create_data, shapes
@@ -41,7 +41,7 @@ def _trained_probabilities(config, model_dir, images):
     model = create_model(
         config.model, create_data(data_config(config)).num_classes, config.image_size, policy
     )
-    path = tf.train.latest_checkpoint(checkpointing.checkpoint_dir(model_dir))
+    path = tf.train.latest_checkpoint(checkpoints.checkpoint_dir(model_dir))
     tf.train.Checkpoint(model=model).restore(
         path
     ).expect_partial().assert_existing_objects_matched()

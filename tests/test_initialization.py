@@ -13,8 +13,7 @@ from conftest import tiny_config
 from image_trees import make_ships_tree
 from keras.src.legacy.saving import legacy_h5_format
 
-from engine import initialization, run, train
-from engine.actions import checkpointing
+from engine import checkpoints, initialization, run, train_run
 from engine.config import Config, ConfigError
 from engine.modes import predict
 from input_pipeline import preprocessing, ships
@@ -68,7 +67,7 @@ def test_keras_weights_files_load_bit_exactly(resnet50_files, fmt, precision, xl
         model="resnet50", image_size=32, init_weights=files[fmt], precision=precision, xla=xla
     )
     keras.utils.set_random_seed(0)
-    model = train.create_model_for(config, 5)
+    model = train_run.create_model_for(config, 5)
     head = [v.numpy() for v in model.get_layer(HEAD).weights]
     initialization.initialize(config, model, 5, preprocessing.PIXEL_RANGE)
     _assert_backbone_equals(model, values)
@@ -96,8 +95,8 @@ def test_a_run_from_a_weights_file_keeps_its_kernels_up_to_its_updates(resnet50_
     result = run.run(config, str(tmp_path / "run"))
     assert result.steps == 2 and result.skipped_steps == 0
     # --preprocessing=auto took Keras Applications' input step with the file.
-    model = train.create_model_for(config.replace(preprocessing="caffe"), 10)
-    path = tf.train.latest_checkpoint(checkpointing.checkpoint_dir(result.model_dir))
+    model = train_run.create_model_for(config.replace(preprocessing="caffe"), 10)
+    path = tf.train.latest_checkpoint(checkpoints.checkpoint_dir(result.model_dir))
     tf.train.Checkpoint(model=model).restore(path).expect_partial()
     kernels = [v for v in model.weights if v.path.endswith("/kernel") and HEAD not in v.path]
     moved = [float(np.max(np.abs(v.numpy() - values[v.path]))) for v in kernels]
@@ -130,8 +129,8 @@ def test_keras3_file_with_another_shape_names_the_layer(tmp_path):
 
 
 def _restored(config, model_dir, num_classes):
-    model = train.create_model_for(config, num_classes)
-    path = tf.train.latest_checkpoint(checkpointing.checkpoint_dir(model_dir))
+    model = train_run.create_model_for(config, num_classes)
+    path = tf.train.latest_checkpoint(checkpoints.checkpoint_dir(model_dir))
     tf.train.Checkpoint(model=model).restore(path).expect_partial()
     return {v.path: v.numpy() for v in model.weights}
 
@@ -143,7 +142,7 @@ def test_init_from_another_run_takes_the_backbone_and_a_head_that_fits(tmp_path)
     for dataset, classes in (("shapes", 5), ("synthetic", 10)):
         config = tiny_config(dataset=dataset, init_from=source_dir)
         keras.utils.set_random_seed(0)
-        model = train.create_model_for(config, classes)
+        model = train_run.create_model_for(config, classes)
         fresh = {v.path: v.numpy() for v in model.weights}
         initialization.initialize(config, model, classes, (0.0, 1.0))
         for v in model.weights:
@@ -231,7 +230,7 @@ def test_caffe_preprocessing_is_the_models_in_training_eval_predict_and_export(t
         run.run(config, model_dir)
     # Traced into the training step's gradients, eval and the export (predict: below).
     assert {"gradients", "eval_step", "export_saved_model"} <= set(traced)
-    saved = checkpointing.load_config(checkpointing.checkpoint_dir(model_dir))
+    saved = checkpoints.load_config(checkpoints.checkpoint_dir(model_dir))
     assert saved["preprocessing"] == "caffe"
     # Predict takes the run's input step from config.json, without the flag.
     predict_config = tiny_config(
@@ -270,21 +269,21 @@ def test_caffe_preprocessing_is_the_models_in_training_eval_predict_and_export(t
 
 
 def _checkpoint_values(config, model_dir, step, num_classes=5):
-    model = train.create_model_for(config, num_classes)
-    path = os.path.join(checkpointing.checkpoint_dir(model_dir), f"ckpt-{step}")
+    model = train_run.create_model_for(config, num_classes)
+    path = os.path.join(checkpoints.checkpoint_dir(model_dir), f"ckpt-{step}")
     tf.train.Checkpoint(model=model).restore(path).expect_partial()
     return {v.path: v.numpy() for v in model.weights}
 
 
 def test_freeze_steps_train_only_the_head_then_every_layer(tmp_path, monkeypatch):
     steps_built = []
-    create = train.create_train_step
+    create = train_run.create_train_step
 
     def recording(model, *args, **kwargs):
         steps_built.append([v.path for v in model.trainable_variables])
         return create(model, *args, **kwargs)
 
-    monkeypatch.setattr(train, "create_train_step", recording)
+    monkeypatch.setattr(train_run, "create_train_step", recording)
     # Step 3 has nan gradients: a skipped frozen step changes nothing either.
     config = tiny_config(
         precision="mixed",

@@ -155,7 +155,7 @@ def test_checkpoints_move_between_keras_and_fused_batch_norm(tmp_path):
 
 def test_a_run_fuses_batch_norm_unless_xla_compiles_its_step():
     from engine import config as config_lib
-    from engine.train import create_model_for
+    from engine.train_run import create_model_for
     from models.batch_norm import FusedBatchNormalization
 
     for xla in (False, True):

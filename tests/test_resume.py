@@ -15,7 +15,7 @@ import tfds_sets
 from conftest import ROOT, main_in_process
 from image_trees import make_folder_tree
 
-from engine import train
+from engine import train_run
 from models import create_model
 
 # Small, fast and eventful: growth_interval=3 makes the float16 scale grow into
@@ -269,8 +269,8 @@ def test_a_stop_during_start_up_without_model_dir_names_the_folder(
     monkeypatch.chdir(tmp_path)  # runs/ is made in the working directory
     with monkeypatch.context() as patch:
         # Surely start-up: the folder is made, the model not yet built.
-        stopped = _signal_when_called(train.build_state, signal.SIGTERM)
-        patch.setattr(train, "build_state", stopped)
+        stopped = _signal_when_called(train_run.build_state, signal.SIGTERM)
+        patch.setattr(train_run, "build_state", stopped)
         assert main_in_process(*QUICK, "--train_steps=6") == 128 + signal.SIGTERM
     stderr = capsys.readouterr().err
     named = _named_folder(stderr, tmp_path)

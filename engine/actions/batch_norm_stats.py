@@ -187,11 +187,10 @@ def _statistics(layer):
     return [layer.moving_mean, layer.moving_variance]
 
 
-def create_recalibration(config, strategy, model, data):
-    """The run's recalibration (a no-op twin when `--bn_recalibration_examples=0`)."""
-    if not config.bn_recalibration_examples:
+def create_recalibration(strategy, model, data, examples, batch_size, jit_compile):
+    """The run's recalibration from `examples` training examples (`--bn_recalibration_examples`;
+    0: a no-op twin)."""
+    if not examples:
         return NoRecalibration()
-    num_batches = recalibration_batches(
-        config.bn_recalibration_examples, config.batch_size, data.train_size
-    )
-    return Recalibration(strategy, model, data.train_fn, num_batches, jit_compile=config.xla)
+    num_batches = recalibration_batches(examples, batch_size, data.train_size)
+    return Recalibration(strategy, model, data.train_fn, num_batches, jit_compile=jit_compile)

@@ -25,10 +25,14 @@ def set_frozen(model, frozen):
 
 
 class Unfreeze(Action):
-    """At step `freeze_steps`: every layer trainable, then `rebuild_step()`."""
+    """At step `freeze_steps`: every layer trainable, then the step rebuilt over them.
 
-    def __init__(self, freeze_steps, model, rebuild_step):
-        self.freeze_steps, self.model, self.rebuild_step = freeze_steps, model, rebuild_step
+    `step` is the run's `train_run.CurrentStep`: the loop and the actions that
+    use the step read it from there, so rebuilding it is all that changes.
+    """
+
+    def __init__(self, freeze_steps, model, step):
+        self.freeze_steps, self.model, self.step = freeze_steps, model, step
         self.frozen = True
 
     def steps_to_boundary(self, step):
@@ -37,5 +41,5 @@ class Unfreeze(Action):
     def __call__(self, record):
         if self.frozen and record.step >= self.freeze_steps:
             set_frozen(self.model, False)
-            self.rebuild_step()
+            self.step.rebuild()
             self.frozen = False

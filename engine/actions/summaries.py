@@ -262,8 +262,10 @@ class Summaries(Action):
     since the last write reach TensorBoard and the log before the run ends.
     """
 
-    def __init__(self, writer, state, monitor, batch_size, summary_every, write_at=()):
-        self.writer, self.state, self.monitor = writer, state, monitor
+    def __init__(self, writer, state, step, batch_size, summary_every, write_at=()):
+        # `step`: the current step (`train_run.CurrentStep`); its monitor is read
+        # at each write, so a step rebuilt at --freeze_steps is the one read.
+        self.writer, self.state, self.step = writer, state, step
         self.batch_size, self.summary_every = batch_size, summary_every
         self.write_at = set(write_at)  # steps written whatever the cadence (a new step after)
         self.interval, self.interval_seconds = {}, 0.0  # since the last write
@@ -284,7 +286,7 @@ class Summaries(Action):
         if not (due or urgent):
             return
         values = _loop_values(self.state, self.interval, self.batch_size)
-        readout = self.monitor.read_and_reset()
+        readout = self.step.monitor.read_and_reset()
         values.update(readout.scalars)
         if record.first:
             self.first_step_seconds = self.interval_seconds

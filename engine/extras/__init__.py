@@ -47,6 +47,7 @@ def create_train_step(
     class_weights=None,
     precision_diagnostics=False,
     inject=None,
+    step_counter=None,
     grad_accum_steps=1,
     fused_optimizer=True,
     label_smoothing=0.0,
@@ -60,6 +61,7 @@ def create_train_step(
       precision_diagnostics: also return `underflow_fraction` and
         `overflow_fraction` (see `diagnostics.float16_range_fractions`).
       inject: optional parsed `--inject_nonfinite` spec (see `inject.inject_nonfinite`).
+      step_counter: with `inject`, the run's global step variable (`TrainState.step`).
       grad_accum_steps: split each replica's batch into this many micro-batches.
       fused_optimizer: apply Adam and SGD on TensorFlow's fused kernels where
         they cover the update (`fused_update`); else Keras' `optimizer.apply`.
@@ -72,7 +74,9 @@ def create_train_step(
         clip_norm,
         loss_fn=create_loss_fn(class_weights, label_smoothing),
         apply_gradients=fused_update.apply_gradients if fused_optimizer else None,
-        scaled_gradients_hook=create_hook(inject, model.trainable_variables) if inject else None,
+        scaled_gradients_hook=(
+            create_hook(inject, model.trainable_variables, step_counter) if inject else None
+        ),
         observers=[diagnostics.float16_range_fractions] if precision_diagnostics else [],
         micro_batches=(
             create_micro_batches(grad_accum_steps, model.trainable_variables)

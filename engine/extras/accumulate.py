@@ -11,14 +11,12 @@ def create_micro_batches(k, variables):
     sum once, so `k` micro-batches of B/k examples give the update of one batch of B.
     """
 
-    def micro_batches(gradients, images, labels, number):
+    def micro_batches(gradients, images, labels):
         micro_images = tf.reshape(images, [k, -1, *images.shape[1:]])
         micro_labels = tf.reshape(labels, [k, -1])
 
         def accumulate(i, grads, loss, correct):
-            part_grads, part_loss, part_correct = gradients(
-                micro_images[i], micro_labels[i], number
-            )
+            part_grads, part_loss, part_correct = gradients(micro_images[i], micro_labels[i])
             grads = [a + b for a, b in zip(grads, part_grads, strict=True)]
             return i + 1, grads, loss + part_loss, correct + part_correct
 

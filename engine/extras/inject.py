@@ -47,11 +47,13 @@ def check_matches(spec, variables):
     return names
 
 
-def create_hook(spec, variables):
+def create_hook(spec, variables, step_counter):
     """A `TrainStep(scaled_gradients_hook=)` injecting nan as `spec` says.
 
-    Checked against `variables` (the trainable ones) now: found at the first
-    step's trace, the mistake would come after the run has started writing.
+    `step_counter` is the run's global step variable (`TrainState.step`): the
+    step being taken is the one after it. Checked against `variables` (the
+    trainable ones) now: found at the first step's trace, the mistake would
+    come after the run has started writing.
     """
     check_matches(spec, variables)
-    return lambda grads, variables, number: inject_nonfinite(grads, variables, number, spec)
+    return lambda grads, variables: inject_nonfinite(grads, variables, step_counter + 1, spec)

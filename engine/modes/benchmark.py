@@ -146,11 +146,11 @@ def _engine_runner(config, data, loss_scale_override=None):
     """Returns (window(steps) -> seconds, first-call seconds, model)."""
     import tensorflow as tf
 
-    from engine import loop, train
+    from engine import loop, train_run
     from engine.extras import create_train_step
 
     strategy = tf.distribute.get_strategy()
-    state = train.build_state(config, data, strategy)
+    state = train_run.build_state(config, data, strategy)
     if loss_scale_override is not None:
         state.loss_scale = loss_scale_override
     # Timed from here, like fit's first call: the step, the loop and the
@@ -180,11 +180,11 @@ def _compiled_for_fit(config, data):
     """The model of `config`, compiled for `fit` as the engine would train it."""
     import keras
 
-    from engine import optimizers, train
+    from engine import optimizers, train_run
     from engine.precision import get_policy
 
     policy = get_policy(config.precision)
-    model = train.create_model_for(config, data.num_classes)
+    model = train_run.create_model_for(config, data.num_classes)
     optimizer = optimizers.create_optimizer(config, config.train_steps or 10**6)
     # Like the engine, clip the unscaled gradients by their global norm: a
     # LossScaleOptimizer unscales them before its inner optimizer clips.
@@ -272,9 +272,9 @@ def _warm_up(config, data):
     """
     import tensorflow as tf
 
-    from engine import train
+    from engine import train_run
 
-    model = train.create_model_for(config, data.num_classes)
+    model = train_run.create_model_for(config, data.num_classes)
     images, _ = next(iter(data.train_fn()))
 
     @tf.function

@@ -87,11 +87,11 @@ def train_images_per_second(config, data, dataset_fn, steps):
     """Images/s of the engine's inner training loop fed by `dataset_fn`."""
     import tensorflow as tf
 
-    from engine import loop, train
+    from engine import loop, train_run
     from engine.extras import create_train_step
 
     strategy = tf.distribute.get_strategy()
-    state = train.build_state(config, data, strategy)
+    state = train_run.build_state(config, data, strategy)
     step = create_train_step(state.model, state.optimizer, state.loss_scale, config.batch_size)
     train_loop = loop.create_train_loop(strategy, step, state, loop.LoopStats(), config.xla)
     iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))

@@ -16,8 +16,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from engine import files, machine, train
-from engine.actions import checkpointing
+from engine import checkpoints, files, machine, train_run
 from engine.config import ConfigError
 from engine.data import data_config
 from engine.run_paths import same_file
@@ -49,7 +48,7 @@ def output_path(config, model_dir):
             f"{flag} is the input --predict_csv; writing it would replace the list of "
             "images to predict: give another file"
         )
-    directory = checkpointing.checkpoint_dir(model_dir)
+    directory = checkpoints.checkpoint_dir(model_dir)
     if _inside(real, directory):
         raise ConfigError(
             f"{flag} is inside the checkpoint folder {directory}; writing there could "
@@ -86,7 +85,7 @@ def with_run_settings(config, model_dir):
         both its default and the run's value, or no ships folder is known.
     """
     check_trained_on_ships(model_dir)
-    saved = checkpointing.load_config(checkpointing.checkpoint_dir(model_dir)) or {}
+    saved = checkpoints.load_config(checkpoints.checkpoint_dir(model_dir)) or {}
     defaults = {f.name: f.default for f in dataclasses.fields(config)}
     changes = {}
     for name in RUN_FIELDS:
@@ -116,7 +115,7 @@ def check_trained_on_ships(model_dir):
     Only the kind is compared: the ships folder may have moved since training.
     Without config.json (an older run) the restore is the only check, as in training.
     """
-    saved = checkpointing.load_config(checkpointing.checkpoint_dir(model_dir))
+    saved = checkpoints.load_config(checkpoints.checkpoint_dir(model_dir))
     dataset = str((saved or {}).get("dataset", "ships:"))
     if dataset.split(":", 1)[0] != "ships":
         raise ConfigError(
@@ -131,16 +130,16 @@ def restore_model(config, model_dir, num_classes):
     Raises:
       ConfigError: no checkpoint, or one that does not fit `--model`/`--image_size`.
     """
-    directory = checkpointing.checkpoint_dir(model_dir)
+    directory = checkpoints.checkpoint_dir(model_dir)
     # A model at another resolution would restore and predict without a word.
-    checkpointing.check_compatible(config, directory, fields=("model", "image_size"))
-    paths = list(reversed(checkpointing.list_checkpoints(directory)))
+    checkpoints.check_compatible(config, directory, fields=("model", "image_size"))
+    paths = list(reversed(checkpoints.list_checkpoints(directory)))
     if not paths:
         raise ConfigError(
             f"--model_dir={model_dir} has no checkpoint in {directory}; "
             "train first with --mode=train"
         )
-    model = train.create_model_for(config, num_classes)
+    model = train_run.create_model_for(config, num_classes)
     failures = []
     for latest in paths:
         mismatch = None
@@ -151,11 +150,11 @@ def restore_model(config, model_dir, num_classes):
                 # different --model would otherwise predict with random weights.
                 status.assert_existing_objects_matched()
             except (AssertionError, ValueError, tf.errors.InvalidArgumentError) as e:
-                mismatch = checkpointing.first_line(e)
+                mismatch = checkpoints.first_line(e)
             # A truncated file fails wherever its reader runs out of bytes: as in
             # training, a damaged checkpoint is reported and the one before it is used.
             except Exception as e:
-                reason = f"{type(e).__name__}: {checkpointing.first_line(e)}"
+                reason = f"{type(e).__name__}: {checkpoints.first_line(e)}"
                 logging.error("checkpoint %s is damaged or unreadable: %s", latest, reason)
                 failures.append(f"{os.path.basename(latest)}: {reason}")
                 continue
@@ -181,7 +180,7 @@ def _unrestored_values_unlogged():
     model does not hold (optimizer, step, iterator...): some 20 lines of noise
     after the one error line, as only the model is restored on purpose.
     """
-    return checkpointing.tf_log_filtered(
+    return checkpoints.tf_log_filtered(
         lambda record: not (record.module == "checkpoint" and record.funcName == "__del__")
     )
 
