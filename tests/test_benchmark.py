@@ -38,20 +38,49 @@ def test_resnet50_at_96px_costs_about_4_gflop_per_training_image():
     assert 3.8 < gflop < 4.8  # TF's profiler reports ~4.27 for the same model
 
 
-def test_the_inner_loop_is_traced_once_over_many_loops(tmp_path):
-    config = tiny_config(train_steps=12, steps_per_loop=3)
-    data = create_data(data_config(config))
-    strategy = tf.distribute.get_strategy()
-    state = train_run.build_state(config, data, strategy)
-    from engine.extras import create_train_step
+def test_a_run_traces_its_inner_loop_once_and_again_only_where_freeze_steps_rebuilds_it(
+    tmp_path, monkeypatch
+):
+    built = []  # (the tf.function, the loop lengths it ran), per inner loop the run built
+    create_train_loop, create_eval_loop = loop.create_train_loop, loop.create_eval_loop
 
-    step = create_train_step(state.model, state.optimizer, state.loss_scale, config.batch_size)
-    train_loop = loop.create_train_loop(strategy, step, state, loop.LoopStats(), jit_compile=True)
-    iterator = iter(strategy.distribute_datasets_from_function(data.train_fn))
-    for n in (1, 3, 3, 2, 3):  # different loop lengths, one trace
-        train_loop(iterator, tf.constant(n, tf.int32))
-    assert train_loop.experimental_get_tracing_count() == 1
-    assert int(state.step) == 12
+    def kept(*args, **kwargs):
+        function, lengths = create_train_loop(*args, **kwargs), []
+        built.append((function, lengths))
+
+        def train_loop(iterator, num_steps):
+            lengths.append(int(num_steps))
+            return function(iterator, num_steps)
+
+        return train_loop
+
+    evals = []
+
+    def kept_eval(*args, **kwargs):
+        evals.append(create_eval_loop(*args, **kwargs))
+        return evals[-1]
+
+    monkeypatch.setattr(loop, "create_train_loop", kept)
+    monkeypatch.setattr(loop, "create_eval_loop", kept_eval)
+    # Through the real path: four steps an epoch (evals at 4, 8 and 12), saves
+    # every 3 steps, and the step rebuilt over every weight at --freeze_steps=5.
+    config = tiny_config(
+        train_steps=12,
+        steps_per_loop=3,
+        train_examples=64,
+        checkpoint_every=3,
+        freeze_steps=5,
+        xla=True,
+    )
+    assert train.train_and_evaluate(config, str(tmp_path)).steps == 12
+    (frozen, frozen_lengths), (unfrozen, unfrozen_lengths) = built
+    # Loops of several lengths, cut at every eval, save and the boundary...
+    assert frozen_lengths == [1, 2, 1, 1] and unfrozen_lengths == [1, 2, 1, 3]
+    # ...one trace each: the one new trace is the rebuilt step's.
+    assert frozen.experimental_get_tracing_count() == 1
+    assert unfrozen.experimental_get_tracing_count() == 1
+    (eval_loop,) = evals
+    assert eval_loop.experimental_get_tracing_count() == 1  # over the three evals
 
 
 def test_profile_steps_writes_a_trace(tmp_path):

@@ -275,6 +275,23 @@ def _checkpoint_values(config, model_dir, step, num_classes=5):
     return {v.path: v.numpy() for v in model.weights}
 
 
+def _saved_values(model_dir, step):
+    """{key: value} of every value checkpoint ckpt-`step` holds, the input position aside."""
+    path = os.path.join(checkpoints.checkpoint_dir(model_dir), f"ckpt-{step}")
+    reader = tf.train.load_checkpoint(path)
+    # The iterator's state is a variant numpy cannot hold: the step moves it on anyway.
+    keys = {
+        key
+        for key in reader.get_variable_to_shape_map()
+        if key != "_CHECKPOINTABLE_OBJECT_GRAPH" and not key.endswith("ITERATOR_STATE")
+    }
+    return {key: reader.get_tensor(key) for key in keys}
+
+
+def _equal(a, b):
+    return np.asarray(a).shape == np.asarray(b).shape and np.array_equal(a, b)
+
+
 def test_freeze_steps_train_only_the_head_then_every_layer(tmp_path, monkeypatch):
     steps_built = []
     create = train_run.create_train_step
@@ -289,7 +306,7 @@ def test_freeze_steps_train_only_the_head_then_every_layer(tmp_path, monkeypatch
         precision="mixed",
         freeze_steps=4,
         train_steps=8,
-        checkpoint_every=2,
+        checkpoint_every=1,
         keep_checkpoints=10,
         inject_nonfinite="3",
         deterministic=True,
@@ -298,6 +315,23 @@ def test_freeze_steps_train_only_the_head_then_every_layer(tmp_path, monkeypatch
     model_dir = str(tmp_path / "run")
     result = run.run(config, model_dir)
     assert result.skipped_steps == 1
+    # Every value saved after the skipped step 3 as after step 2 (weights, BatchNorm
+    # statistics, Adam's slots and iterations) but the counters and the loss scale.
+    before, after = _saved_values(model_dir, 2), _saved_values(model_dir, 3)
+    assert before.keys() == after.keys()
+    changed = {
+        key.split("/.ATTRIBUTES")[0] for key in before if not _equal(before[key], after[key])
+    }
+    assert changed == {
+        "step",
+        "skipped_steps",
+        "consecutive_skips",
+        "loss_scale/_scale",
+        "loss_scale/good_steps",
+        "save_counter",
+    }
+    assert after["loss_scale/_scale/.ATTRIBUTES/VARIABLE_VALUE"] == 2.0**14
+    assert len(before) > 20  # the model's and the optimizer's values are among them
     # The frozen step's variables are the head's alone: nothing else is updated,
     # checked for finiteness or counted in the gradient norm.
     assert steps_built[0] == [f"{HEAD}/kernel", f"{HEAD}/bias"]

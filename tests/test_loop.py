@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import read_scalars, tiny_config
 
-from engine import loop, train
+from engine import loop, train, train_run
 
 REQUIRED_TAGS = {
     "train/loss",
@@ -47,13 +47,33 @@ def test_xla_and_no_xla_give_the_same_fp32_loss_trajectory(tmp_path):
     np.testing.assert_allclose(compiled, plain, rtol=2e-4)
 
 
-def test_skipped_steps_advance_the_global_step_but_not_the_optimizer(tmp_path):
+def test_skipped_steps_advance_the_global_step_but_not_the_optimizer(tmp_path, monkeypatch):
+    built = []  # (the run's state, every model and optimizer value before training)
+    build_state = train_run.build_state
+
+    def keep(*args):
+        state = build_state(*args)
+        variables = state.model.variables + state.optimizer.variables
+        built.append((state, [v.numpy().copy() for v in variables]))
+        return state
+
+    monkeypatch.setattr(train_run, "build_state", keep)
     # A static scale far beyond float16's range makes every scaled gradient inf.
-    config = tiny_config(precision="mixed", xla=True, loss_scale="1e30", train_steps=4)
+    # No BatchNorm recalibration: it rewrites the moving statistics after training.
+    config = tiny_config(
+        precision="mixed", xla=True, loss_scale="1e30", train_steps=4, bn_recalibration_examples=0
+    )
     result = train.train_and_evaluate(config, str(tmp_path))
     assert result.steps == 4 and result.skipped_steps == 4
     skipped = read_scalars(tmp_path)["train/skipped_steps"]
     assert skipped[-1] == (4, 4.0)
+    ((state, before),) = built
+    assert int(state.step) == 4 and int(state.optimizer.iterations) == 0
+    # Weights, BatchNorm statistics, Adam's slots: as they were built.
+    after = state.model.variables + state.optimizer.variables
+    assert len(after) == len(before)
+    for variable, value in zip(after, before, strict=True):
+        np.testing.assert_array_equal(variable.numpy(), value, err_msg=variable.path)
 
 
 def test_training_is_reproducible_for_a_seed(tmp_path):

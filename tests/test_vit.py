@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import mirrored_check, tiny_config
+from conftest import mirrored_check, read_scalars, read_texts, tiny_config
 
 from engine import train
 from models import create_model
@@ -72,10 +72,18 @@ def test_a_small_vit_trains_in_mixed_precision_without_a_nonfinite_loss(tmp_path
     config = tiny_config(model="vit_test", precision="mixed", xla=True, train_steps=30)
     result = train.train_and_evaluate(config, str(tmp_path / "run"))
     assert math.isfinite(result.train_loss) and math.isfinite(result.eval_loss)
-    # The dynamic scale at work: early steps may overflow at 2**15 and back off,
-    # halving once per skip (no growth within --growth_interval steps).
-    assert result.skipped_steps <= 2
-    assert result.loss_scale == 2.0 ** (15 - result.skipped_steps)
+    # The dynamic scale at work, as BUILD_NOTES.md reports it (and as measured
+    # here): at 2**15 the patch embedding's bias gradient overflows float16 in
+    # step 2, which is skipped; the scale backs off once and training goes on at
+    # 2**14 (no growth within --growth_interval steps). A real overflow, not an
+    # injected one: a step that hid it (say, zeroing non-finite gradients) fails here.
+    scalars = read_scalars(tmp_path / "run")
+    assert scalars["train/nonfinite_events"] == [(2, 1.0)]
+    assert read_texts(tmp_path / "run")["train/nonfinite_variables"] == [
+        (2, "step 2: non-finite gradients in `patch_embedding/bias`")
+    ]
+    assert result.skipped_steps == 1 and result.loss_scale == 2.0**14
+    assert scalars["train/loss_scale"][0] == (1, 2.0**15)
     assert result.train_loss < math.log(5)  # below a uniform guess over five classes: it learns
 
 
