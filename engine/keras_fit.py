@@ -20,7 +20,7 @@ The step, in the engine's order (engine/step.py):
       compile's loss plus `model.losses` (`compute_loss`), scale, gradients,
       cast to float32 and unscale;
   then average the BatchNorm statistics over replicas, sum the gradients over
-      replicas and take ONE finiteness flag on the sums (`check_and_clip`);
+      replicas and take ONE finiteness flag on the sums (`check_finite`);
   7-8, once: apply or skip (putting the snapshot back), update the scale, count
       a skip. Under a mirrored strategy this runs in cross-replica context
       (`merge_call`), where a `tf.cond` around the optimizer is allowed.
@@ -41,7 +41,7 @@ import tensorflow as tf
 
 from engine import precision
 from engine.loss_scale import create_loss_scale
-from engine.step import check_and_clip
+from engine.step import check_finite, sum_over_replicas
 
 
 def _replicated(strategy):
@@ -81,13 +81,6 @@ def _create_loss_scale(policy, spec):
     if spec != "dynamic" and isinstance(spec, str):
         raise ValueError(f'loss_scale={spec!r}: use "dynamic", a positive number or a dict')
     return create_loss_scale(policy, spec)
-
-
-def _sum_over_replicas(grads):
-    ctx = tf.distribute.get_replica_context()
-    if ctx.num_replicas_in_sync == 1:
-        return grads
-    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
 
 
 class LossScaling:
@@ -137,7 +130,8 @@ class LossScaling:
             forward_backward = tf.function(forward_backward, jit_compile=True, autograph=False)
         y_pred, loss, grads, saved_state = forward_backward(x, y, sample_weight)
         self._average_statistics_over_replicas()
-        grads, finite, grad_norm, _ = check_and_clip(_sum_over_replicas(grads))
+        grads = sum_over_replicas(grads)
+        finite, grad_norm, _ = check_finite(grads)
         if self.optimizer.global_clipnorm or self.optimizer.clipnorm:
             # Clipping by an infinite norm gives nan: such a step is skipped, as
             # the engine's own clipping does.
