@@ -5,7 +5,9 @@ generated from the options `engine/config.py` declares. A user mistake (bad
 flag, bad data) is one line on stderr and exit status 2, never a traceback.
 """
 
+import atexit
 import dataclasses
+import gc
 import os
 import signal
 import sys
@@ -125,6 +127,11 @@ def run_main():
     if isinstance(status, str):  # as `sys.exit("message")` prints it
         print(status, file=sys.stderr)
         status = 1
+    # The exit functions run, as at any exit (TensorFlow's remove the autograph
+    # files it wrote to the temporary folder); the collection registered against
+    # a teardown deadlock is not needed, as no teardown follows.
+    atexit.unregister(gc.collect)
+    atexit._run_exitfuncs()
     logging.flush()
     sys.stdout.flush()
     sys.stderr.flush()

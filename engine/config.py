@@ -15,7 +15,7 @@ import dataclasses
 from engine import scopes
 from engine.files import one_line
 
-MODES = ("train", "predict", "compare", "benchmark")
+MODES = ("train", "predict", "compare", "benchmark", "input_benchmark")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
 PRECISIONS = ("auto", "fp32", "mixed", "mixed_bf16")
 MODELS = ("tiny", "small_resnet", "resnet50", "vit_test", "vit_mini", "vit_tiny", "vit_small")
@@ -122,9 +122,32 @@ HEAD_FIRST = scopes.Scope(
 # `--mode=benchmark` times one device's plain training step for each --compare
 # configuration against Keras `fit`, which has none of these options; ignored,
 # they would leave a table that measured something else than asked.
-NOT_BENCHMARK = scopes.Scope("mode", ("train", "predict", "compare"), scopes.not_in_benchmark)
+NOT_BENCHMARK = scopes.Scope(
+    "mode", ("train", "predict", "compare", "input_benchmark"), scopes.not_in_benchmark
+)
+# The benchmark's own choice of its `fit` peer.
+FIT_PEER = scopes.Scope(
+    "mode",
+    ("benchmark",),
+    scopes.applies_only("--mode=benchmark", lambda c: f"--mode={c.mode} runs no fit peer"),
+)
+# The input benchmark's own options: how many images it generates and times.
+PIPELINE_TIMING = scopes.Scope(
+    "mode",
+    ("input_benchmark",),
+    scopes.applies_only("--mode=input_benchmark", lambda c: f"--mode={c.mode} times no pipeline"),
+)
 # The scopes every Config enforces, in this order (FLOAT16_ONLY: see there).
-SCOPES = (PROFILED_RUNS, STARTING_WEIGHTS, HEAD_FIRST, NAMED_SPLITS, COUNTED_CLASSES, NOT_BENCHMARK)
+SCOPES = (
+    PROFILED_RUNS,
+    STARTING_WEIGHTS,
+    HEAD_FIRST,
+    NAMED_SPLITS,
+    COUNTED_CLASSES,
+    NOT_BENCHMARK,
+    FIT_PEER,
+    PIPELINE_TIMING,
+)
 
 
 def option(default, help_text, *, choices=(), scopes=(), resume=False):
@@ -153,7 +176,8 @@ class Config:
 
     mode: str = option(
         "train",
-        "train; predict (needs a trained --model_dir); compare; benchmark.",
+        "train; predict (needs a trained --model_dir); compare; benchmark; input_benchmark "
+        "(the input pipeline's images/s beside the train step's).",
         choices=MODES,
     )
     precision: str = option(
@@ -282,9 +306,27 @@ class Config:
         7, "--mode=benchmark: interleaved fit/engine timed windows per configuration."
     )
     benchmark_steps: int = option(
-        0, "--mode=benchmark: steps per timed window (0 = one loop of --steps_per_loop)."
+        0,
+        "--mode=benchmark: steps per timed window (0 = one loop of --steps_per_loop); "
+        "--mode=input_benchmark: steps per training figure (0 = 40).",
     )
     benchmark_json: str = option("", "--mode=benchmark: write results here.")
+    fit_scaling: str = option(
+        "keras",
+        "--mode=benchmark: the fit peer's loss scaling: keras (its LossScaleOptimizer) or "
+        "engine (engine.keras_fit, the engine's step inside fit).",
+        choices=("keras", "engine"),
+        scopes=[FIT_PEER],
+    )
+    num_images: int = option(
+        3000,
+        "--mode=input_benchmark: generated 210x140 JPEGs to time (with --dataset left at "
+        "its default).",
+        scopes=[PIPELINE_TIMING],
+    )
+    pipeline_batches: int = option(
+        60, "--mode=input_benchmark: batches timed per pipeline figure.", scopes=[PIPELINE_TIMING]
+    )
     profile_steps: str = option(
         "",
         "START,END: write a TensorBoard profile trace of training steps START to END, both "

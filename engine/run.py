@@ -30,7 +30,8 @@ def run(config, model_dir=None):
 
     `model_dir` defaults to `config.model_dir`, else a new `default_model_dir`.
     train: a `train.RunResult`; predict: the CSV's path; compare: [(run name,
-    `train.RunResult`)], one per `--compare` entry; benchmark: the results dict.
+    `train.RunResult`)], one per `--compare` entry; benchmark: the results dict;
+    input_benchmark: its figures.
     The paths it will write are checked first (`engine.preflight.check`).
     """
     model_dir = model_dir or config.model_dir or run_paths.default_model_dir(config)
@@ -39,6 +40,7 @@ def run(config, model_dir=None):
         "predict": predict.predict,
         "compare": compare.compare,
         "benchmark": _benchmark,
+        "input_benchmark": _input_benchmark,
     }
     try:
         preflight.check(config)
@@ -72,3 +74,10 @@ def _benchmark(config, model_dir):
     from engine.modes import benchmark  # only this mode needs it
 
     return benchmark.run_benchmark(config)
+
+
+def _input_benchmark(config, model_dir):
+    del model_dir  # it times the pipeline in a temporary folder and writes no run folder
+    from engine.modes import input_benchmark  # only this mode needs it
+
+    return input_benchmark.run_input_benchmark(config)

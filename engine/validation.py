@@ -121,6 +121,12 @@ def _check_patch_size(config):
 def _check_benchmark_and_profile(config):
     if config.benchmark_repeats < 1 or config.benchmark_steps < 0:
         raise ConfigError("--benchmark_repeats must be >= 1 and --benchmark_steps >= 0")
+    _check_positive_int("pipeline_batches", config.pipeline_batches)
+    if config.mode == "input_benchmark" and config.dataset == "shapes" and config.num_images < 10:
+        raise ConfigError(
+            f"--num_images must be at least 10 (two of each of five classes), got "
+            f"{config.num_images}"
+        )
     if config.benchmark_steps % config.steps_per_loop:
         raise ConfigError(
             f"--benchmark_steps ({config.benchmark_steps}) must be 0 or a multiple of "

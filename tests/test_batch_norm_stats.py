@@ -133,8 +133,9 @@ def _accuracy(predict_fn, data):
 
 
 def test_lagging_statistics_are_mended_in_eval_checkpoint_and_export(tmp_path, monkeypatch):
-    # Issue 19's defect on generated data: a short, fast run (high learning rate)
-    # with Keras Applications' momentum 0.99. Its ResNet50 takes minutes on two
+    # The seed's defect (BatchNorm statistics behind the weights) on generated
+    # data: a short, fast run (high learning rate) with Keras Applications'
+    # momentum 0.99. Its ResNet50 takes minutes on two
     # cores; the small ResNet with the same momentum shows the same lag in seconds.
     create_model_for = train_run.create_model_for
 

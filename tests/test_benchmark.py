@@ -17,7 +17,7 @@ from conftest import ROOT, tiny_config
 from engine import loop, train, train_run
 from engine.config import Config, ConfigError
 from engine.data import data_config
-from engine.modes import benchmark
+from engine.modes import benchmark, benchmark_worker
 from input_pipeline import create_data
 
 
@@ -28,13 +28,13 @@ def test_counted_flops_match_a_hand_count():
     outputs = keras.layers.Dense(5)(x)  # 4*5 MACs
     model = keras.Model(inputs, outputs)
     forward = 2 * (8 * 8 * 4 * 27 + 4 * 5)
-    assert benchmark.count_train_flops_per_example(model) == 3 * forward
+    assert benchmark_worker.count_train_flops_per_example(model) == 3 * forward
 
 
 def test_resnet50_at_96px_costs_about_4_gflop_per_training_image():
     from models import create_model
 
-    gflop = benchmark.count_train_flops_per_example(create_model("resnet50", 5, 96)) / 1e9
+    gflop = benchmark_worker.count_train_flops_per_example(create_model("resnet50", 5, 96)) / 1e9
     assert 3.8 < gflop < 4.8  # TF's profiler reports ~4.27 for the same model
 
 
@@ -147,7 +147,7 @@ def test_bad_profile_steps_are_rejected(spec):
 
 def test_worker_measures_engine_and_fit_rows():
     config = tiny_config(precision="mixed", xla=True, steps_per_loop=2, train_steps=100)
-    rows = benchmark.run_worker(config, graph_rewrite=False, repeats=3, steps=4)
+    rows = benchmark_worker.run_worker(config, graph_rewrite=False, repeats=3, steps=4)
     engine, fit = rows
     assert engine["runner"] == "engine" and fit["runner"] == "keras_fit"
     for row in rows:
@@ -164,6 +164,22 @@ def test_worker_measures_engine_and_fit_rows():
     assert "| engine |" in table and "| keras_fit |" in table
 
 
+def test_the_fit_peer_can_train_with_the_engines_scaling():
+    from engine.keras_fit import LossScaledModel
+
+    config = tiny_config(precision="mixed", initial_scale=256.0, steps_per_loop=2)
+    _, _, model = benchmark_worker._fit_interleaved(
+        config, create_data(data_config(config)), 2, 4, lambda: None, fit_scaling="engine"
+    )
+    assert isinstance(model, LossScaledModel)
+    assert not isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    # The first call, one warm-up execution of --steps_per_loop steps, two windows of 4.
+    assert int(model.optimizer.iterations) == 1 + 2 + 2 * 4
+    assert float(model.loss_scale.value) == 256.0 and int(model.skipped_steps) == 0
+    row = dict(_ROW, runner="keras_fit", fit_scaling="engine", speedup_vs_fp32=1.0, mfu=0.01)
+    assert "| keras_fit (engine scaling) |" in benchmark.format_table([row])
+
+
 def test_fit_and_engine_windows_alternate():
     config = tiny_config(steps_per_loop=2, train_steps=100)
     calls = []
@@ -172,7 +188,7 @@ def test_fit_and_engine_windows_alternate():
         calls.append(time.perf_counter())
         time.sleep(0.2)
 
-    windows, first, model = benchmark._fit_interleaved(
+    windows, first, model = benchmark_worker._fit_interleaved(
         config, create_data(data_config(config)), 3, 4, engine_window
     )
     assert len(windows) == 3 and len(calls) == 3 and first > 0
@@ -218,12 +234,12 @@ def test_a_worker_reports_its_own_peak_memory_not_its_parents():
     # Linux keeps ru_maxrss across fork and exec: a worker started from a parent
     # that once held 400 MB would report at least that.
     held = np.ones(50_000_000)  # 400 MB, touched
-    code = "from engine.modes.benchmark import _peak_rss_mb; print(_peak_rss_mb())"
+    code = "from engine.modes.benchmark_worker import _peak_rss_mb; print(_peak_rss_mb())"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
     )
     assert float(out.stdout) < 200, out.stdout
-    assert benchmark._peak_rss_mb() > 400
+    assert benchmark_worker._peak_rss_mb() > 400
     del held
 
 
@@ -252,8 +268,8 @@ def _fake_benchmark(setup):
     return f"""
 import json, os, signal, sys
 from engine import config as config_lib
-from engine.modes import benchmark
-benchmark.measure_peak_gflops = lambda dtype: 1.0
+from engine.modes import benchmark, benchmark_worker
+benchmark_worker.measure_peak_gflops = lambda dtype: 1.0
 {setup}
 config = config_lib.Config(
     mode="benchmark", model="tiny", dataset="synthetic", image_size=16,
@@ -352,12 +368,13 @@ def _fake_run(monkeypatch, row=None):
     """
     calls = []
 
-    def worker(cfg, rewrite, repeats, steps):
-        calls.append((cfg.precision, cfg.xla, rewrite, repeats, steps))
+    def worker(cfg, rewrite, repeats, steps, fit_scaling):
+        assert cfg.mode == "train" and cfg.fit_scaling == "keras"  # a training run's config
+        calls.append((cfg.precision, cfg.xla, rewrite, repeats, steps, fit_scaling))
         measured = row or dict(_ROW, precision=cfg.precision, xla=cfg.xla)
         return [dict(measured, train_gflop_per_example=0.1)], None
 
-    monkeypatch.setattr(benchmark, "measure_peak_gflops", lambda dtype: 1.0)
+    monkeypatch.setattr(benchmark_worker, "measure_peak_gflops", lambda dtype: 1.0)
     monkeypatch.setattr(benchmark, "_run_worker_process", worker)
     return calls
 
@@ -409,6 +426,10 @@ def test_compare_chooses_the_configurations_to_benchmark(monkeypatch, capsys):
     calls.clear()
     benchmark.run_benchmark(_benchmark_config())  # the default: the whole table
     assert [c[:3] for c in calls] == [c[1:] for c in benchmark.CONFIGURATIONS]
+    assert {c[5] for c in calls} == {"keras"}
+    calls.clear()
+    benchmark.run_benchmark(_benchmark_config(compare="fp32", fit_scaling="engine"))
+    assert [c[5] for c in calls] == ["engine"]  # the worker is told, its config stays a run's
 
 
 def _fit_once(monkeypatch, **overrides):
@@ -422,7 +443,7 @@ def _fit_once(monkeypatch, **overrides):
 
     monkeypatch.setattr(train_run, "create_model_for", create_and_keep)
     config = tiny_config(steps_per_loop=2, train_steps=100, **overrides)
-    _, _, model = benchmark._fit_interleaved(
+    _, _, model = benchmark_worker._fit_interleaved(
         config, create_data(data_config(config)), 1, 2, lambda: None
     )
     return model, initial
@@ -463,13 +484,13 @@ def test_the_reduced_float16_budget_never_exceeds_the_requested_repeats(monkeypa
     monkeypatch.setattr(benchmark, "_is_pathological", lambda *args: True)
     calls = _fake_run(monkeypatch)
     benchmark.run_benchmark(_benchmark_config(compare="mixed"))
-    assert [c[3:] for c in calls] == [(1, 1)]  # --benchmark_repeats=1: one window of one step
+    assert [c[3:5] for c in calls] == [(1, 1)]  # --benchmark_repeats=1: one window of one step
     assert (
         "mixed: too slow on this device for the full budget: 1 window of" in capsys.readouterr().out
     )
     calls.clear()
     benchmark.run_benchmark(_benchmark_config(compare="mixed", benchmark_repeats=7))
-    assert [c[3:] for c in calls] == [(2, 1)]
+    assert [c[3:5] for c in calls] == [(2, 1)]
 
 
 def test_a_negative_overhead_is_shown_as_below_the_noise():
@@ -497,7 +518,7 @@ def test_an_mfu_above_100_percent_is_never_printed_as_a_result():
 
 def test_the_peak_is_the_best_of_before_and_after_the_rows(monkeypatch, tmp_path):
     measured = iter([100.0, 300.0, 200.0, 250.0, 150.0, 50.0])  # fp32, bf16, fp16; twice
-    monkeypatch.setattr(benchmark, "measure_peak_gflops", lambda dtype: next(measured))
+    monkeypatch.setattr(benchmark_worker, "measure_peak_gflops", lambda dtype: next(measured))
     monkeypatch.setattr(benchmark, "_measure_configurations", lambda config, gpu: ([], [], 0))
     config = Config(mode="benchmark", dataset="synthetic", compare="fp32")
     result = benchmark.run_benchmark(config)

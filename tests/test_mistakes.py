@@ -112,6 +112,14 @@ def test_main_fail_prints_one_line_whatever_the_message_holds(capsys):
     assert capsys.readouterr().err == f"error: {FOLDED}\n"
 
 
+def test_a_config_built_in_code_refuses_a_value_outside_its_choices():
+    from engine.config import Config, ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        Config(precision="fp16")
+    assert str(error.value) == "--precision='fp16' is not one of: auto, fp32, mixed, mixed_bf16"
+
+
 # --- the table of mistakes -----------------------------------------------------
 
 MAIN = os.path.join(ROOT, "main.py")
@@ -1105,21 +1113,29 @@ EXPORTS = [
     ),
 ]
 
-OTHER_COMMANDS = [
+INPUT_BENCHMARK = [
     flag(
         "input_benchmark_with_too_few_images",
-        "--num_images=3",
-        "--num_images must be at least 10, got 3",
+        "--mode=input_benchmark --num_images=3",
+        "--num_images must be at least 10 (two of each of five classes), got 3",
         model_dir=False,
-        command=("-m", "engine.modes.input_benchmark"),
     ),
-    # Found after TensorFlow loads, in a process of its own: its flags are not main.py's.
     flag(
+        "fit_peer_outside_the_benchmark",
+        "--mode=compare --fit_scaling=engine",
+        "--fit_scaling applies only to --mode=benchmark; --mode=compare runs no fit peer: drop it",
+    ),
+    flag(
+        "input_benchmark_options_in_training",
+        "--num_images=100 --pipeline_batches=5",
+        "--num_images, --pipeline_batches apply only to --mode=input_benchmark; --mode=train "
+        "times no pipeline: drop them",
+    ),
+    late(
         "input_benchmark_without_its_data",
-        "--dataset=folder:{tmp}/photos",
+        "--mode=input_benchmark --dataset=folder:{tmp}/photos",
         "--dataset=folder:{tmp}/photos: {tmp}/photos/train is not a folder",
         model_dir=False,
-        command=("-m", "engine.modes.input_benchmark"),
     ),
 ]
 
@@ -1134,7 +1150,7 @@ MISTAKES = (
     + STARTING_WEIGHTS
     + PREDICTIONS
     + EXPORTS
-    + OTHER_COMMANDS
+    + INPUT_BENCHMARK
 )
 
 
@@ -1414,7 +1430,11 @@ RAISE_SITES = {
     "engine/validation.py:_check_patch_size#1": ("patch_size_on_a_resnet",),
     "engine/validation.py:_check_patch_size#2": ("patch_size_not_dividing",),
     "engine/validation.py:_check_benchmark_and_profile#1": ("zero_benchmark_repeats",),
-    "engine/validation.py:_check_benchmark_and_profile#2": ("benchmark_steps_across_loops",),
+    "engine/validation.py:_check_benchmark_and_profile#2": ("input_benchmark_with_too_few_images",),
+    "engine/validation.py:_check_benchmark_and_profile#3": ("benchmark_steps_across_loops",),
+    # main.py's flags with choices are enums: absl refuses a bad one first (unknown_model).
+    "engine/validation.py:_check_choice#1": "in-process only: tests/test_mistakes.py::"
+    "test_a_config_built_in_code_refuses_a_value_outside_its_choices",
     "engine/validation.py:_check_rates#1": ("learning_rate_past_float32", "infinite_learning_rate"),
     "engine/validation.py:_check_rates#2": ("infinite_clip_norm", "nan_weight_decay"),
     "engine/validation.py:_check_rates#3": ("beta_2_of_1",),
@@ -1440,8 +1460,6 @@ RAISE_SITES = {
     "engine/validation.py:_check_initialization#1": ("two_starting_weights",),
     "engine/validation.py:_check_initialization#2": ("pretrained_small_resnet",),
     # main.py's flags with choices are enums: absl refuses a bad one first (unknown_model).
-    "engine/validation.py:_check_choice#1": "elsewhere: tests/test_input_benchmark.py::"
-    "test_pipeline_benchmark_refuses_a_bad_flag_in_one_line_before_writing_images",
     "engine/validation.py:_check_positive_int#1": (
         "zero_batch",
         "huge_image_size",
@@ -1477,10 +1495,6 @@ RAISE_SITES = {
     "test_a_json_file_that_cannot_be_written_keeps_the_table (the folder, checked at start-up, "
     "must vanish while the benchmark's TensorFlow workers run: ~10 s each end to end)",
     "engine/modes/compare.py:compare#1": ("compare_export_without_room",),
-    "engine/modes/input_benchmark.py:main#1": ("input_benchmark_with_too_few_images",),
-    "engine/modes/input_benchmark.py:main#2": "elsewhere: tests/test_input_benchmark.py::"
-    "test_pipeline_benchmark_refuses_a_bad_flag_in_one_line_before_writing_images",
-    "engine/modes/input_benchmark.py:main#3": ("input_benchmark_without_its_data",),
     "engine/modes/predict.py:output_path#1": ("default_predictions_csv_a_folder",),
     "engine/modes/predict.py:output_path#2": ("predict_over_its_input",),
     "engine/modes/predict.py:output_path#3": ("predict_into_the_checkpoints",),

@@ -201,7 +201,7 @@ def test_adam_and_adamw_take_beta_2_from_the_config():
 
 
 def test_counted_flops_include_every_token_and_the_attention_products():
-    from engine.modes.benchmark import count_train_flops_per_example
+    from engine.modes.benchmark_worker import count_train_flops_per_example
 
     model = create_model("vit_test", 3, 16)  # 64 tokens of width 32, 2 blocks, MLP 64
     tokens, width, mlp = 64, 32, 64

@@ -1,49 +1,36 @@
-"""Is the input pipeline fast enough? `python -m engine.modes.input_benchmark`.
+"""`--mode=input_benchmark`: is the input pipeline fast enough?
 
-Writes `--num_images` generated 210x140 JPEGs in a temporary ships layout (or
-reads `--dataset`, a folder, ships or TFDS set of your own), then in one run,
-for the same model, batch and image size:
+`python main.py --mode=input_benchmark` writes `--num_images` generated 210x140
+JPEGs in a temporary ships layout (or reads `--dataset`, a folder, ships or TFDS
+set of your own), then in one run, for the same model, batch and image size:
 
   pipeline        images/s of the training pipeline alone, every image read
                   from its file (a TFDS ArrayRecord set: its record), decoded,
                   resized, cropped, flipped and normalised: the streaming path
                   (`--cache=`)
-  pipeline+disk   the same from a decoded cache on disk (`--cache=DIR`, written
-                  first into a temporary folder; on for the generated images)
+  pipeline+disk   the same from a decoded cache on disk (`--cache=DIR`): for the
+                  generated images written first into a temporary folder; for a
+                  set of your own, timed when `--cache` names a folder (written
+                  there as a training run would, and read by the next one)
   pipeline+cache  the same from memory, when `--cache=auto` holds the images there
   train step      images/s of the training loop on one batch repeated (no input cost)
   end to end      images/s of the training loop fed by the default pipeline
 
 and the ratio pipeline / train step: above 1, decoding alone keeps up with the
 step even before the cache helps. Pipeline and step share the same CPU cores,
-so the end-to-end figure is lower than both on a small machine.
+so the end-to-end figure is lower than both on a small machine. Each pipeline
+figure times `--pipeline_batches` batches; each training figure
+`--benchmark_steps` steps (0: 40). `--precision=auto` is decided as for training.
 """
 
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import logging
 
-flags.DEFINE_integer("num_images", 3000, "Generated 210x140 JPEGs.")
-flags.DEFINE_string("dataset", "", "A data set of your own (folder:, ships:, tfds:) instead.")
-flags.DEFINE_string("data_dir", "", "Where TFDS finds tfds: sets (default: its own).")
-flags.DEFINE_string("model", "small_resnet", "Model (see --model of main.py).")
-flags.DEFINE_integer("image_size", 32, "Input height and width.")
-flags.DEFINE_integer("batch_size", 64, "Batch size.")
-flags.DEFINE_string("precision", "fp32", "auto, fp32, mixed or mixed_bf16.")
-flags.DEFINE_bool("xla", False, "Compile the training step with XLA.")
-flags.DEFINE_bool(
-    "disk_cache",
-    None,
-    "Also time --cache=DIR: writes the decoded training images into the temporary folder "
-    "(default: on for the generated images, off for --dataset).",
-)
-flags.DEFINE_integer("pipeline_batches", 60, "Batches timed for each pipeline figure.")
-flags.DEFINE_integer("train_steps", 40, "Steps timed for each training figure.")
-FLAGS = flags.FLAGS
+from engine import config as config_lib
 
 CATEGORIES = 5
 
@@ -102,78 +89,59 @@ def train_images_per_second(config, data, dataset_fn, steps):
     return steps * config.batch_size / (time.perf_counter() - start)
 
 
-def _fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+TRAIN_STEPS = 40  # timed per training figure when --benchmark_steps is 0
 
 
-def main(argv):
-    del argv
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-    from engine.config import Config, ConfigError
+def generated(config):
+    """Whether the run times generated JPEGs: `--dataset` left at its in-memory default."""
+    return config.dataset == config_lib.defaults()["dataset"]
 
-    if FLAGS.num_images < 2 * CATEGORIES and not FLAGS.dataset:
-        _fail(f"--num_images must be at least {2 * CATEGORIES}, got {FLAGS.num_images}")
+
+def run_input_benchmark(config):
+    """Writes the images (unless `--dataset` names a set), measures, prints the figures."""
+    from engine import machine
+
     with tempfile.TemporaryDirectory() as root:
-        try:  # before writing any image
-            config = Config(
-                dataset=FLAGS.dataset or f"ships:{root}",
-                data_dir=FLAGS.data_dir,
-                model=FLAGS.model,
-                image_size=FLAGS.image_size,
-                batch_size=FLAGS.batch_size,
-                precision=FLAGS.precision,
-                xla=FLAGS.xla,
-                train_steps=FLAGS.train_steps,
-                eval_fraction=0.1,
-            )
-        except ConfigError as e:
-            _fail(str(e))
-        from engine import machine
-
-        config = machine.resolve(config, root)  # --precision=auto, as main.py would
-
-        if not FLAGS.dataset:
+        if generated(config):
             start = time.perf_counter()
-            write_ship_tree(root, FLAGS.num_images)
+            write_ship_tree(root, config.num_images)
             took = time.perf_counter() - start
-            print(f"wrote {FLAGS.num_images} 210x140 JPEGs in {took:.1f} s")
-        from input_pipeline import DataError
-
-        try:
-            figures = _measure(config, root)
-        except DataError as e:
-            _fail(str(e))
-
+            logging.info("wrote %d 210x140 JPEGs in %.1f s", config.num_images, took)
+            config = config.replace(dataset=f"ships:{root}")
+            disk_cache = os.path.join(root, "decoded-cache") + "/"
+            os.makedirs(disk_cache)
+        else:
+            disk_cache = config.cache if config.cache not in ("", "auto", "memory") else None
+        config = machine.resolve(config.replace(cache="auto", eval_fraction=0.1), root)
+        figures = _measure(config, disk_cache)
     _report(config, *figures)
+    return figures
 
 
-def _measure(config, root):
+def _measure(config, disk_cache):
     """(streamed, disk cache or None, memory or None, train step, end to end) images/s."""
     from engine.data import data_config
     from input_pipeline import create_data
 
-    batch = config.batch_size
+    batch, batches = config.batch_size, config.pipeline_batches
+    steps = config.benchmark_steps or TRAIN_STEPS
     uncached = create_data(data_config(config).replace(cache=""))
-    decode = pipeline_images_per_second(uncached.train_fn(), FLAGS.pipeline_batches, batch)
+    decode = pipeline_images_per_second(uncached.train_fn(), batches, batch)
     on_disk = None
-    if FLAGS.disk_cache or (FLAGS.disk_cache is None and not FLAGS.dataset):
-        folder = os.path.join(root, "decoded-cache")
-        os.makedirs(folder)
+    if disk_cache:
         start = time.perf_counter()
-        train = create_data(data_config(config).replace(cache=folder + "/")).train_fn()
-        print(f"wrote the decoded cache on disk in {time.perf_counter() - start:.1f} s")
-        on_disk = pipeline_images_per_second(train, FLAGS.pipeline_batches, batch)
+        train = create_data(data_config(config).replace(cache=disk_cache)).train_fn()
+        logging.info("decoded cache on disk ready in %.1f s", time.perf_counter() - start)
+        on_disk = pipeline_images_per_second(train, batches, batch)
     data = create_data(data_config(config))
     cached = None
     if data.cache == "memory":
         # Untimed: one epoch and a bit, so any warm-up is over.
         warmup = data.train_size // batch + 2
-        train = data.train_fn()
-        cached = pipeline_images_per_second(train, FLAGS.pipeline_batches, batch, warmup)
+        cached = pipeline_images_per_second(data.train_fn(), batches, batch, warmup)
     one_batch = lambda ctx: data.train_fn(ctx).take(1).cache().repeat()
-    step = train_images_per_second(config, data, one_batch, FLAGS.train_steps)
-    end_to_end = train_images_per_second(config, data, data.train_fn, FLAGS.train_steps)
+    step = train_images_per_second(config, data, one_batch, steps)
+    end_to_end = train_images_per_second(config, data, data.train_fn, steps)
     return decode, on_disk, cached, step, end_to_end
 
 
@@ -199,7 +167,3 @@ def _report(config, decode, on_disk, cached, step, end_to_end):
     if cached is not None:
         ratio += f", {cached / step:.1f}x cached"
     print(f"ratio pipeline / train step: {ratio}")
-
-
-if __name__ == "__main__":
-    app.run(main)
