@@ -30,3 +30,36 @@ def test_readme_and_build_notes_stay_within_their_sizes():
     assert len(_read("README.md")) <= 12_000
     assert len(_read("BUILD_NOTES.md")) <= 32_000
     assert not re.search(r"\bsession [0-9]+", _read("BUILD_NOTES.md"), re.I)
+
+
+def test_the_layout_table_names_every_engine_module():
+    section = _read("docs/reference.md").split("## Layout", 1)[1]
+    modules = sorted(
+        os.path.relpath(os.path.join(d, f), os.path.join(ROOT, "engine"))
+        for d, _, names in os.walk(os.path.join(ROOT, "engine"))
+        for f in names
+        if f.endswith(".py") and f != "__init__.py"
+    )
+    assert len(modules) > 30
+    missing = [m for m in modules if os.path.splitext(os.path.basename(m))[0] not in section]
+    assert missing == []
+
+
+def _slug(heading):
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^a-z0-9 _-]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_between_the_docs_reaches_a_file_and_a_heading():
+    docs = ["README.md", "BUILD_NOTES.md", *(f"docs/{f}" for f in os.listdir(f"{ROOT}/docs"))]
+    checked = 0
+    for doc in docs:
+        for target, anchor in re.findall(r"\]\(([\w./]+\.md)?#?([\w-]*)\)", _read(doc)):
+            path = os.path.normpath(os.path.join(os.path.dirname(doc), target)) if target else doc
+            assert os.path.exists(os.path.join(ROOT, path)), (doc, target)
+            if anchor:
+                headings = re.findall(r"^#+ (.*)$", _read(path), re.M)
+                assert anchor in {_slug(h) for h in headings}, (doc, target, anchor)
+                checked += 1
+    assert checked > 10
+    assert _slug("Transfer with `--init_from`") == "transfer-with---init_from"
