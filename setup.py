@@ -21,7 +21,7 @@ setup(
         "pillow>=10.0",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6", "pytest-timeout>=2.3"],
+        "test": ["pytest>=8", "ruff>=0.6", "pytest-timeout>=2.3", "pytest-xdist>=3.5"],
     },
     entry_points={"console_scripts": ["mixed-precision-train=main:run_main"]},
 )

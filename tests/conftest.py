@@ -8,6 +8,8 @@ import subprocess
 import sys
 import tempfile
 
+import pytest
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Processes the tests kill cannot delete their temporary files (autograph's
 # generated modules, a few dozen per process): the processes this session
@@ -130,6 +132,12 @@ def tiny_config(**overrides):
 
 
 _MIRRORED_RESULTS = {}
+
+
+# The tests that read the mirrored checks: under pytest-xdist (`-n 2 --dist
+# loadgroup`, as .ci/run runs the suite) they share one worker, so the checks'
+# process starts once.
+MIRRORED = pytest.mark.xdist_group("mirrored")
 
 
 def mirrored_check(*args):

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import mirrored_check, tiny_config
+from conftest import MIRRORED, mirrored_check, tiny_config
 
 from engine import train, train_run
 from engine.actions import batch_norm_stats
@@ -183,6 +183,7 @@ def test_lagging_statistics_are_mended_in_eval_checkpoint_and_export(tmp_path, m
     assert abs(exported - result.eval_accuracy) <= 1 / 256  # float32 export of the same model
 
 
+@MIRRORED
 @pytest.mark.parametrize("xla", ["noxla", "xla"])
 def test_mirrored_replicas_hold_identical_statistics_of_both_replicas_batches(xla):
     result = mirrored_check("bn_recalibration", xla)

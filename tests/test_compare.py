@@ -10,6 +10,9 @@ from engine import loop, train
 from engine.config import Config
 from engine.modes import compare
 
+# Its module fixture runs once: under pytest-xdist, its tests share one worker.
+pytestmark = pytest.mark.xdist_group("compare")
+
 CONFIGURATIONS = ("fp32", "mixed-xla", "mixed_bf16")
 # An epoch is 8 steps: with fewer, the only eval is the final one.
 TINY = ["--model=tiny", "--image_size=16", "--batch_size=8", "--steps_per_loop=2"]

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, mirrored_check
+from conftest import MIRRORED, ROOT, mirrored_check
 from image_trees import make_folder_tree
 
 TINY = [
@@ -27,6 +27,7 @@ TINY = [
 ]
 
 
+@MIRRORED
 @pytest.mark.parametrize("xla", ["noxla", "xla"])
 @pytest.mark.parametrize("poisoned", [0, 1])
 def test_one_replica_nonfinite_both_replicas_skip_and_back_off_once(poisoned, xla):
@@ -41,6 +42,7 @@ def test_one_replica_nonfinite_both_replicas_skip_and_back_off_once(poisoned, xl
     assert result["identical_across_replicas"] and result["unchanged"]
 
 
+@MIRRORED
 def test_documented_difference_keras_decides_on_replica_0_alone():
     # Pins what BUILD_NOTES.md reports of Keras 3's LossScaleOptimizer: if this
     # starts failing, Keras changed and the notes must change with it.
@@ -51,6 +53,7 @@ def test_documented_difference_keras_decides_on_replica_0_alone():
     assert bad_second["scale"] == [1024.0] * 2  # and never backed off
 
 
+@MIRRORED
 def test_two_replicas_match_one_device_on_the_concatenated_batch():
     result = mirrored_check("matches_single_device")
     assert result["changed"]  # the step did update the weights
@@ -77,6 +80,7 @@ def _train(args, env=None):
     return stderr
 
 
+@MIRRORED
 @pytest.mark.parametrize("devices", [2, 1])
 def test_mixed_xla_trains_end_to_end_under_mirrored(devices):
     # One replica too (MirroredStrategy on a one-GPU machine): its variables are
@@ -85,6 +89,7 @@ def test_mixed_xla_trains_end_to_end_under_mirrored(devices):
     assert result == {"replicas": devices, "steps": 6, "finite_loss": True}
 
 
+@MIRRORED
 def test_a_replica_left_without_eval_examples_counts_none():
     # 3 eval images in batches of 8 over two replicas: one replica gets all three
     # and the other an empty batch, which a convolution used to reject.
@@ -169,6 +174,7 @@ def two_worker_runs(tmp_path_factory):
     return logs, tmp_path / "run", written
 
 
+@pytest.mark.xdist_group("two_workers")  # one cluster run, shared
 def test_two_workers_end_identical_and_only_the_chief_writes(two_worker_runs):
     logs, model_dir, _ = two_worker_runs
     for steps, (chief, other) in logs.items():
@@ -183,6 +189,7 @@ def test_two_workers_end_identical_and_only_the_chief_writes(two_worker_runs):
     assert list((model_dir / "checkpoints").glob("ckpt-4.index"))
 
 
+@pytest.mark.xdist_group("two_workers")  # one cluster run, shared
 def test_two_workers_write_one_file_cache_on_their_first_run(two_worker_runs):
     # Each worker caches its own shard. The run-start image batch used to
     # decode and cache the whole set in every worker, all into one file name.

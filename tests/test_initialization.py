@@ -20,6 +20,9 @@ from input_pipeline import preprocessing, ships
 from models import create_model, weights
 from models.inputs import CaffeInput
 
+# Its module fixture runs once: under pytest-xdist, its tests share one worker.
+pytestmark = pytest.mark.xdist_group("initialization")
+
 HEAD = weights.HEAD
 
 

@@ -18,6 +18,9 @@ from engine.extras import create_train_step
 from engine.keras_fit import LossScaledModel, compile_for_fit
 from engine.loss_scale import DynamicLossScale, NoOpLossScale
 
+# Its module fixture runs once: under pytest-xdist, its tests share one worker.
+pytestmark = pytest.mark.xdist_group("keras_fit")
+
 BATCH = 8
 SCALE = {"initial_scale": 2.0**10, "growth_interval": 4}
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)

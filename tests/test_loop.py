@@ -84,12 +84,13 @@ def test_training_is_reproducible_for_a_seed(tmp_path):
 
 def test_mixed_reaches_fp32_accuracy_on_shapes(tmp_path):
     # Tolerance 0.05: both should be near-perfect on shapes after a short run;
-    # documented in BUILD_NOTES.md.
+    # documented in BUILD_NOTES.md. Measured at 597339b+ (AMD EPYC): 100 steps give
+    # 0.973 (fp32) and 0.961 (mixed + XLA), 150 steps 0.996 and 0.996.
     common = dict(
         model="small_resnet",
         image_size=24,
         batch_size=32,
-        train_steps=150,
+        train_steps=100,
         steps_per_loop=50,
         train_examples=2048,
         eval_examples=256,

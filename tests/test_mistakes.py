@@ -39,6 +39,9 @@ import pytest
 from conftest import ROOT
 from image_trees import corrupt, make_folder_tree, make_ships_tree, write_csv
 
+# Its module fixture runs once: under pytest-xdist, its tests share one worker.
+pytestmark = pytest.mark.xdist_group("mistakes")
+
 # --- one line by construction --------------------------------------------------
 
 # A message as a library may write it: indented lines, blank ones, CR LF and

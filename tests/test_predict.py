@@ -21,6 +21,9 @@ from engine.modes import predict
 from input_pipeline.preprocessing import DataError
 from models import create_model
 
+# Its module fixture runs once: under pytest-xdist, its tests share one worker.
+pytestmark = pytest.mark.xdist_group("predict")
+
 
 def _main(*args, timeout=300):
     return run_main(*args, timeout=timeout)
@@ -184,7 +187,7 @@ def test_predict_falls_back_from_a_damaged_checkpoint(tmp_path, caplog):
     data_file = tmp_path / "run" / "checkpoints" / "ckpt-2.data-00000-of-00001"
     data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
     config = trained.replace(mode="predict", predict_csv=f"{root}/test.csv", model_dir=run_dir)
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="absl"):
         path = predict.predict(config, run_dir)
     messages = [r.getMessage() for r in caplog.records]
     assert any("ckpt-2 is damaged or unreadable" in m for m in messages), messages

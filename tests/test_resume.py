@@ -278,7 +278,7 @@ def test_a_stop_during_start_up_without_model_dir_names_the_folder(
         "error: stopped by SIGTERM; checkpoints already written are kept: "
         f"rerun with --model_dir={named} to resume"
     )
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="absl"):
         again = (*QUICK, "--train_steps=6", f"--model_dir={named}", "--verbosity=0")
         assert main_in_process(*again) == 0
     assert any(r.getMessage().startswith("done: 6 steps") for r in caplog.records)
@@ -353,7 +353,7 @@ def test_a_stop_during_the_final_eval_or_export_exits_128_n_and_a_rerun_finishes
     # An eval that finished wrote its metrics before the export began.
     assert ("final/eval_accuracy" in scalars) == (during == "export")
     # The same command again: nothing to train; the eval, its metrics and the export.
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="absl"):
         assert main_in_process(*args) == 0
     messages = [r.getMessage() for r in caplog.records]
     assert "already trained to step 4 of 4: nothing to train" in messages

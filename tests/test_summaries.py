@@ -17,6 +17,9 @@ from image_trees import make_folder_tree
 
 from engine import train
 
+# Its module fixture runs once: under pytest-xdist, its tests share one worker.
+pytestmark = pytest.mark.xdist_group("summaries")
+
 RUN = "mixed-xla"
 # Summaries every 3 steps (loops of at most 2): written at 1 (the first loop), 3, 6 and 7.
 # Steps 2 and 5 get nan gradients in the `logits` layer only.

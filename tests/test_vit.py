@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import mirrored_check, read_scalars, read_texts, tiny_config
+from conftest import MIRRORED, mirrored_check, read_scalars, read_texts, tiny_config
 
 from engine import train
 from models import create_model
@@ -134,6 +134,7 @@ def test_patch_size_sets_the_token_grid_and_is_checked():
             tiny_config(image_size=32, **flags)
 
 
+@MIRRORED
 def test_mirrored_replicas_agree_to_skip_with_a_vit():
     result = mirrored_check("skip_agreement", "1", "vit_test")  # replica 1's batch poisoned
     assert result["replicas"] == 2 and result["skipped"] == 1 and result["scale"] == 2.0**14
