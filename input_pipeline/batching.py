@@ -140,8 +140,9 @@ def train_batches(
     options.deterministic = deterministic
     # Fixed parallelism and prefetch, no autotuning: destroying an iterator waits
     # for its autotuning thread's current pass, which took 3 to 40 s at the end
-    # of a run on a busy 2-core machine (the process could not end). The fixed
-    # values streamed as fast (engine.modes.input_benchmark, BUILD_NOTES "Data").
+    # of a run on a busy 2-core machine (the process could not end). The cost,
+    # paired against autotuning on shared cores (BUILD_NOTES "Data pipeline"):
+    # 0.88-0.99x of its streamed images/s, still ~8x what the step consumes.
     options.autotune.enabled = False
     # Not `experimental_symbolic_checkpoint`: it would also drop the few batches
     # in flight from the checkpoint, but it cut the end-to-end throughput of the

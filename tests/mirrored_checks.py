@@ -197,13 +197,18 @@ def _train_under(strategy, **flags):
     from unittest import mock
 
     from engine import train
+
+    with mock.patch.object(distribute, "create_strategy", lambda *args: strategy):
+        return train.train_and_evaluate(_config(**flags), tempfile.mkdtemp())
+
+
+def _config(**flags):
+    """A tiny mirrored run's `Config`, `flags` over the defaults."""
     from engine.config import Config
 
     base = dict(model="tiny", image_size=16, batch_size=16, train_examples=128)
     base |= dict(eval_examples=64, eval_batch_size=32, steps_per_loop=3)
-    config = Config(**(base | {"strategy": "mirrored"} | flags))
-    with mock.patch.object(distribute, "create_strategy", lambda *args: strategy):
-        return train.train_and_evaluate(config, tempfile.mkdtemp())
+    return Config(**(base | {"strategy": "mirrored"} | flags))
 
 
 def trains_end_to_end(devices):
@@ -221,12 +226,15 @@ def trains_end_to_end(devices):
 
 
 def eval_with_an_empty_replica():
-    """3 eval images in batches of 8 over two replicas: one replica gets none."""
+    """3 eval images in batches of 8 over two replicas: one replica gets none.
+
+    Returns the run's eval accuracy and the one computed apart: its last
+    checkpoint restored into a model of its own, on one device.
+    """
     from image_trees import make_folder_tree
 
     root = make_folder_tree(os.path.join(tempfile.mkdtemp(), "data"), per_class=10)
-    result = _train_under(
-        STRATEGY,
+    flags = dict(
         dataset=f"folder:{root}",
         eval_fraction=0.1,  # 30 images, 3 for eval
         precision="fp32",
@@ -235,8 +243,34 @@ def eval_with_an_empty_replica():
         eval_batch_size=8,
         train_steps=2,
         steps_per_loop=1,
+        bn_recalibration_examples=0,  # the checkpoint holds the statistics eval used
     )
-    return {"steps": result.steps, "eval_accuracy": result.eval_accuracy}
+    result = _train_under(STRATEGY, **flags)
+    accuracy, count = _evaluated_apart(_config(**flags), result.model_dir)
+    return {
+        "steps": result.steps,
+        "eval_accuracy": result.eval_accuracy,
+        "accuracy_apart": accuracy,
+        "eval_count": count,
+    }
+
+
+def _evaluated_apart(config, model_dir):
+    """(accuracy, examples) of `model_dir`'s last checkpoint on the eval set, one device."""
+    from engine import checkpoints, train_run
+    from engine.data import data_config
+    from input_pipeline import create_data
+
+    data = create_data(data_config(config))
+    model = train_run.create_model_for(config, data.num_classes)
+    latest = tf.train.latest_checkpoint(checkpoints.checkpoint_dir(model_dir))
+    tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+    correct = count = 0
+    for images, labels in data.eval_fn():
+        predicted = tf.argmax(model(images, training=False), -1, output_type=labels.dtype)
+        correct += int(tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.int32)))
+        count += int(tf.size(labels))
+    return correct / count, count
 
 
 # Every check the tests read: (function, its arguments as the command line gives them).

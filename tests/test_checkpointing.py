@@ -532,3 +532,7 @@ def test_a_data_set_reached_through_a_symbolic_link_resumes(tmp_path, monkeypatc
     directory = str(tmp_path / "run" / "checkpoints")
     checkpoints.check_compatible(tiny_config(dataset=f"folder:{tmp_path}/link/data"), directory)
     checkpoints.check_compatible(tiny_config(dataset=f"folder:{tmp_path}/real/data"), directory)
+    # The comparison is made: another folder is refused.
+    (tmp_path / "other").mkdir()
+    with pytest.raises(ConfigError, match="--dataset"):
+        checkpoints.check_compatible(tiny_config(dataset=f"folder:{tmp_path}/other"), directory)

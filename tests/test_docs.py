@@ -63,3 +63,18 @@ def test_every_link_between_the_docs_reaches_a_file_and_a_heading():
                 checked += 1
     assert checked > 10
     assert _slug("Transfer with `--init_from`") == "transfer-with---init_from"
+
+
+def _flags_in(text):
+    return {name for name in re.findall(r"`--(\w+)`", text)}
+
+
+def test_the_reference_lists_the_flags_a_resume_must_match_and_the_benchmark_refuses():
+    from engine import config
+
+    reference = _read("docs/reference.md")
+    resume = re.search(r"A one-line error \(exit 2\) if different:(.*?)\.\n", reference, re.S)
+    assert _flags_in(resume.group(1)) == set(config.RESUME_FIELDS)
+    refused = re.search(r"Refused in one line:(.*?)\. Flags about", reference, re.S)
+    # "(use `--compare`)" names where precision and XLA are chosen instead.
+    assert _flags_in(refused.group(1)) - {"compare"} == set(config.BENCHMARK_REFUSED_FLAGS)

@@ -11,7 +11,7 @@ from image_trees import make_folder_tree
 
 from engine import train
 from engine.data import data_config
-from input_pipeline import create_data
+from input_pipeline import create_data, preprocessing, records
 
 MB = 1 << 20
 
@@ -80,6 +80,43 @@ def test_each_epoch_is_a_new_permutation_of_every_example():
     assert len(set(first)) == 48  # every example once in epoch 1...
     assert sorted(first) == sorted(second)  # ...and again in epoch 2,
     assert first != second  # in another order.
+
+
+def test_a_disk_cache_trains_without_decoding_and_reads_each_batch_from_its_file(
+    tmp_path, monkeypatch
+):
+    # --cache=DIR: "no decoding, nothing held in memory". Once the cache is
+    # written, a pipeline that could not decode an image still gives the memory
+    # cache's batches, and every example it gives is read from the file then.
+    root = make_folder_tree(tmp_path / "data", per_class=4)
+    (tmp_path / "cache").mkdir()
+    config = tiny_config(dataset=f"folder:{root}", batch_size=8, deterministic=True)
+    on_disk = config.replace(cache=f"{tmp_path}/cache/")
+    create_data(data_config(on_disk)).train_fn()  # writes the cache
+    expected = [x.numpy() for x, _ in create_data(data_config(config)).train_fn().take(4)]
+
+    reads = []
+    open_records = records.open_records
+
+    class Counted:  # the cache file's records, each read counted
+        def __init__(self, source):
+            self.source = source
+
+        def __getitem__(self, index):
+            reads.append(index)
+            return self.source[index]
+
+    def no_decoding(*args):
+        raise AssertionError("an image was decoded")
+
+    monkeypatch.setattr(records, "open_records", lambda *args: Counted(open_records(*args)))
+    monkeypatch.setattr(preprocessing, "decode_and_resize", no_decoding)
+    train_fn = create_data(data_config(on_disk)).train_fn
+    assert reads == []  # nothing read (or held) before the batches are asked for
+    batches = [x.numpy() for x, _ in train_fn().take(4)]
+    assert len(reads) >= 4 * 8
+    for a, b in zip(batches, expected, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_file_cache_is_written_at_start_up_and_gives_the_memory_cache_batches(tmp_path):
