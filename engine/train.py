@@ -117,7 +117,7 @@ def create_actions(config, run, writer, profiler):
         run.eval_loop,
         run.eval_data,
         writer,
-        train_run.steps_per_epoch(config, run.data),
+        train_run.steps_per_epoch(config.batch_size, run.data),
         run.recalibrate,
     )
     actions = [
@@ -183,7 +183,13 @@ def _finish(config, run, writer, actions, step, stop):
         skipped = int(run.state.skipped_steps.numpy())
         summaries.write_final_eval(writer, step, evaluation.accuracy, skipped)
         if config.export_dir:
-            _export(config, run.write_dir, run.state.model, run.data.pixel_range)
+            _export(
+                config.export_dir,
+                config.image_size,
+                run.write_dir,
+                run.state.model,
+                run.data.pixel_range,
+            )
     result = RunResult(
         model_dir=run.model_dir,
         steps=step,
@@ -224,10 +230,10 @@ def _write_run_start(writer, config, run):
     return shown_images, shown_labels
 
 
-def _export(config, write_dir, model, pixel_range):
+def _export(export_dir, image_size, write_dir, model, pixel_range):
     # Every worker saves, the others into a temporary folder; the chief's counts.
-    export_dir = config.export_dir if write_dir.chief else write_dir.path + "/export"
-    export.export_saved_model(model, config.image_size, pixel_range, export_dir)
+    export_dir = export_dir if write_dir.chief else write_dir.path + "/export"
+    export.export_saved_model(model, image_size, pixel_range, export_dir)
     logging.info("exported a float32 SavedModel to %s", export_dir)
 
 

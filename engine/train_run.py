@@ -130,12 +130,12 @@ def check_batch_sizes(config, num_replicas):
         )
 
 
-def steps_per_epoch(config, data):
-    return max(data.train_size // config.batch_size, 1)
+def steps_per_epoch(batch_size, data):
+    return max(data.train_size // batch_size, 1)
 
 
 def total_train_steps(config, data):
-    return config.train_steps or config.epochs * steps_per_epoch(config, data)
+    return config.train_steps or config.epochs * steps_per_epoch(config.batch_size, data)
 
 
 def build_run(config, model_dir):
@@ -164,7 +164,9 @@ def build_run(config, model_dir):
 
         return iter(strategy.distribute_datasets_from_function(train_fn))
 
-    restored = _restore_or_start(config, model_dir, strategy, state, data, new_iterator, resume)
+    restored = _restore_or_start(
+        config.keep_checkpoints, model_dir, strategy, state, data, new_iterator, resume
+    )
     start_step = int(state.step.numpy())
     # Frozen until --freeze_steps (a resume past it starts unfrozen); see `freezing`.
     freezing.set_frozen(state.model, start_step < config.freeze_steps)
@@ -213,7 +215,7 @@ def _strategy_and_data(config):
     return strategy, data, strategy.distribute_datasets_from_function(data.eval_fn)
 
 
-def _restore_or_start(config, model_dir, strategy, state, data, new_iterator, resume):
+def _restore_or_start(keep_checkpoints, model_dir, strategy, state, data, new_iterator, resume):
     """The iterator, checkpoint, manager and write folder; restored when resuming.
 
     Returns the `TrainRun` fields they fill, as a dict.
@@ -226,7 +228,7 @@ def _restore_or_start(config, model_dir, strategy, state, data, new_iterator, re
     # Only the chief writes to model_dir; other workers write to a temporary
     # folder, deleted at the end, and here if restoring fails.
     write_dir = distribute.WriteDir(model_dir, strategy)
-    manager = checkpoints.create_manager(checkpoint, write_dir.path, config.keep_checkpoints)
+    manager = checkpoints.create_manager(checkpoint, write_dir.path, keep_checkpoints)
     last_good, saved_step = None, None  # the checkpoint a failure falls back to
     if resume:
         # Every worker restores the chief's checkpoint, which all of them can read.

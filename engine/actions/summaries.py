@@ -172,13 +172,13 @@ def markdown_table(header, rows):
     return "\n".join(lines)
 
 
-def environment(config, device):
+def environment(precision, xla, device):
     return {
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "device": device,
-        "precision": config.precision,
-        "xla": config.xla,
+        "precision": precision,
+        "xla": xla,
     }
 
 
@@ -186,7 +186,7 @@ def write_run_start(writer, config, device):
     """Step 0: the resolved configuration, the environment and the HParams entry."""
     fields = [(f.name, getattr(config, f.name)) for f in dataclasses.fields(config)]
     writer.text(0, "run/config", markdown_table(["flag", "value"], fields))
-    env = environment(config, device)
+    env = environment(config.precision, config.xla, device)
     writer.text(0, "run/environment", markdown_table(["component", "value"], env.items()))
     writer.hparams(config)
     writer.layout()
