@@ -1,0 +1,79 @@
+"""Run in a fresh process by tests/test_float8.py: two logical CPUs need a new runtime.
+
+`python tests/float8_mirrored_check.py` prints one JSON line: for each place `commit`
+can run (in cross-replica context outside and inside the strategy's scope, and in
+replica context), what the two replicas hold. Replica 1's inputs are 100 times
+replica 0's. With `commit` in replica context, each replica's forward and backward
+pass is compiled by XLA, as the engine's are (once is enough, and XLA is slow to compile).
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from engine import distribute, float8
+
+
+def copies(strategy, var):
+    return [c.numpy() for c in strategy.experimental_local_results(var)]
+
+
+def check(strategy, context):
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((4, 8))
+        hidden = keras.layers.Dense(16, activation="relu", name="first")(inputs)
+        model = keras.Model(inputs, keras.layers.Dense(8, name="second")(hidden))
+        recipe = float8.DelayedScaling(amax_history=4)
+        quantized = float8.quantize_model(model, recipe)
+
+    @tf.function(jit_compile=context == "replica")
+    def compute(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model(x, training=True) ** 2)
+        return tape.gradient(loss, model.trainable_variables)
+
+    def replica_step(x):
+        compute(x)
+        if context == "replica":
+            recipe.commit(tf.constant(True))
+
+    @tf.function
+    def step(x):
+        strategy.run(replica_step, args=(x,))
+        if context == "cross":
+            recipe.commit(tf.constant(True))
+        elif context == "scope":
+            with strategy.scope():
+                recipe.commit(tf.constant(True))
+
+    base = tf.random.stateless_normal([2, 4, 8], [0, 1])
+    x = strategy.experimental_distribute_values_from_function(
+        lambda ctx: base * 100.0**ctx.replica_id_in_sync_group
+    )
+    step(x)
+    pending = copies(strategy, recipe.pending)
+    step(x)  # the second step's scales come from the first step's history
+    histories = copies(strategy, recipe.state.amax_history)
+    scales = copies(strategy, recipe.state.scale)
+    return {
+        "quantized": quantized,
+        "pending_differ": not np.array_equal(pending[0], pending[1]),
+        "histories_identical": np.array_equal(histories[0], histories[1]),
+        "scales_identical": np.array_equal(scales[0], scales[1]),
+        "history_is_max": np.array_equal(histories[0][..., 0], np.maximum(*pending)),
+        "scales_moved": bool((scales[0] != 1.0).all()),
+    }
+
+
+if __name__ == "__main__":
+    mirrored = distribute.create_strategy("mirrored", 2)  # before any op starts the runtime
+    results = {c: check(mirrored, c) for c in ("cross", "scope", "replica")}
+    print(json.dumps({"replicas": mirrored.num_replicas_in_sync, **results}))
