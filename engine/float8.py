@@ -33,12 +33,15 @@ finite (delayed: the previous scale, as Keras). The recipes share one interface,
               of 128 is padded with zeros, which change no amax: a smaller last tile.
 
 Choices. Operands are dequantized to float32 and summed in float32 (TF 2.21's
-`matmul(output_type=float32)` of bfloat16 runs under XLA only); the kernel is
-quantized from its float32 master copy (one rounding; dW comes back float32).
-Scales are rounded down to a power of two, making the dequantize exact, only with
-`power_of_two=True`: the anchor does not round. Statistics count each tensor once
-a step (block: the tiles for y and dx, and the smallest tile scale, which is what a
-per-tensor scale would be).
+`matmul(output_type=float32)` of bfloat16 runs under XLA only). Measured on the
+2-core EPYC at ViT-mini size (x [64, 16, 128], W [128, 512]), a step's three float32
+matmuls take what bfloat16's do under XLA (5.4 ms) and 4.9 against 2.7 ms without.
+The kernel is quantized from its float32 master copy (one rounding; dW comes back
+float32). Scales are rounded down to a power of two, making the dequantize exact,
+only with `power_of_two=True`: the anchor does not round. Statistics count each
+tensor once a step (block: the tiles for y and dx, and the smallest tile scale, what
+a per-tensor scale would be); they cost ~3 of that Dense step's 11 ms under XLA:
+`statistics=False` drops them.
 
 Replicas. Delayed scales are state carried across steps: `commit` takes the max of
 the pending amaxes over replicas, so all replicas keep one history and quantize with
@@ -256,7 +259,6 @@ class CurrentScaling(NoFloat8):
         return dequantized
 
     def _scale(self, amax, fmt, index, kind):
-        del index, kind
         return scale_from_amax(amax, fmt.max, self.margin, self.power_of_two)
 
     def _record(self, index, kind, amax, scale, counts):
@@ -301,7 +303,6 @@ class DelayedScaling(CurrentScaling):
         self.pending = tf.Variable(tf.zeros([n, 3]), name="pending_amax", **_ON_READ)
 
     def _scale(self, amax, fmt, index, kind):
-        del amax, fmt
         return self.state.scale[index, kind]
 
     def _record(self, index, kind, amax, scale, counts):
@@ -343,11 +344,10 @@ class BlockScaling(CurrentScaling):
     formats = (E4M3, E4M3, E4M3)
 
     def _forward(self, x2, w, index, record):
-        del index
         return self._tiles(x2, (1, TILE), 0, record), self._tiles(w, (TILE, TILE), 1, record)
 
     def _backward(self, dy2, x2, qx, qw, index, record):
-        del qx, index  # dW contracts over M: x and dy are tiled down the columns for it
+        # dW sums over M: x and dy are tiled down the columns for it, not as for y and dx.
         unrecorded = lambda *args: None
         return (
             self._tiles(dy2, (1, TILE), 2, record),
@@ -398,12 +398,9 @@ def default_predicate(layer):
 def quantize_model(model, recipe, predicate=default_predicate):
     """Makes the matmuls of `model`'s selected Dense layers (nested ones too) float8, in place.
 
-    Only each layer's `call` changes: weights, names, config and checkpoints stay
-    Keras'. Call it on a built model, under the strategy scope the model was
-    built in; a recipe serves one model. `NoFloat8` leaves the model as it is.
-
-    Returns:
-      The number of layers quantized (0: the model has none to quantize).
+    Only each layer's `call` changes: weights, names, config and checkpoints stay Keras'.
+    Call it on a built model, in the strategy scope it was built in; a recipe serves one
+    model. Returns the number of layers quantized (0: none; `NoFloat8` quantizes none).
     """
     if type(recipe) is NoFloat8:
         return 0

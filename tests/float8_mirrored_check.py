@@ -63,6 +63,7 @@ def check(strategy, context):
     step(x)  # the second step's scales come from the first step's history
     histories = copies(strategy, recipe.state.amax_history)
     scales = copies(strategy, recipe.state.scale)
+    statistics = recipe.read_and_reset()
     return {
         "quantized": quantized,
         "pending_differ": not np.array_equal(pending[0], pending[1]),
@@ -70,6 +71,11 @@ def check(strategy, context):
         "scales_identical": np.array_equal(scales[0], scales[1]),
         "history_is_max": np.array_equal(histories[0][..., 0], np.maximum(*pending)),
         "scales_moved": bool((scales[0] != 1.0).all()),
+        # Statistics combine the replicas' copies, and a read resets every copy.
+        "statistics_amax_is_max": bool(
+            statistics["float8/inputs_amax"] == np.maximum(*pending)[:, 0].max()
+        ),
+        "statistics_reset": recipe.read_and_reset() == {},
     }
 
 

@@ -519,4 +519,6 @@ def test_replicas_agree_on_the_delayed_scales():
             "scales_identical": True,
             "history_is_max": True,
             "scales_moved": True,
+            "statistics_amax_is_max": True,
+            "statistics_reset": True,
         }, context
