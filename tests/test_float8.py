@@ -381,10 +381,7 @@ def test_an_injected_huge_activation_is_clipped_and_counted_never_nan():
     x = np.full([2, 5, 32], 0.5, np.float32)
     x[0, 0, :2] = [1e6, np.inf]
     dx, dw, db = _train_step(model, recipe)(tf.constant(x), tf.constant(True))
-    assert all(
-        np.isfinite(g.numpy()[np.isfinite(x)] if g.shape == x.shape else g).all()
-        for g in (dx, dw, db)
-    )
+    assert all(np.isfinite(g.numpy()).all() for g in (dx, dw, db))
     assert np.isfinite(model(tf.constant(x)).numpy()).all()
     stats = recipe.read_and_reset()
     assert stats["float8/inputs_clipped_fraction"] == pytest.approx(2 / x.size)
