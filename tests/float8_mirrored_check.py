@@ -2,7 +2,8 @@
 
 `python tests/float8_mirrored_check.py` prints one JSON line: for each place `commit`
 can run (in cross-replica context outside and inside the strategy's scope, and in
-replica context), what the two replicas hold. Replica 1's inputs are 100 times
+replica context), what the two replicas hold; then the same for the engine's own
+multi-replica step and inner loop on the test ViT (`engine`). Replica 1's inputs are 100 times
 replica 0's. With `commit` in replica context, each replica's forward and backward
 pass is compiled by XLA, as the engine's are (once is enough, and XLA is slow to compile).
 """
@@ -79,7 +80,44 @@ def check(strategy, context):
     }
 
 
+def check_engine_step(strategy):
+    """The engine's own replica step and inner loop (`cross_replica_update` commits), 2 steps."""
+    from engine import loop
+    from engine.loss_scale import NoOpLossScale
+    from engine.step import TrainStep
+    from models import create_model
+
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        model = create_model("vit_test", 3, 16, "mixed_bfloat16", fused_batch_norm=False)
+        recipe = float8.DelayedScaling(amax_history=4)
+        float8.quantize_model(model, recipe)
+        optimizer = keras.optimizers.Adam()
+        optimizer.build(model.trainable_variables)
+        state = loop.TrainState(model, optimizer, NoOpLossScale(), recipe)
+    step = TrainStep(model, optimizer, state.loss_scale, 8, float8=recipe)
+    train_loop = loop.create_train_loop(strategy, step, state, loop.LoopStats(), False)
+    # Replica 1's half of the batch is 100 times replica 0's.
+    images = (
+        tf.random.stateless_uniform([8, 16, 16, 3], [0, 1])
+        * tf.repeat([1.0, 100.0], 4)[:, None, None, None]
+    )
+    labels = tf.constant([0, 1, 2, 0, 1, 2, 0, 1])
+    data = tf.data.Dataset.from_tensors((images, labels)).repeat()
+    train_loop(iter(strategy.experimental_distribute_dataset(data)), tf.constant(2))
+    histories = copies(strategy, recipe.state.amax_history)
+    scales = copies(strategy, recipe.state.scale)
+    return {
+        "steps": int(state.step.numpy()),
+        "histories_identical": np.array_equal(histories[0], histories[1]),
+        "scales_identical": np.array_equal(scales[0], scales[1]),
+        "two_amaxes_each": bool(((histories[0] > 0).sum(-1) == 2).all()),
+        "scales_moved": bool((scales[0] != 1.0).all()),
+    }
+
+
 if __name__ == "__main__":
     mirrored = distribute.create_strategy("mirrored", 2)  # before any op starts the runtime
     results = {c: check(mirrored, c) for c in ("cross", "scope", "replica")}
-    print(json.dumps({"replicas": mirrored.num_replicas_in_sync, **results}))
+    engine_step = check_engine_step(mirrored)
+    print(json.dumps({"replicas": mirrored.num_replicas_in_sync, **results, "engine": engine_step}))

@@ -1,5 +1,6 @@
 """Float8: the formats against ml_dtypes, the recipes, their state, and Keras' float8 Dense."""
 
+import collections
 import json
 import os
 import re
@@ -11,7 +12,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import ROOT
+from conftest import ROOT, tiny_config
 
 from engine import float8
 from engine.float8 import E4M3, E5M2
@@ -508,6 +509,13 @@ def test_replicas_agree_on_the_delayed_scales():
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result.pop("replicas") == 2
+    assert result.pop("engine") == {
+        "steps": 2,
+        "histories_identical": True,
+        "scales_identical": True,
+        "two_amaxes_each": True,  # both steps committed, in cross-replica context
+        "scales_moved": True,
+    }
     for context, found in result.items():
         assert found == {
             "quantized": 2,
@@ -519,3 +527,96 @@ def test_replicas_agree_on_the_delayed_scales():
             "statistics_amax_is_max": True,
             "statistics_reset": True,
         }, context
+
+
+# --- in the engine: --precision=mixed_fp8 ---------------------------------------
+
+
+def _fp8_config(**overrides):
+    """A few float8 steps of the test ViT, delayed scaling, a constant rate: any budget
+    trains the same first steps, so a shorter run is a stopped one."""
+    base = dict(model="vit_test", precision="mixed_fp8", fp8_recipe="delayed")
+    base |= dict(fp8_amax_history=4, lr_schedule="constant", deterministic=True)
+    return tiny_config(**base, **overrides)
+
+
+def _saved(model_dir):
+    """Every tensor of the newest checkpoint but the iterator's, by name."""
+    reader = tf.train.load_checkpoint(os.path.join(model_dir, "checkpoints"))
+    names = reader.get_variable_to_shape_map()
+    return {n: reader.get_tensor(n) for n in names if not n.startswith("iterator")}
+
+
+@pytest.fixture(scope="module")
+def delayed_runs(tmp_path_factory):
+    """(folder, result) of 6 steps uninterrupted, and of 3 steps resumed to 6."""
+    from engine import train
+
+    root = tmp_path_factory.mktemp("fp8")
+    whole = train.train_and_evaluate(_fp8_config(train_steps=6), str(root / "whole"))
+    train.train_and_evaluate(_fp8_config(train_steps=3), str(root / "resumed"))
+    resumed = train.train_and_evaluate(_fp8_config(train_steps=6), str(root / "resumed"))
+    return (root / "whole", whole), (root / "resumed", resumed)
+
+
+def test_a_stopped_and_resumed_delayed_run_matches_the_uninterrupted_one_bit_for_bit(
+    delayed_runs,
+):
+    (whole_dir, whole), (resumed_dir, resumed) = delayed_runs
+    assert (resumed.steps, resumed.trained_steps, whole.trained_steps) == (6, 3, 6)
+    expected, actual = _saved(whole_dir), _saved(resumed_dir)
+    history = expected["float8/amax_history/.ATTRIBUTES/VARIABLE_VALUE"]
+    assert history.shape == (8, 3, 4) and (history > 0).all()  # 8 layers x 3 kinds, 4 steps
+    assert (expected["float8/scale/.ATTRIBUTES/VARIABLE_VALUE"] != 1.0).all()  # scales moved
+    assert sorted(actual) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(actual[name], value, err_msg=name)
+    assert resumed.weights_digest == whole.weights_digest
+
+
+def test_a_float8_run_writes_every_statistic_described_in_its_float8_group(delayed_runs):
+    from conftest import read_scalars
+    from tensorboard.backend.event_processing import plugin_event_accumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+
+    (whole_dir, _), _ = delayed_runs
+    scalars = read_scalars(whole_dir)
+    assert "data/skipped_images" not in scalars  # none skipped: not written
+    tags = {tag for tag in scalars if tag.startswith("float8/")}
+    assert tags == set(float8.DESCRIPTIONS)
+    for kind in float8.KINDS:
+        steps, amaxes = zip(*scalars[f"float8/{kind}_amax"], strict=True)
+        assert steps[-1] == 6 and all(a > 0 for a in amaxes)  # written at every summary
+        assert all(0 <= f <= 1 for _, f in scalars[f"float8/{kind}_underflow_fraction"])
+    acc = plugin_event_accumulator.EventAccumulator(str(whole_dir), size_guidance={"tensors": 0})
+    acc.Reload()
+    for tag in tags:
+        assert acc.SummaryMetadata(tag).summary_description == float8.DESCRIPTIONS[tag]
+    (event,) = acc.Tensors(metadata.CONFIG_SUMMARY_TAG)
+    layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    assert [c.title for c in layout.category] == ["Mixed precision", "Training", "Float8"]
+
+
+def test_the_engines_compiled_vit_step_converts_to_float8_in_front_of_every_quantized_dot():
+    from engine.loss_scale import NoOpLossScale
+    from engine.step import TrainStep
+
+    model = create_model("vit_test", 3, 16, "mixed_bfloat16", fused_batch_norm=False)
+    recipe = float8.create_recipe("current")
+    assert float8.quantize_model(model, recipe) == 8  # 2 blocks: qkv, out, mlp1, mlp2
+    optimizer = keras.optimizers.Adam()
+    optimizer.build(model.trainable_variables)
+    step = TrainStep(model, optimizer, NoOpLossScale(), 4, float8=recipe)
+    compiled = tf.function(step, jit_compile=True, autograph=False)
+    images = tf.random.stateless_uniform([4, 16, 16, 3], [0, 0], minval=-1, maxval=1)
+    labels = tf.constant([0, 1, 2, 0])
+    hlo = compiled.experimental_get_compiler_ir(images, labels)(stage="optimized_hlo")
+    operand_types = collections.Counter(
+        tuple(sorted("+".join(sorted(types)) for types in dot))
+        for dot in _float8_types_of_dot_operands(hlo)
+        if any(dot)
+    )
+    # Per quantized layer: y from two E4M3 operands, dx and dW each from E5M2 dy and E4M3;
+    # the attention products and the head have no float8 operand.
+    assert operand_types == {("f8e4m3fn", "f8e4m3fn"): 8, ("f8e4m3fn", "f8e5m2"): 16}
+    assert np.isfinite(compiled(images, labels)["grad_norm"].numpy())
