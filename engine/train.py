@@ -213,7 +213,8 @@ def _finish(config, run, writer, actions, step, stop):
 def _write_run_start(writer, config, run):
     """Step-0 summaries: config, environment, flagfile, one input batch (returned)."""
     model_dir, data = run.write_dir.path, run.data
-    writer.scalars(0, {"data/skipped_images": data.skipped_images})
+    if data.skipped_images:  # TensorBoard's first cards: a lone 0 would open the Time Series
+        writer.scalars(0, {"data/skipped_images": data.skipped_images})
     # An absolute path: replayed from another folder, the flagfile resumes this run.
     resolved = config.replace(model_dir=os.path.abspath(model_dir))
     summaries.write_flagfile(resolved, model_dir)

@@ -49,7 +49,8 @@ DESCRIPTIONS = {
     "(--bn_recalibration_examples).",
     "eval/accuracy": "Accuracy on the eval split, BatchNorm statistics recomputed first "
     "(--bn_recalibration_examples).",
-    "data/skipped_images": "Images left out because they could not be decoded (--skip_bad_images).",
+    "data/skipped_images": "Images left out because they could not be decoded "
+    "(--skip_bad_images); written only when some were.",
     "final/eval_accuracy": "Eval accuracy at the end of training (the HParams metric).",
     "final/examples_per_sec": "Training examples per second over the run, first step excluded.",
     "final/skipped_steps": "Skipped steps over the whole run.",
