@@ -15,7 +15,7 @@ import sys
 from absl import app, flags, logging
 
 from engine import config as config_lib
-from engine import preflight, run_paths
+from engine import families, preflight, run_paths
 from engine.files import one_line
 
 _DEFINE = {
@@ -43,7 +43,7 @@ FLAGS = flags.FLAGS
 def config_from_flags():
     """Builds the validated `Config` from the parsed flags (`~` in paths expanded).
 
-    Options not given take the model family's defaults (`config_lib.FAMILY_DEFAULTS`).
+    Options not given take the model family's defaults (`families.FAMILY_DEFAULTS`).
     """
     fields = dataclasses.fields(config_lib.Config)
     config = config_lib.Config(
@@ -53,7 +53,7 @@ def config_from_flags():
         }
     )
     given = {field.name for field in fields if FLAGS[field.name].present}
-    return config_lib.with_family_defaults(config, given)
+    return families.with_family_defaults(config, given)
 
 
 def _parse_flags(argv):
@@ -76,7 +76,7 @@ def main(argv):
         _fail(f"unexpected arguments {argv[1:]}; flags look like --name=value")
     try:
         config = config_from_flags()
-        config.check_loss_scale_flags()  # the command line's own run only (see there)
+        config.check_precision_flags()  # the command line's own run only (see there)
         preflight.check(config)  # run.run checks again; here before TensorFlow loads
     except config_lib.ConfigError as e:
         _fail(str(e))

@@ -6,7 +6,8 @@ plus `config.json`, the configuration of the run that wrote the first checkpoint
 The root object has these children, so any of them can be restored alone
 (`tf.train.Checkpoint(model=model).restore(path).expect_partial()`):
   model, optimizer, loss_scale, step, skipped_steps, consecutive_skips, iterator, and
-  `random` for a model that draws random numbers (`random_states`).
+  `random` for a model that draws random numbers (`random_states`), `float8` for a float8
+  recipe that keeps state (the delayed one's amax histories and scales).
 `iterator` is the training `tf.data` iterator: its stream position and the few batches
 in flight (the pipelines are index-based, see `input_pipeline/batching.py`: the data
 itself is not in it), so a resumed run sees exactly the batches it would have seen.
@@ -64,6 +65,8 @@ def create_checkpoint(state, iterator=None):
     random = random_states(state.model)
     if random:
         children["random"] = random
+    if state.float8.state.variables:
+        children["float8"] = state.float8.state
     if isinstance(iterator, tf.__internal__.tracking.Trackable):
         children["iterator"] = iterator
     elif iterator is not None:
@@ -464,7 +467,7 @@ def _restore(checkpoint, path, new_iterator=None):
     if not hasattr(checkpoint, "iterator"):
         checkpoint.restore(path).assert_existing_objects_matched()
         return
-    names = STATE_CHILDREN + (("random",) if hasattr(checkpoint, "random") else ())
+    names = STATE_CHILDREN + tuple(n for n in ("random", "float8") if hasattr(checkpoint, n))
     state_only = tf.train.Checkpoint(**{n: getattr(checkpoint, n) for n in names})
     saved = {name.split("/")[0] for name, _ in tf.train.list_variables(path)}
     if "iterator" not in saved:

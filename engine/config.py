@@ -17,7 +17,8 @@ from engine.files import one_line
 
 MODES = ("train", "predict", "compare", "benchmark", "input_benchmark")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
-PRECISIONS = ("auto", "fp32", "mixed", "mixed_bf16")
+PRECISIONS = ("auto", "fp32", "mixed", "mixed_bf16", "mixed_fp8")
+FP8_RECIPES = ("current", "delayed", "block")  # engine/float8.py's
 MODELS = ("tiny", "small_resnet", "resnet50", "vit_test", "vit_mini", "vit_tiny", "vit_small")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
@@ -30,24 +31,6 @@ SPLIT_DATASETS = ("tfds:", "folder:")
 DEFAULT_COMPARE = "fp32,fp32+xla,mixed,mixed+xla,mixed_bf16,mixed_bf16+xla"
 
 FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32
-# Where the defaults above would train a model family worse, its own, taken for every
-# option the command line does not give (`with_family_defaults`). ViTs: the usual ViT
-# recipe, AdamW with weight decay, a lower peak rate after a warm-up, gradients clipped
-# at norm 1, a squared-gradient average over ~100 steps rather than Keras' ~1,000,
-# which outlast a short run (mixed + XLA, 600 steps: 0.901 against 0.847), and four
-# times the generated examples, as a ViT, without a CNN's locality, overfits 4,096.
-# Measured on vit_mini, mixed_bf16: 0.8955 eval accuracy against 0.825 with the ResNets'.
-FAMILY_DEFAULTS = {
-    "vit": {
-        "optimizer": "adamw",
-        "learning_rate": 2e-3,
-        "weight_decay": 0.05,
-        "warmup_steps": 60,
-        "clip_norm": 1.0,
-        "beta_2": 0.99,
-        "train_examples": 16384,
-    },
-}
 
 
 class ConfigError(ValueError):
@@ -63,7 +46,7 @@ class ConfigError(ValueError):
 
 # The dynamic loss scale's options: only float16 (`--precision=mixed`) has one.
 # Enforced apart from `SCOPES`, for the command line's own training run only
-# (`Config.check_loss_scale_flags`): --mode=compare and --mode=benchmark share one
+# (`Config.check_precision_flags`): --mode=compare and --mode=benchmark share one
 # set of flags over several precisions, and give them to their float16 runs alone.
 FLOAT16_ONLY = scopes.Scope(
     "precision",
@@ -75,6 +58,22 @@ FLOAT16_ONLY = scopes.Scope(
             if c.precision == "auto"
             else f"--precision={c.precision} has no loss scale"
         ),
+    ),
+)
+# The float8 options (only mixed_fp8 has float8 matmuls): enforced apart, as FLOAT16_ONLY.
+FLOAT8_ONLY = scopes.Scope(
+    "precision",
+    ("mixed_fp8",),
+    scopes.applies_only(
+        "--precision=mixed_fp8", lambda c: f"--precision={c.precision} has no float8 matmuls"
+    ),
+)
+PRECISION_SCOPES = (FLOAT16_ONLY, FLOAT8_ONLY)
+DELAYED_FLOAT8 = scopes.Scope(
+    "fp8_recipe",
+    ("delayed",),
+    scopes.applies_only(
+        "--fp8_recipe=delayed", lambda c: f"--fp8_recipe={c.fp8_recipe} keeps no amax history"
     ),
 )
 NAMED_SPLITS = scopes.Scope(
@@ -137,8 +136,9 @@ PIPELINE_TIMING = scopes.Scope(
     ("input_benchmark",),
     scopes.applies_only("--mode=input_benchmark", lambda c: f"--mode={c.mode} times no pipeline"),
 )
-# The scopes every Config enforces, in this order (FLOAT16_ONLY: see there).
+# The scopes every Config enforces, in this order (PRECISION_SCOPES: see FLOAT16_ONLY).
 SCOPES = (
+    DELAYED_FLOAT8,
     PROFILED_RUNS,
     STARTING_WEIGHTS,
     HEAD_FIRST,
@@ -182,8 +182,9 @@ class Config:
     )
     precision: str = option(
         "auto",
-        "fp32; mixed = float16 compute + loss scaling; mixed_bf16 = bfloat16 compute; auto: "
-        "what is fast and correct on this machine, logged and recorded with the run.",
+        "fp32; mixed = float16 compute + loss scaling; mixed_bf16 = bfloat16 compute; "
+        "mixed_fp8 = mixed_bf16 + float8 matmuls in the ViT blocks; auto: what is fast and "
+        "correct on this machine, logged and recorded with the run.",
         choices=PRECISIONS,
         scopes=[NOT_BENCHMARK],
         resume=True,
@@ -239,6 +240,20 @@ class Config:
     min_scale: float = option(1.0, "Lower bound of the dynamic loss scale.", scopes=[FLOAT16_ONLY])
     max_scale: float = option(
         2.0**24, "Upper bound of the dynamic loss scale.", scopes=[FLOAT16_ONLY]
+    )
+    fp8_recipe: str = option(
+        "current",
+        "--precision=mixed_fp8's scaling: current (per tensor, from its amax now), delayed "
+        "(from --fp8_amax_history steps of amaxes) or block (per 1x128 tile, 128x128 block).",
+        choices=FP8_RECIPES,
+        scopes=[FLOAT8_ONLY],
+        resume=True,
+    )
+    fp8_amax_history: int = option(
+        1024,
+        "--fp8_recipe=delayed: steps of amaxes each scale is taken from (Keras' 1024).",
+        scopes=[FLOAT8_ONLY, DELAYED_FLOAT8],
+        resume=True,
     )
     clip_norm: float = option(0.0, "Clip unscaled gradients to this global norm (0 = off).")
     label_smoothing: float = option(
@@ -435,23 +450,25 @@ class Config:
 
         validate(self)
 
-    def check_loss_scale_flags(self):
-        """Refuses loss-scale flags given to a training run that has no loss scale.
+    def check_precision_flags(self):
+        """Refuses a precision's own flags given to a training run of another precision.
 
-        Only `--precision=mixed` (float16) scales the loss. Elsewhere the flags
-        would be ignored, yet recorded with the run, and a resume without them
-        refused. Called for the command line's own training run: compare and
-        benchmark runs share one set of flags over several precisions.
+        Only `--precision=mixed` (float16) scales the loss, only `mixed_fp8` has
+        float8 matmuls. Elsewhere their flags would be ignored, yet recorded with
+        the run, and a resume without them refused. Called for the command line's
+        own training run: compare and benchmark runs share one set of flags over
+        several precisions.
         """
         from engine.validation import refuse_out_of_scope
 
         if self.mode == "train":
-            refuse_out_of_scope(self, [FLOAT16_ONLY])
+            refuse_out_of_scope(self, PRECISION_SCOPES)
 
-    def without_loss_scale_flags(self):
-        """A copy with every loss-scale flag at its default."""
+    def without_other_precisions_flags(self):
+        """A copy with the flags of every precision but its own at their defaults."""
         default = defaults()
-        return self.replace(**{name: default[name] for name in LOSS_SCALE_FLAGS})
+        names = [n for s in PRECISION_SCOPES if not s.covers(self.precision) for n in options_in(s)]
+        return self.replace(**{name: default[name] for name in names})
 
     def replace(self, **changes):
         """A validated copy with `changes` applied."""
@@ -464,6 +481,7 @@ def options_in(scope):
 
 
 LOSS_SCALE_FLAGS = options_in(FLOAT16_ONLY)
+FLOAT8_FLAGS = options_in(FLOAT8_ONLY)
 SPLIT_FLAGS = options_in(NAMED_SPLITS)
 BENCHMARK_REFUSED_FLAGS = options_in(NOT_BENCHMARK)
 # What a resumed run must match in the checkpoints' config.json; any other
@@ -480,18 +498,3 @@ def applies(name, settings):
 def defaults():
     """Every field's default, by name: what a flag left unset holds."""
     return {f.name: f.default for f in dataclasses.fields(Config)}
-
-
-def model_family(model):
-    """ "vit" for the Vision Transformers, "resnet" for the rest."""
-    return "vit" if model.startswith("vit_") else "resnet"
-
-
-def with_family_defaults(config, given):
-    """`config` with its model family's `FAMILY_DEFAULTS` for every option not in `given`.
-
-    `given` holds the names of the options the user set (main.py: the flags present
-    on the command line or in a flagfile); a `Config` built in code keeps its values.
-    """
-    family = FAMILY_DEFAULTS.get(model_family(config.model), {})
-    return config.replace(**{k: v for k, v in family.items() if k not in given})

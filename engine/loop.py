@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from engine import distribute
+from engine.float8 import NoFloat8
 from engine.step import TrainStep
 
 
@@ -27,14 +28,16 @@ class TrainState(tf.Module):
     """Everything that defines where training is: the checkpointable state.
 
     The loss scale is a field, so its scale and good-step counter are saved and
-    restored with the weights and the optimizer slots.
+    restored with the weights and the optimizer slots; so is the float8 recipe,
+    whose `state` (the delayed recipe's amax histories and scales) a checkpoint holds.
     """
 
-    def __init__(self, model, optimizer, loss_scale):
+    def __init__(self, model, optimizer, loss_scale, float8=None):
         super().__init__(name="train_state")
         self.model = model
         self.optimizer = optimizer
         self.loss_scale = loss_scale
+        self.float8 = float8 or NoFloat8()
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         self.skipped_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped")
         # The current run of skipped steps; checkpointed so the divergence guard

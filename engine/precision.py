@@ -13,6 +13,8 @@ class Policy:
       compute_dtype: dtype of activations and matmuls inside the model.
       variable_dtype: dtype of the weights (always float32 here).
       loss_scaling: whether float16's narrow range needs a loss scale.
+      float8: whether the Transformer blocks' matmuls run on float8 operands
+        (`engine.float8`, its recipe chosen by `--fp8_recipe`).
     """
 
     name: str
@@ -20,6 +22,7 @@ class Policy:
     compute_dtype: str
     variable_dtype: str
     loss_scaling: bool
+    float8: bool = False
 
 
 POLICIES = {
@@ -27,6 +30,11 @@ POLICIES = {
     "mixed": Policy("mixed", "mixed_float16", "float16", "float32", loss_scaling=True),
     # bfloat16 has float32's exponent range: gradients cannot underflow, so no scale.
     "mixed_bf16": Policy("mixed_bf16", "mixed_bfloat16", "bfloat16", "float32", loss_scaling=False),
+    # mixed_bf16, and float8 operands in the ViT blocks' matmuls: the scaling is float8's
+    # own, per tensor (or tile), in `engine.float8`; the loss needs none.
+    "mixed_fp8": Policy(
+        "mixed_fp8", "mixed_bfloat16", "bfloat16", "float32", loss_scaling=False, float8=True
+    ),
 }
 
 

@@ -12,7 +12,8 @@ The numerical order of a mixed-precision step, in one place:
   7. apply the update, or skip it: a skipped step leaves every weight, every
      optimizer slot, the optimizer's iteration count and the BatchNorm moving
      statistics bit-identical
-  8. update the loss scale (grow, count or back off), in the graph
+  8. update the loss scale (grow, count or back off) and the float8 recipe's
+     delayed scales, in the graph: a skipped step leaves the latter as they were
 
 What a skipped step does to the counters (and is tested):
   * the engine's global step advances: it counts batches consumed, so the data
@@ -37,6 +38,8 @@ function (fused kernels). Off, each is absent from the step, not an `if` inside 
 
 import keras
 import tensorflow as tf
+
+from engine.float8 import NoFloat8
 
 
 def cross_entropy(labels, logits):
@@ -117,6 +120,8 @@ class TrainStep:
         results join the step's outputs (measured before the scale updates).
       micro_batches: optional `(gradients, images, labels) -> (grads, loss,
         correct)` that runs stages 1-4 (`gradients`) once per micro-batch.
+      float8: the recipe of the model's float8 matmuls (`engine.float8`), committed
+        at stage 8; default `NoFloat8`, which does nothing.
 
     Every call returns a dict with `loss` (this replica's share of the mean
     loss), `correct` (int32 count), `finite` (bool), `grad_norm` (unscaled,
@@ -136,6 +141,7 @@ class TrainStep:
         scaled_gradients_hook=None,
         observers=(),
         micro_batches=None,
+        float8=None,
     ):
         self.model, self.optimizer, self.loss_scale = model, optimizer, loss_scale
         self.global_batch_size = global_batch_size
@@ -145,6 +151,7 @@ class TrainStep:
         self.scaled_gradients_hook = scaled_gradients_hook or (lambda grads, variables: grads)
         self.observers = tuple(observers)
         self.micro_batches = micro_batches
+        self.float8 = float8 or NoFloat8()
         self.trainable = model.trainable_variables
         # BatchNorm moving statistics are written by the forward pass itself, so a
         # skipped step must put them back (a nan batch would otherwise poison them).
@@ -164,6 +171,7 @@ class TrainStep:
             lambda: self._restore(saved_state),
         )
         self.loss_scale.update(finite)  # 8
+        self.float8.commit(finite)  # 8
         # Which gradients held an inf or a nan: all True when the step is applied.
         return out | dict(
             finite=finite, grad_norm=grad_norm, finite_per_variable=tensor_finite | finite
@@ -230,6 +238,7 @@ class TrainStep:
             lambda: strategy.extended.call_for_each_replica(self._restore, (out["saved_state"],)),
         )
         self.loss_scale.update(finite)  # 8
+        self.float8.commit(finite)  # 8
 
     # --- helpers ---
 

@@ -187,7 +187,7 @@ def _finish(config, run, writer, actions, step, stop):
                 config.export_dir,
                 config.image_size,
                 run.write_dir,
-                run.state.model,
+                run.state,
                 run.data.pixel_range,
             )
     result = RunResult(
@@ -213,7 +213,8 @@ def _finish(config, run, writer, actions, step, stop):
 def _write_run_start(writer, config, run):
     """Step-0 summaries: config, environment, flagfile, one input batch (returned)."""
     model_dir, data = run.write_dir.path, run.data
-    writer.scalars(0, {"data/skipped_images": data.skipped_images})
+    if data.skipped_images:  # TensorBoard's first cards: a lone 0 would open the Time Series
+        writer.scalars(0, {"data/skipped_images": data.skipped_images})
     # An absolute path: replayed from another folder, the flagfile resumes this run.
     resolved = config.replace(model_dir=os.path.abspath(model_dir))
     summaries.write_flagfile(resolved, model_dir)
@@ -230,10 +231,10 @@ def _write_run_start(writer, config, run):
     return shown_images, shown_labels
 
 
-def _export(export_dir, image_size, write_dir, model, pixel_range):
+def _export(export_dir, image_size, write_dir, state, pixel_range):
     # Every worker saves, the others into a temporary folder; the chief's counts.
     export_dir = export_dir if write_dir.chief else write_dir.path + "/export"
-    export.export_saved_model(model, image_size, pixel_range, export_dir)
+    export.export_saved_model(state.model, image_size, pixel_range, export_dir, state.float8.state)
     logging.info("exported a float32 SavedModel to %s", export_dir)
 
 

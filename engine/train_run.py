@@ -14,7 +14,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from engine import checkpoints, distribute, initialization, loop, optimizers, validation
+from engine import checkpoints, distribute, float8, initialization, loop, optimizers, validation
 from engine.actions import batch_norm_stats, freezing
 from engine.config import ConfigError
 from engine.data import data_config
@@ -98,10 +98,19 @@ def create_model_for(config, num_classes, pixel_range=PIXEL_RANGE):
 
 
 def build_state(config, data, strategy):
-    """Creates model, optimizer and loss scale under the strategy, all built."""
+    """Creates model, optimizer, loss scale and float8 recipe under the strategy, all built.
+
+    With `--precision=mixed_fp8` the model's Transformer-block Dense layers are made
+    float8 (`float8.quantize_model`) here, before any checkpoint holds the recipe's state.
+    """
     policy = get_policy(config.precision)
     with strategy.scope():
         model = create_model_for(config, data.num_classes, data.pixel_range)
+        recipe = float8.create_recipe(
+            config.fp8_recipe if policy.float8 else "none", config.fp8_amax_history
+        )
+        if policy.float8 and not float8.quantize_model(model, recipe):
+            raise ValueError(f"{config.model} has no Dense layer float8 quantizes")
         optimizer = optimizers.create_optimizer(config, total_train_steps(config, data))
         optimizer.build(model.trainable_variables)
         loss_scale = create_loss_scale(
@@ -112,7 +121,7 @@ def build_state(config, data, strategy):
             min_scale=config.min_scale,
             max_scale=config.max_scale,
         )
-        return loop.TrainState(model, optimizer, loss_scale)
+        return loop.TrainState(model, optimizer, loss_scale, recipe)
 
 
 def check_batch_sizes(config, num_replicas):
@@ -274,6 +283,7 @@ def _build_step(config, strategy, state, stats, data):
         step_counter=state.step,
         grad_accum_steps=config.grad_accum_steps,
         label_smoothing=config.label_smoothing,
+        float8=state.float8,
     )
     train_loop = loop.create_train_loop(strategy, train_step, state, stats, config.xla, monitor)
     return train_step, train_loop, monitor

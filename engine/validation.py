@@ -20,9 +20,9 @@ from engine.config import (
     SCOPES,
     ConfigError,
     defaults,
-    model_family,
     options_in,
 )
+from engine.families import model_family
 
 
 def refuse_out_of_scope(config, scopes=SCOPES):
@@ -58,6 +58,7 @@ def validate(config):
         _check_checkpointing,
         _check_distribution,
         _check_tensorboard,
+        _check_float8,
         _check_initialization,
     ):
         check(config)
@@ -227,6 +228,23 @@ def _check_tensorboard(config):
                 f"--{name} must be an integer >= 0 (0 = off), got {getattr(config, name)}"
             )
     parse_compare(config.compare)
+
+
+def _check_float8(config):
+    trained = parse_compare(config.compare) if config.mode in ("compare", "benchmark") else ()
+    if "mixed_fp8" not in (config.precision, *(precision for precision, _ in trained)):
+        return
+    if config.mode == "benchmark":
+        raise ConfigError(
+            "--mode=benchmark does not measure mixed_fp8 (it has no fit peer yet): drop it "
+            "from --compare, and time it with --mode=compare"
+        )
+    if model_family(config.model) != "vit":
+        raise ConfigError(
+            "--precision=mixed_fp8 quantizes the matmuls of Transformer blocks (attention "
+            f"projections and MLP), and --model={config.model} has none (its matmuls are "
+            "convolutions): use a ViT (e.g. --model=vit_mini) or --precision=mixed_bf16"
+        )
 
 
 def _given_flags(config, names):

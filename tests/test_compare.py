@@ -148,7 +148,7 @@ def test_only_the_float16_run_takes_the_loss_scale_flags(tmp_path, monkeypatch):
     # which refuses loss-scale flags without a loss scale.
     for precision in ("fp32", "mixed_bf16"):
         assert "--initial_scale=1024.0" not in to_flagfile(given[precision])
-        given[precision].check_loss_scale_flags()
+        given[precision].check_precision_flags()
 
 
 def test_a_stopped_configuration_stops_the_comparison(tmp_path, monkeypatch):

@@ -27,6 +27,7 @@ def test_the_applies_only_to_lists_come_from_the_declarations():
         "min_scale",
         "max_scale",
     )
+    assert config_lib.FLOAT8_FLAGS == ("fp8_recipe", "fp8_amax_history")
     assert config_lib.SPLIT_FLAGS == ("train_split", "eval_split")
     assert set(config_lib.BENCHMARK_REFUSED_FLAGS) == {
         "precision",
@@ -62,6 +63,8 @@ def test_the_applies_only_to_lists_come_from_the_declarations():
         "preprocessing",
         "patch_size",
         "stochastic_depth",
+        "fp8_recipe",
+        "fp8_amax_history",
     }
 
 
@@ -71,7 +74,7 @@ def test_the_applies_only_to_lists_come_from_the_declarations():
 )
 def test_a_loss_scale_option_without_float16_is_refused_by_its_declaration(name, value):
     with pytest.raises(ConfigError) as e:
-        Config(precision="fp32", **{name: value}).check_loss_scale_flags()
+        Config(precision="fp32", **{name: value}).check_precision_flags()
     assert str(e.value) == (
         f"--{name} applies only to --precision=mixed (float16); "
         "--precision=fp32 has no loss scale: drop it"
@@ -136,3 +139,39 @@ def test_validation_touches_no_disk(monkeypatch, tmp_path):
         config = Config(**paths).replace(seed=3)
     with pytest.raises(ConfigError, match="--cache=/no/such/dir/c: folder /no/such/dir does not"):
         preflight.check(config)
+
+
+def test_the_float8_flags_are_for_mixed_fp8_and_the_amax_history_for_delayed_alone():
+    Config(model="vit_test", precision="mixed_fp8", fp8_recipe="delayed", fp8_amax_history=16)
+    Config(mode="compare", fp8_recipe="block").check_precision_flags()  # shared flags
+    with pytest.raises(ConfigError) as e:
+        Config(precision="mixed_bf16", fp8_recipe="block").check_precision_flags()
+    assert str(e.value) == (
+        "--fp8_recipe applies only to --precision=mixed_fp8; --precision=mixed_bf16 has no "
+        "float8 matmuls: drop it"
+    )
+    with pytest.raises(ConfigError) as e:
+        Config(model="vit_test", precision="mixed_fp8", fp8_amax_history=16)
+    assert str(e.value) == (
+        "--fp8_amax_history applies only to --fp8_recipe=delayed; --fp8_recipe=current keeps "
+        "no amax history: drop it"
+    )
+    delayed = Config(model="vit_test", precision="mixed_fp8", fp8_recipe="delayed")
+    other = delayed.replace(precision="mixed_bf16").without_other_precisions_flags()
+    assert (other.fp8_recipe, other.fp8_amax_history) == ("current", 1024)
+
+
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        (dict(precision="mixed_fp8"), "--precision=mixed_fp8 quantizes the matmuls of "),
+        (dict(mode="compare", compare="mixed_bf16,mixed_fp8"), "--model=small_resnet has none"),
+        (
+            dict(mode="benchmark", compare="mixed_fp8", model="vit_test"),
+            "--mode=benchmark does not measure mixed_fp8",
+        ),
+    ],
+)
+def test_mixed_fp8_is_refused_where_there_is_no_transformer_block(overrides, says):
+    with pytest.raises(ConfigError, match=says):
+        Config(**overrides)

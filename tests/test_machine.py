@@ -49,4 +49,4 @@ def test_explicit_precisions_are_kept_and_loss_scale_flags_need_mixed():
     resolved = machine.resolve(config, "/nonexistent")
     assert (resolved.precision, resolved.xla) == ("mixed", False)
     with pytest.raises(ConfigError, match="set --precision=mixed"):
-        tiny_config(precision="auto", initial_scale=1024.0).check_loss_scale_flags()
+        tiny_config(precision="auto", initial_scale=1024.0).check_precision_flags()

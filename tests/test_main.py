@@ -17,12 +17,12 @@ def _main(*args, timeout=120):
 
 
 def test_loss_scale_flags_are_for_float16_and_for_the_runs_that_share_flags():
-    Config(precision="mixed", loss_scale="128", initial_scale=4.0).check_loss_scale_flags()
+    Config(precision="mixed", loss_scale="128", initial_scale=4.0).check_precision_flags()
     # compare and benchmark train several precisions with one set of flags.
-    Config(mode="compare", precision="fp32", initial_scale=4.0).check_loss_scale_flags()
-    Config(mode="benchmark", compare="fp32", initial_scale=4.0).check_loss_scale_flags()
+    Config(mode="compare", precision="fp32", initial_scale=4.0).check_precision_flags()
+    Config(mode="benchmark", compare="fp32", initial_scale=4.0).check_precision_flags()
     with pytest.raises(ConfigError, match="--min_scale applies only"):
-        Config(precision="fp32", min_scale=0.5).check_loss_scale_flags()
+        Config(precision="fp32", min_scale=0.5).check_precision_flags()
 
 
 def test_split_flags_are_refused_where_no_data_set_reads_them():

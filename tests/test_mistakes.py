@@ -120,7 +120,9 @@ def test_a_config_built_in_code_refuses_a_value_outside_its_choices():
 
     with pytest.raises(ConfigError) as error:
         Config(precision="fp16")
-    assert str(error.value) == "--precision='fp16' is not one of: auto, fp32, mixed, mixed_bf16"
+    assert str(error.value) == (
+        "--precision='fp16' is not one of: auto, fp32, mixed, mixed_bf16, mixed_fp8"
+    )
 
 
 # --- the table of mistakes -----------------------------------------------------
@@ -302,6 +304,24 @@ FLAG_VALUES = [
         "huge_image_size",
         "--image_size=100000000000000000000",
         "--image_size must be a positive integer below",
+    ),
+    flag(
+        "float8_on_a_resnet",
+        "--precision=mixed_fp8",
+        "--precision=mixed_fp8 quantizes the matmuls of Transformer blocks (attention projections "
+        "and MLP), and --model=small_resnet has none (its matmuls are convolutions): use a ViT "
+        "(e.g. --model=vit_mini) or --precision=mixed_bf16",
+    ),
+    flag(
+        "float8_compared_on_a_resnet",
+        "--mode=compare --compare=mixed_bf16,mixed_fp8 --model=tiny",
+        "--model=tiny has none (its matmuls are convolutions)",
+    ),
+    flag(
+        "float8_in_a_benchmark",
+        "--mode=benchmark --compare=mixed_fp8 --model=vit_test",
+        "--mode=benchmark does not measure mixed_fp8 (it has no fit peer yet): drop it from "
+        "--compare, and time it with --mode=compare",
     ),
     flag("image_size_below_8", "--image_size=4", "--image_size must be at least 8, got 4"),
     flag(
@@ -564,6 +584,18 @@ OUT_OF_SCOPE = [
         "--freeze_steps trains only the head for a training run's first steps; --mode=benchmark "
         "times the step that trains every layer: use it with --mode=train or --mode=compare, or "
         "drop it",
+    ),
+    flag(
+        "fp8_recipe_without_float8",
+        "--precision=mixed_bf16 --fp8_recipe=block",
+        "--fp8_recipe applies only to --precision=mixed_fp8; --precision=mixed_bf16 has no "
+        "float8 matmuls: drop it",
+    ),
+    flag(
+        "amax_history_of_the_current_recipe",
+        "--model=vit_test --precision=mixed_fp8 --fp8_amax_history=16",
+        "--fp8_amax_history applies only to --fp8_recipe=delayed; --fp8_recipe=current keeps no "
+        "amax history: drop it",
     ),
     flag(
         "freeze_steps_in_predict",
@@ -1460,6 +1492,8 @@ RAISE_SITES = {
     "engine/validation.py:_check_distribution#1": ("batch_not_split_by_micro_batches",),
     "engine/validation.py:_check_tensorboard#1": ("negative_summary_every",),
     "engine/validation.py:check_local_path#1": ("remote_benchmark_json", "remote_predictions_csv"),
+    "engine/validation.py:_check_float8#1": ("float8_in_a_benchmark",),
+    "engine/validation.py:_check_float8#2": ("float8_on_a_resnet", "float8_compared_on_a_resnet"),
     "engine/validation.py:_check_initialization#1": ("two_starting_weights",),
     "engine/validation.py:_check_initialization#2": ("pretrained_small_resnet",),
     # main.py's flags with choices are enums: absl refuses a bad one first (unknown_model).

@@ -280,6 +280,8 @@ def test_every_scalar_explains_itself_and_the_layout_groups_mixed_precision(trai
     tags = acc.Tags()["tensors"]
     scalars = sorted(read_scalars(parent / RUN))
     assert {"train/loss_scale", "train/fp16_underflow_fraction", "eval/accuracy"} <= set(scalars)
+    # No image was skipped: no lone 0 among the first cards TensorBoard shows.
+    assert "data/skipped_images" not in scalars
     for tag in scalars:
         description = acc.SummaryMetadata(tag).summary_description
         assert len(description) > 20, tag  # what it is and how to read it

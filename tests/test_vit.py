@@ -144,7 +144,8 @@ def test_mirrored_replicas_agree_to_skip_with_a_vit():
 def test_a_vit_takes_its_familys_defaults_unless_the_flag_is_given():
     from conftest import main_flags
 
-    from engine.config import FAMILY_DEFAULTS, Config
+    from engine.config import Config
+    from engine.families import FAMILY_DEFAULTS
 
     with main_flags("--model=vit_mini") as main:
         config = main.config_from_flags()

@@ -4,12 +4,16 @@ Every scalar the engine writes carries a description (shown under the chart's
 title): what it is and how to read it. The custom-scalars dashboard gets a
 layout, written once per run, that puts the charts of mixed precision at work
 (the loss scale, skips, the gradient norm, float16's range) side by side
-instead of scattered among the others in alphabetical order.
+instead of scattered among the others in alphabetical order; a float8 run adds
+a "Float8" group (`engine.float8.LAYOUT`: scales, amaxes, clipped and underflowed
+fractions per kind of tensor).
 """
 
 import tensorflow as tf
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import metadata as layout_metadata
+
+from engine import float8
 
 DESCRIPTIONS = {
     "train/loss": "Mean training loss (float32) per step since the last write; with "
@@ -45,12 +49,14 @@ DESCRIPTIONS = {
     "(--bn_recalibration_examples).",
     "eval/accuracy": "Accuracy on the eval split, BatchNorm statistics recomputed first "
     "(--bn_recalibration_examples).",
-    "data/skipped_images": "Images left out because they could not be decoded (--skip_bad_images).",
+    "data/skipped_images": "Images left out because they could not be decoded "
+    "(--skip_bad_images); written only when some were.",
     "final/eval_accuracy": "Eval accuracy at the end of training (the HParams metric).",
     "final/examples_per_sec": "Training examples per second over the run, first step excluded.",
     "final/skipped_steps": "Skipped steps over the whole run.",
     "final/train_seconds": "Time in the training loops, first step included; no eval, "
     "saves or export.",
+    **float8.DESCRIPTIONS,
 }
 
 # The custom-scalars dashboard: (category, [(chart title, [tag regexes])]).
@@ -78,8 +84,9 @@ LAYOUT = (
 )
 
 
-def layout():
-    """`LAYOUT` as the custom-scalars plugin's proto."""
+def layout(with_float8=False):
+    """`LAYOUT` (and the Float8 group, `with_float8`) as the custom-scalars plugin's proto."""
+    categories = (*LAYOUT, float8.LAYOUT) if with_float8 else LAYOUT
     return layout_pb2.Layout(
         category=[
             layout_pb2.Category(
@@ -91,16 +98,16 @@ def layout():
                     for chart, tags in charts
                 ],
             )
-            for title, charts in LAYOUT
+            for title, charts in categories
         ]
     )
 
 
-def write_layout():
+def write_layout(with_float8=False):
     """Writes the layout with the default summary writer (once per run, at step 0)."""
     tf.summary.write(
         layout_metadata.CONFIG_SUMMARY_TAG,
-        tf.constant(layout().SerializeToString()),
+        tf.constant(layout(with_float8).SerializeToString()),
         step=0,
         metadata=layout_metadata.create_summary_metadata(),
     )

@@ -36,11 +36,14 @@ class ServingModule(tf.Module):
     scaled pixels to (`DataSpec.pixel_range`), so the model sees what it was
     trained on. The model's own dtype policy casts them to its compute dtype;
     the softmax runs on float32 logits, so probabilities never round in float16.
+    A float8 model serves its float8 matmuls, as evaluated: `float8_state` (the
+    recipe's, `TrainState.float8.state`) holds the delayed scales they read.
     """
 
-    def __init__(self, model, image_size, pixel_range):
+    def __init__(self, model, image_size, pixel_range, float8_state=None):
         super().__init__(name="serving")
         self.model = model
+        self.float8_state = float8_state
         self.pixel_range = tuple(float(v) for v in pixel_range)
         spec = tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="images")
         self.serve = tf.function(self._serve, input_signature=[spec])
@@ -55,7 +58,7 @@ class ServingModule(tf.Module):
         return {"probabilities": tf.nn.softmax(logits)}
 
 
-def export_saved_model(model, image_size, pixel_range, export_dir):
+def export_saved_model(model, image_size, pixel_range, export_dir, float8_state=None):
     """Writes the SavedModel; signature `serving_default(images) -> {"probabilities"}`.
 
     `images` are float32 in [0, 1]; `pixel_range` is what the model was trained on.
@@ -63,7 +66,7 @@ def export_saved_model(model, image_size, pixel_range, export_dir):
     Raises:
       ExportError: the folder could not be written (the message says why).
     """
-    module = ServingModule(model, image_size, pixel_range)
+    module = ServingModule(model, image_size, pixel_range, float8_state)
     save = lambda path: tf.saved_model.save(
         module, path, signatures={"serving_default": module.serve}
     )

@@ -16,6 +16,7 @@ from engine import config as config_lib
 from engine import files, optimizers, run_paths
 from engine.actions import dashboard
 from engine.loop import Action, steps_to_multiple
+from engine.precision import get_policy
 
 # The run's final numbers, written once at the end: the HParams dashboard's metrics.
 FINAL_METRICS = (
@@ -65,10 +66,10 @@ class SummaryWriter:
                     self._described.add(tag)
                 tf.summary.scalar(tag, value, description=description)
 
-    def layout(self):
+    def layout(self, with_float8=False):
         """The custom-scalars dashboard's layout (`dashboard.LAYOUT`), at step 0."""
         with self._writer.as_default(step=0):
-            dashboard.write_layout()
+            dashboard.write_layout(with_float8)
 
     def text(self, step, tag, markdown):
         with self._writer.as_default(step=step):
@@ -139,6 +140,7 @@ def log_progress(step, total_steps, values):
 _CHOICES = {
     "mode": config_lib.MODES,
     "precision": config_lib.PRECISIONS,
+    "fp8_recipe": config_lib.FP8_RECIPES,
     "model": config_lib.MODELS,
     "optimizer": config_lib.OPTIMIZERS,
     "lr_schedule": config_lib.LR_SCHEDULES,
@@ -189,7 +191,7 @@ def write_run_start(writer, config, device):
     env = environment(config.precision, config.xla, device)
     writer.text(0, "run/environment", markdown_table(["component", "value"], env.items()))
     writer.hparams(config)
-    writer.layout()
+    writer.layout(with_float8=get_policy(config.precision).float8)
 
 
 def write_flagfile(config, model_dir):
@@ -288,6 +290,7 @@ class Summaries(Action):
         values = _loop_values(self.state, self.interval, self.batch_size)
         readout = self.step.monitor.read_and_reset()
         values.update(readout.scalars)
+        values.update(self.state.float8.read_and_reset())  # {} unless float8 records
         if record.first:
             self.first_step_seconds = self.interval_seconds
             values["train/first_step_seconds"] = self.interval_seconds

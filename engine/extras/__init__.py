@@ -51,6 +51,7 @@ def create_train_step(
     grad_accum_steps=1,
     fused_optimizer=True,
     label_smoothing=0.0,
+    float8=None,
 ):
     """Returns a `TrainStep` with the optional machinery the arguments ask for.
 
@@ -65,6 +66,7 @@ def create_train_step(
       grad_accum_steps: split each replica's batch into this many micro-batches.
       fused_optimizer: apply Adam and SGD on TensorFlow's fused kernels where
         they cover the update (`fused_update`); else Keras' `optimizer.apply`.
+      float8: the model's float8 recipe (`engine.float8`), or None: as `TrainStep`.
     """
     return TrainStep(
         model,
@@ -83,4 +85,5 @@ def create_train_step(
             if grad_accum_steps > 1
             else None
         ),
+        float8=float8,
     )

@@ -174,11 +174,10 @@ def _configurations(config, model_dir):
             # One SavedModel per configuration: a shared folder kept only the last.
             export_dir=os.path.join(config.export_dir, name) if config.export_dir else "",
         )
-        if precision != "mixed":
-            # The loss-scale flags are float16's: a run without a loss scale keeps
-            # the defaults, so its flags.txt replays and its folder resumes alone.
-            run_config = run_config.without_loss_scale_flags()
-        yield name, run_config
+        # The loss-scale flags are float16's, the float8 flags mixed_fp8's: another
+        # precision's run keeps the defaults, so its flags.txt replays and its folder
+        # resumes alone.
+        yield name, run_config.without_other_precisions_flags()
 
 
 def _report(results, model_dir, unfinished=None):

@@ -79,7 +79,9 @@ def train_images_per_second(config, data, dataset_fn, steps):
 
     strategy = tf.distribute.get_strategy()
     state = train_run.build_state(config, data, strategy)
-    step = create_train_step(state.model, state.optimizer, state.loss_scale, config.batch_size)
+    step = create_train_step(
+        state.model, state.optimizer, state.loss_scale, config.batch_size, float8=state.float8
+    )
     train_loop = loop.create_train_loop(strategy, step, state, loop.LoopStats(), config.xla)
     iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
     train_loop(iterator, tf.constant(2))  # trace and compile, untimed
