@@ -52,7 +52,9 @@ def _start(model_dir, *args, nice=0):
     it keeps the cores it needs to act on time.
     """
     log = open(f"{model_dir}.log", "a")  # noqa: SIM115 (closed with the process, in _log)
-    niced = ["nice", "-n", str(nice)] if nice else []
+    # SIGINT at its default, as a terminal gives it: a suite started in the
+    # background of a script inherits it ignored, and so would every run.
+    niced = ["env", "--default-signal=INT", "nice", "-n", str(nice)] if nice else []
     proc = subprocess.Popen(
         [*niced, sys.executable, os.path.join(ROOT, "main.py"), f"--model_dir={model_dir}", *args],
         cwd=ROOT,
