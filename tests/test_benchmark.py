@@ -461,8 +461,12 @@ def test_fit_clips_gradients_like_the_engine(monkeypatch, precision):
         lr_schedule="constant",
     )
     moved = [w.numpy() - w0 for w, w0 in zip(model.trainable_weights, initial, strict=True)]
-    # Four plain SGD steps on gradients clipped to `clip` move the weights at most this far.
-    assert 0 < math.sqrt(sum(float(np.sum(d * d)) for d in moved)) <= 4 * lr * clip * 1.001
+    # The first call, one warm-up execution of --steps_per_loop steps, one window of two:
+    # five steps (fewer applied where float16 overflowed and the step was skipped).
+    steps = int(model.optimizer.iterations)
+    assert 1 <= steps <= 5 and (precision == "mixed" or steps == 5)
+    # Plain SGD steps on gradients clipped to `clip` move the weights at most this far.
+    assert 0 < math.sqrt(sum(float(np.sum(d * d)) for d in moved)) <= steps * lr * clip * 1.001
 
 
 def test_fit_uses_a_static_loss_scale_like_the_engine(monkeypatch):
