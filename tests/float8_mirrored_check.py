@@ -1,25 +1,18 @@
-"""Run in a fresh process by tests/test_float8.py: two logical CPUs need a new runtime.
+"""Float8's checks with two replicas, run among `tests/mirrored_checks.py`'s CHECKS.
 
-`python tests/float8_mirrored_check.py` prints one JSON line: for each place `commit`
-can run (in cross-replica context outside and inside the strategy's scope, and in
-replica context), what the two replicas hold; then the same for the engine's own
-multi-replica step and inner loop on the test ViT (`engine`). Replica 1's inputs are 100 times
-replica 0's. With `commit` in replica context, each replica's forward and backward
-pass is compiled by XLA, as the engine's are (once is enough, and XLA is slow to compile).
+`check(strategy, context)`: for each place `commit` can run (in cross-replica context
+outside and inside the strategy's scope, and in replica context), what the two replicas
+hold; `check_engine_step(strategy)`: the same for the engine's own multi-replica step
+and inner loop on the test ViT. Replica 1's inputs are 100 times replica 0's. With
+`commit` in replica context, each replica's forward and backward pass is compiled by
+XLA, as the engine's are (once is enough, and XLA is slow to compile).
 """
-
-import json
-import os
-import sys
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from engine import distribute, float8
+from engine import float8
 
 
 def copies(strategy, var):
@@ -114,10 +107,3 @@ def check_engine_step(strategy):
         "two_amaxes_each": bool(((histories[0] > 0).sum(-1) == 2).all()),
         "scales_moved": bool((scales[0] != 1.0).all()),
     }
-
-
-if __name__ == "__main__":
-    mirrored = distribute.create_strategy("mirrored", 2)  # before any op starts the runtime
-    results = {c: check(mirrored, c) for c in ("cross", "scope", "replica")}
-    engine_step = check_engine_step(mirrored)
-    print(json.dumps({"replicas": mirrored.num_replicas_in_sync, **results, "engine": engine_step}))

@@ -16,6 +16,7 @@ import traceback
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import float8_mirrored_check
 import keras
 import numpy as np
 import tensorflow as tf
@@ -273,6 +274,16 @@ def _evaluated_apart(config, model_dir):
     return correct / count, count
 
 
+def float8_agreement(context):
+    """Float8's delayed scales, committed in `context` (see float8_mirrored_check.py)."""
+    if context == "engine":
+        return float8_mirrored_check.check_engine_step(STRATEGY)
+    return {
+        "replicas": STRATEGY.num_replicas_in_sync,
+        **float8_mirrored_check.check(STRATEGY, context),
+    }
+
+
 # Every check the tests read: (function, its arguments as the command line gives them).
 CHECKS = [
     (skip_agreement, ("0", "tiny", "noxla")),
@@ -288,6 +299,10 @@ CHECKS = [
     (trains_end_to_end, ("2",)),
     (trains_end_to_end, ("1",)),
     (eval_with_an_empty_replica, ()),
+    (float8_agreement, ("cross",)),
+    (float8_agreement, ("scope",)),
+    (float8_agreement, ("replica",)),
+    (float8_agreement, ("engine",)),
 ]
 
 

@@ -1,18 +1,15 @@
 """Float8: the formats against ml_dtypes, the recipes, their state, and Keras' float8 Dense."""
 
 import collections
-import json
 import os
 import re
-import subprocess
-import sys
 
 import keras
 import ml_dtypes
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import ROOT, tiny_config
+from conftest import MIRRORED, mirrored_check, tiny_config
 
 from engine import float8
 from engine.float8 import E4M3, E5M2
@@ -500,35 +497,31 @@ def test_compiled_step_converts_to_float8_in_front_of_every_dot(name):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5 * np.abs(b.numpy()).max())
 
 
-def test_replicas_agree_on_the_delayed_scales():
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "float8_mirrored_check.py")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result.pop("replicas") == 2
-    assert result.pop("engine") == {
+@MIRRORED
+@pytest.mark.parametrize("context", ["cross", "scope", "replica"])
+def test_replicas_agree_on_the_delayed_scales_wherever_they_are_committed(context):
+    assert mirrored_check("float8_agreement", context) == {
+        "replicas": 2,
+        "quantized": 2,
+        "pending_differ": True,  # the replicas did see different magnitudes
+        "histories_identical": True,
+        "scales_identical": True,
+        "history_is_max": True,
+        "scales_moved": True,
+        "statistics_amax_is_max": True,
+        "statistics_reset": True,
+    }
+
+
+@MIRRORED
+def test_replicas_agree_on_the_delayed_scales_in_the_engines_step():
+    assert mirrored_check("float8_agreement", "engine") == {
         "steps": 2,
         "histories_identical": True,
         "scales_identical": True,
         "two_amaxes_each": True,  # both steps committed, in cross-replica context
         "scales_moved": True,
     }
-    for context, found in result.items():
-        assert found == {
-            "quantized": 2,
-            "pending_differ": True,  # the replicas did see different magnitudes
-            "histories_identical": True,
-            "scales_identical": True,
-            "history_is_max": True,
-            "scales_moved": True,
-            "statistics_amax_is_max": True,
-            "statistics_reset": True,
-        }, context
 
 
 # --- in the engine: --precision=mixed_fp8 ---------------------------------------
