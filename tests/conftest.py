@@ -105,6 +105,17 @@ def main_in_process(*args):
     return 0
 
 
+def main_captured(*args):
+    """main.py run in this process: a CompletedProcess with its exit status and the lines
+    it printed to stderr (its `error:` line; absl's log keeps its own stream)."""
+    import io
+
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        status = main_in_process(*args)
+    return subprocess.CompletedProcess(["main.py", *args], status, "", stderr.getvalue())
+
+
 def tf_make_ndarray(proto):
     import tensorflow as tf
 

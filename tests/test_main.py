@@ -4,10 +4,9 @@ Each bad value's one error line and exit status 2 are in tests/test_mistakes.py.
 """
 
 import dataclasses
-import os
 
 import pytest
-from conftest import main_flags, run_main
+from conftest import main_captured, main_flags, run_main
 
 from engine.config import MODELS, Config, ConfigError
 
@@ -130,10 +129,10 @@ def test_benchmark_on_missing_data_is_one_error_line_before_any_worker():
         (["--dataset=tfds:mnist", "--data_dir=~/tfds"], "is not prepared in {home}/tfds/mnist"),
     ],
 )
-def test_a_tilde_in_a_path_flag_is_the_home_folder(tmp_path, flags, expected):
+def test_a_tilde_in_a_path_flag_is_the_home_folder(tmp_path, monkeypatch, flags, expected):
     # The shell leaves `~` after `=` alone; unexpanded, it would name a folder `~`.
-    env = {**os.environ, "HOME": str(tmp_path)}
-    proc = run_main(*flags, f"--model_dir={tmp_path / 'run'}", env=env, timeout=120)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    proc = main_captured(*flags, f"--model_dir={tmp_path / 'run'}")
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
     assert expected.format(home=tmp_path) in errors[0]

@@ -34,15 +34,15 @@ RUN = [
     "--inject_nonfinite=61:65",
     "--deterministic",
 ]
-# The SIGKILL schedule, the same for every data source: a checkpoint every 10
-# steps, skips injected at 13-16, a kill after the first checkpoint and one after
-# the second (past the skips), then a start that trains to 40. Loops of two steps,
-# each logged, keep the run slow enough that the kill lands before it ends
-# (the test checks it did).
+# The SIGKILL schedule: a checkpoint every 10 steps, skips injected at 13-16, a
+# kill after the second checkpoint (past the skips), then a start that trains to
+# 40. Generated data is also killed once before, after the first checkpoint: a
+# resumed run killed again. Loops of two steps, each logged, keep the run slow
+# enough that the kill lands before it ends (the test checks it did).
 KILLED = [f for f in RUN if not f.startswith(("--steps_per_loop", "--checkpoint_every"))]
 KILLED = [f for f in KILLED if not f.startswith(("--inject", "--train_examples"))]
 KILLED += ["--steps_per_loop=2", "--checkpoint_every=10", "--inject_nonfinite=13:17"]
-KILL_AFTER, KILLED_STEPS = (10, 20), 40
+KILL_AFTER, KILLED_STEPS = {"generated": (10, 20), "folder": (20,), "tfds": (20,)}, 40
 
 
 def _start(model_dir, *args, nice=0):
@@ -117,11 +117,11 @@ def _source(kind, tmp_path):
 def test_sigkilled_run_resumes_to_the_same_weights_scale_and_step(tmp_path, kind):
     flags = [*_source(kind, tmp_path), f"--train_steps={KILLED_STEPS}"]
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    # Killed twice, each time somewhere after a checkpoint: once early, once after
-    # the injected skips; the third start finishes. Alone on the cores while the
-    # kills are timed; the uninterrupted run goes beside the last start.
+    # Killed somewhere after a checkpoint, the last time after the injected skips;
+    # the next start finishes. Alone on the cores while the kills are timed; the
+    # uninterrupted run goes beside the last start.
     kill_points = []
-    for at_least in KILL_AFTER:
+    for at_least in KILL_AFTER[kind]:
         proc = _start(resumed, *flags)
         _wait_for_checkpoint(proc, resumed, at_least)
         proc.send_signal(signal.SIGKILL)
@@ -256,17 +256,25 @@ def _named_folder(stderr, cwd):
     return named
 
 
-def test_sigterm_without_model_dir_names_the_folder_to_rerun_with(tmp_path):
+def _rerun_in_process(caplog, *args):
+    """main.py's log lines of `args` run in this process (no new TensorFlow), in INFO."""
+    caplog.clear()
+    with caplog.at_level("INFO", logger="absl"):
+        assert main_in_process(*args, "--verbosity=0") == 0
+    return "\n".join(r.getMessage() for r in caplog.records)
+
+
+def test_sigterm_without_model_dir_names_the_folder_to_rerun_with(tmp_path, caplog):
     proc = _start_in(tmp_path, *QUICK, "--train_steps=100000")
     stderr = _stop_while_training(proc)
     assert proc.returncode == 0, stderr[-2000:]
     named = _named_folder(stderr, tmp_path)
     assert "rerun the same command" not in stderr
     stopped_at = _latest_step(named)
-    again = _start_in(tmp_path, *QUICK, f"--train_steps={stopped_at + 3}", f"--model_dir={named}")
-    stderr = _log(again)
-    assert again.returncode == 0, stderr[-2000:]
-    assert f"resuming from {named}/checkpoints/ckpt-{stopped_at} at step {stopped_at}" in stderr
+    log = _rerun_in_process(
+        caplog, *QUICK, f"--train_steps={stopped_at + 3}", f"--model_dir={named}"
+    )
+    assert f"resuming from {named}/checkpoints/ckpt-{stopped_at} at step {stopped_at}" in log
     assert _latest_step(named) == stopped_at + 3
 
 
@@ -293,7 +301,7 @@ def test_a_stop_during_start_up_without_model_dir_names_the_folder(
     assert len(list((tmp_path / "runs").iterdir())) == 1  # no new folder
 
 
-def test_a_stopped_compare_without_model_dir_names_the_folder_to_rerun_with(tmp_path):
+def test_a_stopped_compare_without_model_dir_names_the_folder_to_rerun_with(tmp_path, caplog):
     compare = ["--mode=compare", "--compare=fp32,mixed_bf16"]
     proc = _start_in(tmp_path, *QUICK, *compare, "--train_steps=100000")
     stderr = _stop_while_training(proc)
@@ -302,10 +310,8 @@ def test_a_stopped_compare_without_model_dir_names_the_folder_to_rerun_with(tmp_
     assert "rerun the same command" not in stderr and named.endswith("-compare")
     stopped_at = _latest_step(os.path.join(named, "fp32"))
     steps = f"--train_steps={stopped_at + 2}"
-    again = _start_in(tmp_path, *QUICK, *compare, steps, f"--model_dir={named}")
-    stderr = _log(again)
-    assert again.returncode == 0, stderr[-2000:]
-    assert f"resuming from {named}/fp32/checkpoints/ckpt-{stopped_at} " in stderr
+    log = _rerun_in_process(caplog, *QUICK, *compare, steps, f"--model_dir={named}")
+    assert f"resuming from {named}/fp32/checkpoints/ckpt-{stopped_at} " in log
     assert _latest_step(os.path.join(named, "mixed_bf16")) == stopped_at + 2
 
 

@@ -12,7 +12,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import main_flags, read_scalars, read_texts, run_main, tiny_config
+from conftest import main_flags, main_in_process, read_scalars, read_texts, tiny_config
 from image_trees import make_folder_tree
 
 from engine import train
@@ -237,16 +237,20 @@ def test_the_flagfile_writes_local_relative_paths_absolutely(tmp_path, monkeypat
     assert "--cache=auto" in lines and "--dataset=shapes" in to_flagfile(tiny_config())
 
 
-def test_a_flagfile_replayed_from_another_folder_resumes_with_the_runs_files(tmp_path):
+def test_a_flagfile_replayed_from_another_folder_resumes_with_the_runs_files(
+    tmp_path, monkeypatch, caplog
+):
     # Started with relative paths in one folder, replayed from another: the data,
     # the cache (the same files) and the export are the run's own, and the
     # relative --dataset in config.json matches its absolute spelling in flags.txt.
+    # In this process (main.py's own path, without a new TensorFlow), in each folder.
     first, elsewhere = tmp_path / "first", tmp_path / "elsewhere"
     make_folder_tree(first / "data", per_class=6, classes=("red", "green"))
     (first / "cache").mkdir()
     elsewhere.mkdir()
     common = ["--model=tiny", "--image_size=16", "--batch_size=8", "--precision=fp32"]
-    proc = run_main(
+    monkeypatch.chdir(first)
+    status = main_in_process(
         *common,
         "--dataset=folder:data",
         "--model_dir=run",
@@ -254,14 +258,15 @@ def test_a_flagfile_replayed_from_another_folder_resumes_with_the_runs_files(tmp
         "--export_dir=export",
         "--train_steps=2",
         "--steps_per_loop=2",
-        cwd=first,
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert status == 0
     caches = sorted(os.listdir(first / "cache"))
     shutil.rmtree(first / "export")
-    proc = run_main(f"--flagfile={first / 'run' / 'flags.txt'}", "--train_steps=4", cwd=elsewhere)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "resuming from" in proc.stderr
+    monkeypatch.chdir(elsewhere)
+    with caplog.at_level("INFO", logger="absl"):
+        flagfile = f"--flagfile={first / 'run' / 'flags.txt'}"
+        assert main_in_process(flagfile, "--train_steps=4", "--verbosity=0") == 0
+    assert any(r.getMessage().startswith("resuming from") for r in caplog.records)
     assert (first / "run" / "checkpoints" / "ckpt-4.index").exists()
     assert (first / "export" / "saved_model.pb").exists()
     assert os.listdir(elsewhere) == []
