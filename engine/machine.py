@@ -8,10 +8,10 @@ replayed flags.txt on another machine, keeps what the run started with.
 
 from absl import logging
 
-from engine import checkpoints
+from engine import checkpoints, families
 
 
-def choose(gpu_capabilities, onednn_bf16):
+def choose(gpu_capabilities, onednn_bf16, family="resnet"):
     """(precision, xla, reason) that `--precision=auto` takes on a machine.
 
     Args:
@@ -19,11 +19,16 @@ def choose(gpu_capabilities, onednn_bf16):
         TensorFlow sees (empty on a CPU-only machine).
       onednn_bf16: TensorFlow runs oneDNN kernels and the CPU has bfloat16
         instructions (AVX512_BF16 or AMX_BF16).
+      family: the model's (`engine.families.model_family`): "resnet" or "vit".
     """
     if gpu_capabilities:
         if min(gpu_capabilities) >= (7, 0):
             return "mixed", True, "GPUs with tensor cores (compute capability 7.0 or more)"
         return "fp32", False, "GPUs without tensor cores (compute capability below 7.0)"
+    if family == "vit":
+        # Measured (BUILD_NOTES): on a CPU, XLA's fusion of LayerNorm, GELU, softmax and
+        # the residual adds pays more than bfloat16's kernels on a ViT's small matmuls.
+        return "fp32", True, "a Vision Transformer on a CPU (XLA fuses its elementwise work)"
     if onednn_bf16:
         # Measured by the project's benchmark (BUILD_NOTES): bfloat16 1.5-1.7x fp32
         # on oneDNN's kernels, XLA slower than them on convolutions.
@@ -72,7 +77,7 @@ def resolve(config, model_dir):
             model_dir,
         )
         return config.replace(precision=saved["precision"], xla=bool(xla))
-    precision, xla, reason = choose(*machine())
+    precision, xla, reason = choose(*machine(), families.model_family(config.model))
     if config.xla is not None:
         xla = config.xla
     logging.info("--precision=auto: %s%s, for %s", precision, " + XLA" if xla else "", reason)

@@ -49,10 +49,11 @@ def get_policy(name: str) -> Policy:
         ) from None
 
 
-def slow_combination_warning(policy: Policy, xla: bool, device_type: str):
+def slow_combination_warning(policy: Policy, xla: bool, device_type: str, family="resnet"):
     """One line warning about a combination measured to be slow here, or None.
 
-    `device_type` is "GPU" or "CPU". The figures are in BUILD_NOTES.md.
+    `device_type` is "GPU" or "CPU"; `family` the model's, "resnet" or "vit" (XLA pays
+    for a ViT on a CPU too). The figures are in BUILD_NOTES.md.
     """
     if device_type != "CPU":
         return None
@@ -65,7 +66,7 @@ def slow_combination_warning(policy: Policy, xla: bool, device_type: str):
         return (
             "float16 on a CPU is slower than fp32 even with XLA; mixed precision pays off on GPUs"
         )
-    if xla:
+    if xla and family != "vit":
         return (
             "XLA on a CPU is usually slower than TensorFlow's oneDNN kernels; drop --xla for speed"
         )

@@ -14,7 +14,16 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from engine import checkpoints, distribute, float8, initialization, loop, optimizers, validation
+from engine import (
+    checkpoints,
+    distribute,
+    families,
+    float8,
+    initialization,
+    loop,
+    optimizers,
+    validation,
+)
 from engine.actions import batch_norm_stats, freezing
 from engine.config import ConfigError
 from engine.data import data_config
@@ -206,7 +215,8 @@ def build_run(config, model_dir):
 
 def _strategy_and_data(config):
     """(strategy, data, distributed eval set): everything a run needs before model_dir."""
-    warning = slow_combination_warning(get_policy(config.precision), config.xla, device_type())
+    policy, family = get_policy(config.precision), families.model_family(config.model)
+    warning = slow_combination_warning(policy, config.xla, device_type(), family)
     if warning:
         logging.warning("%s", warning)
     # First: logical CPU devices can only be set up before TensorFlow starts its runtime.

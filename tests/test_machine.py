@@ -24,6 +24,23 @@ def test_auto_picks_what_suits_the_machine(gpus, bf16, expected):
     assert (precision, xla) == expected and reason
 
 
+@pytest.mark.parametrize(
+    "gpus, bf16, expected",
+    [
+        ([(8, 0)], False, ("mixed", True)),  # a GPU keeps its rule
+        ([], True, ("fp32", True)),  # XLA's fusion beats bfloat16's kernels on a CPU
+        ([], False, ("fp32", True)),
+    ],
+)
+def test_auto_picks_per_model_family_and_says_why(gpus, bf16, expected, monkeypatch, caplog):
+    monkeypatch.setattr(machine, "machine", lambda: (gpus, bf16))
+    with caplog.at_level("INFO", logger="absl"):
+        resolved = machine.resolve(tiny_config(model="vit_test", precision="auto", xla=None), "/x")
+    assert (resolved.precision, resolved.xla) == expected
+    (line,) = [r.getMessage() for r in caplog.records if "--precision=auto" in r.getMessage()]
+    assert ("Vision Transformer" in line) == (not gpus), line
+
+
 def test_auto_is_decided_once_recorded_and_kept_on_another_machine(tmp_path, monkeypatch):
     model_dir = str(tmp_path / "run")
     monkeypatch.setattr(machine, "machine", lambda: ([], False))  # a plain CPU: fp32
@@ -50,3 +67,22 @@ def test_explicit_precisions_are_kept_and_loss_scale_flags_need_mixed():
     assert (resolved.precision, resolved.xla) == ("mixed", False)
     with pytest.raises(ConfigError, match="set --precision=mixed"):
         tiny_config(precision="auto", initial_scale=1024.0).check_precision_flags()
+
+
+@pytest.mark.parametrize(
+    "precision, xla, family, warns",
+    [
+        ("mixed", False, "resnet", "float16 without XLA on a CPU"),
+        ("mixed", True, "vit", "float16 on a CPU is slower than fp32 even with XLA"),
+        ("mixed_bf16", True, "resnet", "drop --xla for speed"),
+        ("mixed_bf16", True, "vit", None),  # XLA pays for a ViT (and auto takes it)
+        ("fp32", True, "vit", None),
+        ("mixed_bf16", False, "resnet", None),
+    ],
+)
+def test_a_slow_combination_on_a_cpu_is_a_warning_but_xla_for_a_vit(precision, xla, family, warns):
+    from engine.precision import get_policy, slow_combination_warning
+
+    warning = slow_combination_warning(get_policy(precision), xla, "CPU", family)
+    assert (warning is None) if warns is None else (warns in warning)
+    assert slow_combination_warning(get_policy(precision), xla, "GPU", family) is None
