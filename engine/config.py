@@ -18,7 +18,7 @@ from engine.files import one_line
 MODES = ("train", "predict", "compare", "benchmark", "input_benchmark")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
 PRECISIONS = ("auto", "fp32", "mixed", "mixed_bf16", "mixed_fp8")
-FP8_RECIPES = ("current", "delayed", "block")  # engine/float8.py's
+FP8_RECIPES = ("current", "delayed", "block", "unscaled")  # engine/float8.py's
 MODELS = ("tiny", "small_resnet", "resnet50", "vit_test", "vit_mini", "vit_tiny", "vit_small")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
@@ -184,7 +184,7 @@ class Config:
         "auto",
         "fp32; mixed = float16 compute + loss scaling; mixed_bf16 = bfloat16 compute; "
         "mixed_fp8 = mixed_bf16 + float8 matmuls in the ViT blocks; auto: what is fast and "
-        "correct on this machine, logged and recorded with the run.",
+        "correct for the model on this machine, logged and recorded with the run.",
         choices=PRECISIONS,
         scopes=[NOT_BENCHMARK],
         resume=True,
@@ -243,8 +243,8 @@ class Config:
     )
     fp8_recipe: str = option(
         "current",
-        "--precision=mixed_fp8's scaling: current (per tensor, from its amax now), delayed "
-        "(from --fp8_amax_history steps of amaxes) or block (per 1x128 tile, 128x128 block).",
+        "--precision=mixed_fp8's scaling: current (per tensor, its amax now), delayed (the last "
+        "--fp8_amax_history amaxes), block (1x128 tiles, 128x128 blocks), unscaled (1: ablation).",
         choices=FP8_RECIPES,
         scopes=[FLOAT8_ONLY],
         resume=True,

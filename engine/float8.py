@@ -31,6 +31,7 @@ finite (delayed: the previous scale, as Keras). The recipes share one interface,
               row for y and dx, per 128 x 1 values of a column for dW (which sums
               over M), W per 128 x 128 block. A dimension that is not a multiple
               of 128 is padded with zeros, which change no amax: a smaller last tile.
+    unscaled: s = 1 (an ablation: what float8 does without the scales).
 
 Choices. Operands are dequantized to float32 and summed in float32 (TF 2.21's
 `matmul(output_type=float32)` of bfloat16 runs under XLA only). Measured on the
@@ -372,7 +373,18 @@ class BlockScaling(CurrentScaling):
         return tf.reshape(dequantized, [-1, padded_k])[:m, :k]
 
 
-RECIPES = {r.name: r for r in (NoFloat8, CurrentScaling, DelayedScaling, BlockScaling)}
+class Unscaled(CurrentScaling):
+    """Scale 1: each operand cast as it is, saturated at the format's max. An ablation, to
+    see what the scales are for: output gradients below E5M2's smallest value (2**-16)
+    become zero, and the statistics count them."""
+
+    name = "unscaled"
+
+    def _scale(self, amax, fmt, index, kind):
+        return tf.ones_like(amax)
+
+
+RECIPES = {r.name: r for r in (NoFloat8, CurrentScaling, DelayedScaling, BlockScaling, Unscaled)}
 
 
 def create_recipe(name, amax_history=1024, **kwargs):
@@ -446,6 +458,12 @@ DESCRIPTIONS = {
     **_described("inputs", "quantized layers' inputs (E4M3)"),
     **_described("kernels", "quantized layers' kernels (E4M3)"),
     **_described("gradients", "output gradients (E5M2; E4M3 for block)"),
+}
+
+# Histograms over the quantized layers, one value per layer, at each summary.
+BY_LAYER_DESCRIPTIONS = {
+    f"{tag}_by_layer": f"One value per quantized layer: {text[0].lower()}{text[1:]}"
+    for tag, text in DESCRIPTIONS.items()
 }
 
 # A custom-scalars category in the shape of `engine.actions.dashboard.LAYOUT`'s entries.

@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 from conftest import ROOT, tiny_config
 
-from engine import loop, train, train_run
+from engine import float8, loop, train, train_run
 from engine.config import Config, ConfigError
 from engine.data import data_config
 from engine.modes import benchmark, benchmark_worker
@@ -178,6 +178,29 @@ def test_the_fit_peer_can_train_with_the_engines_scaling():
     assert float(model.loss_scale.value) == 256.0 and int(model.skipped_steps) == 0
     row = dict(_ROW, runner="keras_fit", fit_scaling="engine", speedup_vs_fp32=1.0, mfu=0.01)
     assert "| keras_fit (engine scaling) |" in benchmark.format_table([row])
+
+
+def test_mixed_fp8_is_timed_against_keras_float8_dense_in_fit():
+    config = tiny_config(model="vit_test", precision="mixed_fp8", steps_per_loop=2)
+    data = create_data(data_config(config))
+    window, _, engine_model = benchmark_worker._engine_runner(config, data)
+    _, _, fit_model = benchmark_worker._fit_interleaved(config, data, 1, 2, lambda: window(2))
+
+    def float8_layers(model):  # walked as Keras' quantize walks them
+        layers = list(model._flatten_layers())
+        quantizable = [layer for layer in layers if float8.default_predicate(layer)]
+        return quantizable, [layer.name for layer in layers if layer.quantization_mode]
+
+    # The engine's recipe took the ViT blocks' Dense layers; Keras' float8 Dense the same ones.
+    quantized, keras_float8 = float8_layers(engine_model)
+    assert len(quantized) == 8 and keras_float8 == []
+    assert float8_layers(fit_model)[1] == [layer.name for layer in quantized]
+    # Keras' delayed scaling ran: its input scales moved from 1.
+    scales = [v for v in fit_model.variables if v.path.endswith("inputs_scale")]
+    assert len(scales) == 8 and all(float(v.numpy()) != 1.0 for v in scales)
+    rows = [dict(_ROW, precision=p, train_gflop_per_example=1.0) for p in ("fp32", "mixed_fp8")]
+    benchmark._add_derived(rows, {"float32": 100.0, "float16": 50.0, "bfloat16": 40.0})
+    assert rows[1]["mfu"] == 10.0 / 40.0  # against bfloat16's peak, its compute dtype
 
 
 def test_fit_and_engine_windows_alternate():

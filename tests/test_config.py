@@ -167,11 +167,12 @@ def test_the_float8_flags_are_for_mixed_fp8_and_the_amax_history_for_delayed_alo
         (dict(precision="mixed_fp8"), "--precision=mixed_fp8 quantizes the matmuls of "),
         (dict(mode="compare", compare="mixed_bf16,mixed_fp8"), "--model=small_resnet has none"),
         (
-            dict(mode="benchmark", compare="mixed_fp8", model="vit_test"),
-            "--mode=benchmark does not measure mixed_fp8",
+            dict(mode="benchmark", compare="mixed_fp8", model="vit_test", fit_scaling="engine"),
+            "--fit_scaling=engine does not run float8",
         ),
     ],
 )
 def test_mixed_fp8_is_refused_where_there_is_no_transformer_block(overrides, says):
     with pytest.raises(ConfigError, match=says):
         Config(**overrides)
+    Config(**{**overrides, "model": "vit_test", "fit_scaling": "keras"})  # then it runs

@@ -16,7 +16,7 @@ from engine.float8 import E4M3, E5M2
 from models import create_model
 
 NUMPY_FORMATS = {"e4m3": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2}
-RECIPES = ["current", "delayed", "block"]
+RECIPES = ["current", "delayed", "block", "unscaled"]
 
 
 def _np_qdq(x, scale, fmt):
@@ -410,6 +410,28 @@ def test_statistics_count_clipped_and_underflowed_values_per_layer_then_reset():
     assert recipe.read_and_reset() == {}  # nothing since the last read
 
 
+def test_unscaled_casts_as_is_and_small_gradients_vanish_where_a_scale_keeps_them():
+    # The ablation: output gradients of 1e-6 are below E5M2's smallest subnormal (2**-16).
+    x = tf.ones([1, 2, 4])
+    found = {}
+    for name in ("unscaled", "current"):
+        model, layer = _dense_model(k=4, units=2, tokens=2)
+        layer.kernel.assign(tf.fill([4, 2], 0.5))
+        recipe = float8.create_recipe(name)
+        float8.quantize_model(model, recipe)
+        with tf.GradientTape() as tape:
+            loss = 1e-6 * tf.reduce_sum(model(x, training=True))  # dy = 1e-6
+        found[name] = (tape.gradient(loss, layer.kernel), recipe.read_and_reset())
+    kernel_grad, stats = found["unscaled"]
+    assert stats["float8/inputs_scale"] == stats["float8/gradients_scale"] == 1.0
+    assert stats["float8/gradients_underflow_fraction"] == 1.0
+    assert not np.any(kernel_grad.numpy())  # no update at all
+    kernel_grad, stats = found["current"]
+    assert stats["float8/gradients_scale"] == pytest.approx(57344 / 1e-6)
+    assert stats["float8/gradients_underflow_fraction"] == 0.0
+    np.testing.assert_allclose(kernel_grad.numpy(), np.full([4, 2], 2e-6), rtol=1e-6)
+
+
 def test_evaluation_quantizes_the_same_but_records_nothing():
     model, _ = _dense_model()
     recipe = float8.DelayedScaling(amax_history=4)
@@ -574,7 +596,7 @@ def test_a_stopped_and_resumed_delayed_run_matches_the_uninterrupted_one_bit_for
 
 
 def test_a_float8_run_writes_every_statistic_described_in_its_float8_group(delayed_runs):
-    from conftest import read_scalars
+    from conftest import read_scalars, tf_make_ndarray
     from tensorboard.backend.event_processing import plugin_event_accumulator
     from tensorboard.plugins.custom_scalar import layout_pb2, metadata
 
@@ -591,6 +613,13 @@ def test_a_float8_run_writes_every_statistic_described_in_its_float8_group(delay
     acc.Reload()
     for tag in tags:
         assert acc.SummaryMetadata(tag).summary_description == float8.DESCRIPTIONS[tag]
+    # Per layer: a histogram of the 8 layers' values at every summary, described.
+    for tag, description in float8.BY_LAYER_DESCRIPTIONS.items():
+        events = acc.Tensors(tag)
+        assert [e.step for e in events] == [s for s, _ in scalars[tag.removesuffix("_by_layer")]]
+        buckets = tf_make_ndarray(events[-1].tensor_proto)  # [left, right, count] rows
+        assert buckets[:, 2].sum() == 8
+        assert acc.SummaryMetadata(tag).summary_description == description
     (event,) = acc.Tensors(metadata.CONFIG_SUMMARY_TAG)
     layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
     assert [c.title for c in layout.category] == ["Mixed precision", "Training", "Float8"]

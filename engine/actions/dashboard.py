@@ -57,6 +57,7 @@ DESCRIPTIONS = {
     "final/train_seconds": "Time in the training loops, first step included; no eval, "
     "saves or export.",
     **float8.DESCRIPTIONS,
+    **float8.BY_LAYER_DESCRIPTIONS,
 }
 
 # The custom-scalars dashboard: (category, [(chart title, [tag regexes])]).

@@ -76,9 +76,14 @@ class SummaryWriter:
             tf.summary.text(tag, markdown)
 
     def histograms(self, step, values):
+        """Writes `values` ({tag: tensor}); described as `scalars` are."""
         with self._writer.as_default(step=step):
             for tag, value in values.items():
-                tf.summary.histogram(tag, value)
+                description = None
+                if tag not in self._described:
+                    description = dashboard.DESCRIPTIONS.get(tag)
+                    self._described.add(tag)
+                tf.summary.histogram(tag, value, description=description)
 
     def images(self, step, tag, images, max_outputs=8):
         with self._writer.as_default(step=step):
@@ -290,7 +295,8 @@ class Summaries(Action):
         values = _loop_values(self.state, self.interval, self.batch_size)
         readout = self.step.monitor.read_and_reset()
         values.update(readout.scalars)
-        values.update(self.state.float8.read_and_reset())  # {} unless float8 records
+        per_layer = self.state.float8.read_per_layer()  # {} unless float8 records
+        values.update(self.state.float8.read_and_reset())
         if record.first:
             self.first_step_seconds = self.interval_seconds
             values["train/first_step_seconds"] = self.interval_seconds
@@ -299,6 +305,7 @@ class Summaries(Action):
             self.timed_seconds += self.interval_seconds
         self.interval, self.interval_seconds, self.values = {}, 0.0, values
         self.writer.scalars(record.step, values)
+        self.writer.histograms(record.step, {f"{t}_by_layer": v for t, v in per_layer.items()})
         report_nonfinite(self.writer, readout)
         log_progress(record.step, record.total, values)
 

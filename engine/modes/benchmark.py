@@ -31,6 +31,7 @@ from engine import files, validation
 from engine.actions import preemption
 from engine.data import data_config
 from engine.modes import benchmark_worker
+from engine.precision import get_policy
 
 # (runner label, precision, xla, graph rewrite). The graph rewrite is grappler's
 # automatic mixed precision on an fp32 model: float16 on a GPU, oneDNN bfloat16 on a CPU.
@@ -242,7 +243,8 @@ def _add_derived(rows, peaks):
         if r["runner"] == "engine" and r["precision"] == "fp32" and not r["xla"]
     }
     for row in rows:
-        dtype = {"fp32": "float32", "mixed": "float16", "mixed_bf16": "bfloat16"}[row["precision"]]
+        # mixed_fp8 against bfloat16's peak, its compute dtype (its float8 is emulated here).
+        dtype = get_policy(row["precision"]).compute_dtype
         if row.get("graph_rewrite"):  # grappler rewrote the fp32 graph to bfloat16 (CPU)
             dtype = "bfloat16"
         gflops = row["examples_per_sec"] * row["train_gflop_per_example"]

@@ -117,7 +117,12 @@ def _engine_runner(config, data, loss_scale_override=None):
     start = time.perf_counter()
     stats = loop.LoopStats()
     step = create_train_step(
-        state.model, state.optimizer, state.loss_scale, config.batch_size, config.clip_norm
+        state.model,
+        state.optimizer,
+        state.loss_scale,
+        config.batch_size,
+        config.clip_norm,
+        float8=state.float8,
     )
     train_loop = loop.create_train_loop(strategy, step, state, stats, config.xla)
     iterator = iter(strategy.distribute_datasets_from_function(data.train_fn))
@@ -144,6 +149,10 @@ def _compiled_for_fit(config, data, fit_scaling="keras"):
 
     policy = get_policy(config.precision)
     model = train_run.create_model_for(config, data.num_classes)
+    if policy.float8:  # the anchor: Keras' float8 Dense (delayed scaling), on the same layers
+        from engine import float8
+
+        model.quantize("float8", filters=float8.default_predicate)
     optimizer = optimizers.create_optimizer(config, config.train_steps or 10**6)
     # Like the engine, clip the unscaled gradients by their global norm: a
     # LossScaleOptimizer unscales them before its inner optimizer clips.
