@@ -25,6 +25,19 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+@pytest.fixture(autouse=True)
+def _op_determinism_off_after_each_test():
+    """`--deterministic` turns TF's op determinism on for the whole process: off again after
+    each test, or Keras would run a later test's `jit_compile=True` without XLA (it does
+    not compile under determinism) and say so only in a warning."""
+    yield
+    if "tensorflow" in sys.modules:
+        from tensorflow.python.framework import config as tf_config
+
+        if tf_config.is_op_determinism_enabled():
+            tf_config.disable_op_determinism()
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(CHILD_TMPDIR, ignore_errors=True)
 

@@ -182,6 +182,7 @@ def test_in_float32_fit_steps_equal_keras_own_train_step():
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_a_skipped_step_leaves_weights_slots_iterations_and_statistics(jit_compile):
     model = _fit_model(jit_compile=jit_compile)
+    assert model.jit_compile == jit_compile  # Keras falls back without XLA under determinism
     model.fit(_data(2), shuffle=False, verbose=0)  # slots and statistics not at their start
     before = _state(model)
     model.fit(_data(1, bad_steps=[0]), shuffle=False, verbose=0)
