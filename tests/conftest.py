@@ -118,6 +118,15 @@ def main_in_process(*args):
     return 0
 
 
+def main_logged(caplog, *args):
+    """main.py run in this process (no new TensorFlow), expected to succeed: the messages
+    it logged, INFO and up, in order."""
+    caplog.clear()
+    with caplog.at_level("INFO", logger="absl"):
+        assert main_in_process(*args, "--verbosity=0") == 0
+    return [r.getMessage() for r in caplog.records]
+
+
 def main_captured(*args):
     """main.py run in this process: a CompletedProcess with its exit status and the lines
     it printed to stderr (its `error:` line; absl's log keeps its own stream)."""

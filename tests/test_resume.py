@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tfds_sets
-from conftest import ROOT, main_in_process
+from conftest import ROOT, main_in_process, main_logged
 from image_trees import make_folder_tree
 
 from engine import train_run
@@ -256,14 +256,6 @@ def _named_folder(stderr, cwd):
     return named
 
 
-def _rerun_in_process(caplog, *args):
-    """main.py's log lines of `args` run in this process (no new TensorFlow), in INFO."""
-    caplog.clear()
-    with caplog.at_level("INFO", logger="absl"):
-        assert main_in_process(*args, "--verbosity=0") == 0
-    return "\n".join(r.getMessage() for r in caplog.records)
-
-
 def test_sigterm_without_model_dir_names_the_folder_to_rerun_with(tmp_path, caplog):
     proc = _start_in(tmp_path, *QUICK, "--train_steps=100000")
     stderr = _stop_while_training(proc)
@@ -271,10 +263,9 @@ def test_sigterm_without_model_dir_names_the_folder_to_rerun_with(tmp_path, capl
     named = _named_folder(stderr, tmp_path)
     assert "rerun the same command" not in stderr
     stopped_at = _latest_step(named)
-    log = _rerun_in_process(
-        caplog, *QUICK, f"--train_steps={stopped_at + 3}", f"--model_dir={named}"
-    )
-    assert f"resuming from {named}/checkpoints/ckpt-{stopped_at} at step {stopped_at}" in log
+    log = main_logged(caplog, *QUICK, f"--train_steps={stopped_at + 3}", f"--model_dir={named}")
+    resumed = f"resuming from {named}/checkpoints/ckpt-{stopped_at} at step {stopped_at}"
+    assert any(resumed in m for m in log)
     assert _latest_step(named) == stopped_at + 3
 
 
@@ -294,10 +285,8 @@ def test_a_stop_during_start_up_without_model_dir_names_the_folder(
         "error: stopped by SIGTERM; checkpoints already written are kept: "
         f"rerun with --model_dir={named} to resume"
     )
-    with caplog.at_level("INFO", logger="absl"):
-        again = (*QUICK, "--train_steps=6", f"--model_dir={named}", "--verbosity=0")
-        assert main_in_process(*again) == 0
-    assert any(r.getMessage().startswith("done: 6 steps") for r in caplog.records)
+    log = main_logged(caplog, *QUICK, "--train_steps=6", f"--model_dir={named}")
+    assert any(m.startswith("done: 6 steps") for m in log)
     assert len(list((tmp_path / "runs").iterdir())) == 1  # no new folder
 
 
@@ -310,8 +299,8 @@ def test_a_stopped_compare_without_model_dir_names_the_folder_to_rerun_with(tmp_
     assert "rerun the same command" not in stderr and named.endswith("-compare")
     stopped_at = _latest_step(os.path.join(named, "fp32"))
     steps = f"--train_steps={stopped_at + 2}"
-    log = _rerun_in_process(caplog, *QUICK, *compare, steps, f"--model_dir={named}")
-    assert f"resuming from {named}/fp32/checkpoints/ckpt-{stopped_at} " in log
+    log = main_logged(caplog, *QUICK, *compare, steps, f"--model_dir={named}")
+    assert any(f"resuming from {named}/fp32/checkpoints/ckpt-{stopped_at} " in m for m in log)
     assert _latest_step(os.path.join(named, "mixed_bf16")) == stopped_at + 2
 
 
@@ -367,9 +356,7 @@ def test_a_stop_during_the_final_eval_or_export_exits_128_n_and_a_rerun_finishes
     # An eval that finished wrote its metrics before the export began.
     assert ("final/eval_accuracy" in scalars) == (during == "export")
     # The same command again: nothing to train; the eval, its metrics and the export.
-    with caplog.at_level("INFO", logger="absl"):
-        assert main_in_process(*args) == 0
-    messages = [r.getMessage() for r in caplog.records]
+    messages = main_logged(caplog, *args)
     assert "already trained to step 4 of 4: nothing to train" in messages
     assert any(m.startswith("done: 4 steps (0 skipped) trained before, eval") for m in messages)
     assert (export_dir / "saved_model.pb").exists()

@@ -12,7 +12,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import main_flags, main_in_process, read_scalars, read_texts, tiny_config
+from conftest import main_flags, main_in_process, main_logged, read_scalars, read_texts, tiny_config
 from image_trees import make_folder_tree
 
 from engine import train
@@ -263,10 +263,8 @@ def test_a_flagfile_replayed_from_another_folder_resumes_with_the_runs_files(
     caches = sorted(os.listdir(first / "cache"))
     shutil.rmtree(first / "export")
     monkeypatch.chdir(elsewhere)
-    with caplog.at_level("INFO", logger="absl"):
-        flagfile = f"--flagfile={first / 'run' / 'flags.txt'}"
-        assert main_in_process(flagfile, "--train_steps=4", "--verbosity=0") == 0
-    assert any(r.getMessage().startswith("resuming from") for r in caplog.records)
+    log = main_logged(caplog, f"--flagfile={first / 'run' / 'flags.txt'}", "--train_steps=4")
+    assert any(m.startswith("resuming from") for m in log)
     assert (first / "run" / "checkpoints" / "ckpt-4.index").exists()
     assert (first / "export" / "saved_model.pb").exists()
     assert os.listdir(elsewhere) == []
